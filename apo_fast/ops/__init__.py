@@ -1,0 +1,1 @@
+"""Fused operators: host launchers, autograd Functions and their PyTorch references."""
