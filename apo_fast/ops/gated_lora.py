@@ -27,14 +27,23 @@ kernels assume a frozen base layer), for float64, and for ranks above 128.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
+import types
 
 import torch
 import torch.nn.functional as F
 
 from apo_fast.backend import use_triton
 
-__all__ = ["gated_lora_linear", "gated_lora_linear_reference", "MAX_TRITON_RANK"]
+__all__ = [
+    "gated_lora_linear",
+    "gated_lora_linear_reference",
+    "gated_lora_forward",
+    "gated_lora_backward",
+    "GatedLoRALinearFunction",
+    "MAX_TRITON_RANK",
+]
 
 MAX_TRITON_RANK = 128
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -184,4 +193,247 @@ def gated_lora_linear(
         x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
+        if _wants_triton(x, weight, bias, lora_A, backend):
+            return _gated_lora_linear_triton(x, weight, bias, lora_A, lora_B, gate, scaling)
         return gated_lora_linear_reference(x, weight, bias, lora_A, lora_B, gate, scaling)
+
+
+# --------------------------------------------------------------------------------------
+# Triton path: autotuned kernels, host launchers, autograd Function.
+# --------------------------------------------------------------------------------------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rank_pad(rank: int) -> int:
+    """Rank padded for tl.dot: a power of two, at least 16."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul TF32 switch, like F.linear does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _prune_for_rank(configs, named_args, **kwargs):
+    """Drop the widest tiles when the padded rank is large (registers and shared memory)."""
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
+    kept = [c for c in configs if r_pad < 128 or c.kwargs.get("BLOCK_N", 0) * c.kwargs.get("BLOCK_M", 0) <= 128 * 128]
+    return kept or configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernels(interpret: bool):
+    """The kernels wrapped in triton.autotune.
+
+    Under the Triton interpreter a single small config is used (the autotuner
+    times its candidates through a GPU driver, which the interpreter lacks), and
+    its tiles are small so the tests' odd shapes span several tiles.
+    """
+    import triton
+
+    from apo_fast.kernels import gated_lora as k
+
+    def cfg(num_warps, num_stages, **blocks):
+        return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+    if interpret:
+        fwd = [cfg(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)]
+        dx = [cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, GROUP_M=2)]
+        dadb = [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)]
+    else:
+        fwd = [
+            cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        ]
+        dx = [
+            cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+            cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+        ]
+        dadb = [
+            cfg(4, 3, BLOCK_M=64, BLOCK_C=128),
+            cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
+            cfg(8, 3, BLOCK_M=128, BLOCK_C=128),
+            cfg(4, 3, BLOCK_M=128, BLOCK_C=64),
+        ]
+    prune = {"early_config_prune": _prune_for_rank}
+    return types.SimpleNamespace(
+        forward=triton.autotune(fwd, key=["M", "N", "K", "R_PAD", "HAS_GATE", "STORE_H"],
+                                prune_configs_by=prune)(k.gated_lora_forward_kernel),
+        backward_dx=triton.autotune(dx, key=["M", "N", "K", "R_PAD", "COMPUTE_DX"],
+                                    prune_configs_by=prune)(k.gated_lora_backward_dx_kernel),
+        backward_dadb=triton.autotune(dadb, key=["M", "N", "K", "R_PAD", "COMPUTE_DA", "COMPUTE_DB"])(
+            k.gated_lora_backward_dadb_kernel),
+        split_granule=max(c.kwargs["BLOCK_M"] for c in dadb),
+    )
+
+
+def _kernels():
+    from apo_fast.backend import interpreter_enabled
+
+    return _tuned_kernels(interpreter_enabled())
+
+
+def _gate_args(gate: torch.Tensor | None, anchor: torch.Tensor):
+    """(pointer tensor, sample stride, has_gate) for the kernels; a (1, r) gate gets stride 0."""
+    if gate is None:
+        return anchor, 0, False
+    return gate, (0 if gate.shape[0] == 1 else gate.stride(0)), True
+
+
+def gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample, store_h):
+    """Launch the fused forward. x2d (M, K) -> y (M, N) and h = x A^T (M, r) or None.
+
+    All tensors contiguous, one dtype (gate: any float dtype, contiguous).
+    """
+    M, K = x2d.shape
+    N = weight.shape[0]
+    rank = lora_A.shape[0]
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    h = torch.empty((M, rank), device=x2d.device, dtype=x2d.dtype) if store_h else y
+    gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
+    kernel = _kernels().forward
+
+    def grid(meta):
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        x2d, weight, bias if bias is not None else y, lora_A, lora_B, gate_t, y, h,
+        M, N, K, rank, tokens_per_sample, scaling,
+        x2d.stride(0), weight.stride(0), lora_A.stride(0), lora_B.stride(0), stride_gs,
+        y.stride(0), h.stride(0),
+        HAS_BIAS=bias is not None, HAS_GATE=has_gate, STORE_H=store_h,
+        R_PAD=_rank_pad(rank), DOT_PRECISION=_dot_precision(x2d.dtype),
+    )
+    return y, (h if store_h else None)
+
+
+def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, tokens_per_sample,
+                        need_dx, need_da, need_db, need_dgate):
+    """Launch the backward kernels. Returns (dx, dA, dB, dgate), None where not needed.
+
+    dy (M, N) in x's dtype; h = x A^T from the forward (needed for dB, dgate).
+    """
+    M, K = x2d.shape
+    N = weight.shape[0]
+    rank = lora_A.shape[0]
+    r_pad = _rank_pad(rank)
+    precision = _dot_precision(x2d.dtype)
+    gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
+    kernels = _kernels()
+    dx = da = db = dgate = None
+
+    need_u = need_da or need_dgate
+    if need_dx or need_u:
+        dx = torch.empty_like(x2d) if need_dx else None
+        u = torch.empty((M, rank), device=dy.device, dtype=torch.float32) if need_u else None
+
+        def grid_dx(meta):
+            cols = _cdiv(K, meta["BLOCK_K"]) if need_dx else 1
+            return (_cdiv(M, meta["BLOCK_M"]) * cols,)
+
+        kernels.backward_dx[grid_dx](
+            dy, weight, lora_A, lora_B, gate_t, dx if need_dx else dy, u if need_u else dy,
+            M, N, K, rank, tokens_per_sample, scaling,
+            dy.stride(0), weight.stride(0), lora_A.stride(0), lora_B.stride(0), stride_gs,
+            K if need_dx else 0, rank,
+            HAS_GATE=has_gate, COMPUTE_DX=need_dx, STORE_U=need_u,
+            R_PAD=r_pad, DOT_PRECISION=precision,
+        )
+
+    if need_da or need_db:
+        granule = kernels.split_granule
+        if dy.is_cuda:
+            programs = 2 * torch.cuda.get_device_properties(dy.device).multi_processor_count
+        else:
+            programs = 4
+        col_tiles = (_cdiv(K, 64) if need_da else 0) + (_cdiv(N, 64) if need_db else 0)
+        splits = max(1, min(_cdiv(programs, col_tiles), _cdiv(M, granule)))
+        tokens_per_split = _cdiv(_cdiv(M, splits), granule) * granule
+        splits = _cdiv(M, tokens_per_split)
+        da_part = torch.empty((splits, rank, K), device=dy.device, dtype=torch.float32) if need_da else None
+        dbt_part = torch.empty((splits, rank, N), device=dy.device, dtype=torch.float32) if need_db else None
+        anchor = da_part if need_da else dbt_part
+
+        def grid_dadb(meta):
+            tiles = (_cdiv(K, meta["BLOCK_C"]) if need_da else 0) + (_cdiv(N, meta["BLOCK_C"]) if need_db else 0)
+            return (tiles, splits)
+
+        kernels.backward_dadb[grid_dadb](
+            u if need_da else dy, x2d, h if need_db else dy, dy, gate_t,
+            da_part if need_da else anchor, dbt_part if need_db else anchor,
+            M, N, K, rank, tokens_per_sample, scaling, tokens_per_split,
+            rank, K, rank if need_db else 0, N, stride_gs,
+            rank * K if need_da else 0, K if need_da else 0,
+            rank * N if need_db else 0, N if need_db else 0,
+            HAS_GATE=has_gate, COMPUTE_DA=need_da, COMPUTE_DB=need_db,
+            R_PAD=r_pad, DOT_PRECISION=precision,
+        )
+        if need_da:
+            da = da_part.sum(0).to(lora_A.dtype)
+        if need_db:
+            db = dbt_part.sum(0).t().contiguous().to(lora_B.dtype)
+
+    if need_dgate:
+        groups = gate.shape[0]
+        per_group = (u * h.float()).reshape(groups, M // groups, rank).sum(1)
+        dgate = (per_group * scaling).to(gate.dtype)
+    return dx, da, db, dgate
+
+
+class GatedLoRALinearFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels; the base ``weight`` and ``bias`` are frozen."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample):
+        need = ctx.needs_input_grad
+        store_h = need[4] or need[5]
+        y, h = gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling,
+                                  tokens_per_sample, store_h)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, gate, h)
+        ctx.scaling = scaling
+        ctx.tokens_per_sample = tokens_per_sample
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, gate, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy = dy.to(x2d.dtype).contiguous()
+        dx, da, db, dgate = gated_lora_backward(
+            dy, x2d, weight, lora_A, lora_B, gate, h, ctx.scaling, ctx.tokens_per_sample,
+            need_dx=need[0], need_da=need[3], need_db=need[4], need_dgate=need[5],
+        )
+        return dx, None, None, da, db, dgate, None, None
+
+
+def _gated_lora_linear_triton(x, weight, bias, lora_A, lora_B, gate, scaling):
+    """Flatten to (tokens, in), run the fused kernels, restore the leading dims."""
+    in_features = x.shape[-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    M = x2d.shape[0]
+    groups = gate.shape[0] if gate is not None else 1
+    tokens_per_sample = M // groups if groups > 1 else M
+    weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    gate = gate.contiguous() if gate is not None else None
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_A, lora_B, gate)
+    )
+    if grads:
+        y2d = GatedLoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, gate, scaling,
+                                            tokens_per_sample)
+    else:
+        y2d, _ = gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling,
+                                    tokens_per_sample, store_h=False)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
