@@ -1,0 +1,171 @@
+"""The diffusion model pieces APO trains: UNet, noise scheduler, condition embeddings, VAE.
+
+Nothing here downloads: a UNet comes from a local diffusers folder (or a hub id
+already in the local cache, ``local_files_only``), or is built from a preset
+config with random weights.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from apo_fast.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class ConditionEmbedding(nn.Module):
+    """A learned embedding per condition (product/defect type), used as ``encoder_hidden_states``.
+
+    Row 0 is the null condition (classifier-free guidance); condition ``i`` of
+    :func:`apo_fast.data.condition_names` is row ``i + 1``.
+
+    Args:
+        num_conditions: number of named conditions.
+        tokens: tokens per condition (the sequence length the UNet cross-attends to).
+        dim: the UNet's ``cross_attention_dim``.
+
+    ``forward(ids)``: ids (B,) int64 with -1 meaning null -> (B, tokens, dim).
+    """
+
+    def __init__(self, num_conditions: int, tokens: int, dim: int, init_std: float = 1.0):
+        super().__init__()
+        if num_conditions < 1:
+            raise ValueError(f"num_conditions must be >= 1, got {num_conditions}")
+        self.num_conditions, self.tokens, self.dim = num_conditions, tokens, dim
+        self.weight = nn.Parameter(torch.randn(num_conditions + 1, tokens, dim) * init_std)
+        with torch.no_grad():
+            self.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1:
+            raise TypeError(f"condition ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_conditions):
+            raise ValueError(f"condition ids must be in [-1, {self.num_conditions}); got {ids.tolist()}")
+        return self.weight[ids.long() + 1]
+
+    def null(self, batch: int) -> torch.Tensor:
+        return self.weight[:1].expand(batch, -1, -1)
+
+
+def build_scheduler(cfg: ModelConfig, kind: str = "ddpm"):
+    """A diffusers DDPM or DDIM scheduler for ``cfg``'s noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.noise_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
+    if cfg.noise_schedule == "scaled_linear":
+        common.update(beta_start=0.00085, beta_end=0.012)
+    if kind == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    raise ValueError(f"scheduler kind must be 'ddpm' or 'ddim', got {kind!r}")
+
+
+def build_unet(cfg: ModelConfig, in_channels: int = 3, sample_size: int | None = None):
+    """The UNet from ``cfg.pretrained`` or from ``cfg.preset`` + ``cfg.unet`` overrides."""
+    from diffusers import UNet2DConditionModel
+
+    if cfg.pretrained:
+        kwargs = dict(subfolder=cfg.subfolder or None, revision=cfg.revision, local_files_only=cfg.local_files_only)
+        try:
+            return UNet2DConditionModel.from_pretrained(cfg.pretrained, **kwargs)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"model.pretrained={cfg.pretrained!r}: no UNet found locally "
+                f"(subfolder {cfg.subfolder!r}; nothing is downloaded, local_files_only={cfg.local_files_only}): {exc}"
+            ) from exc
+    from apo_fast.unet_presets import UNET_PRESETS
+
+    unet_cfg = dict(UNET_PRESETS[cfg.preset])
+    if cfg.preset == "tiny" or not cfg.latent:
+        unet_cfg.update(in_channels=in_channels, out_channels=in_channels)
+    if sample_size is not None:
+        unet_cfg["sample_size"] = sample_size
+    unet_cfg.update(cfg.unet)
+    return UNet2DConditionModel(**unet_cfg)
+
+
+def build_vae(cfg: ModelConfig):
+    """The VAE of ``cfg.vae`` or ``cfg.pretrained`` (subfolder ``vae``), or None in pixel space."""
+    if not cfg.latent:
+        return None
+    from diffusers import AutoencoderKL
+
+    source, sub = (cfg.vae, None) if cfg.vae else (cfg.pretrained, "vae")
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=sub, local_files_only=cfg.local_files_only)
+    except OSError as exc:
+        raise FileNotFoundError(f"no VAE found locally at {source!r} (subfolder {sub!r}): {exc}") from exc
+
+
+def set_attention(unet, kind: str, device: torch.device) -> str:
+    """Choose the attention kernel: ``xformers`` (CUDA only), ``sdpa`` or ``auto``.
+
+    Returns the name of the kernel in use. ``auto`` takes xformers on CUDA when it
+    loads and runs a probe, otherwise PyTorch SDPA. Asking for xformers where it
+    cannot run raises a clear error.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if kind not in ("auto", "xformers", "sdpa"):
+        raise ValueError(f"attention must be auto, xformers or sdpa; got {kind!r}")
+    if kind in ("auto", "xformers"):
+        reason = None
+        if device.type != "cuda":
+            reason = "xformers has no kernels for device " + str(device)
+        else:
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+                return "xformers"
+            except Exception as exc:  # ImportError, ValueError, or a failing probe
+                reason = f"{type(exc).__name__}: {exc}"
+        if kind == "xformers":
+            raise RuntimeError(f"train.attention is 'xformers' but it cannot run here ({reason}); use 'sdpa' or 'auto'")
+        log.info("attention: xformers unavailable (%s); using PyTorch SDPA", reason)
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but CUDA is not available on this machine")
+    return device
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (mean of the posterior, times the VAE's scaling factor) of images in [-1, 1]."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        chunk = images[i : i + batch_size].to(vae.device, vae.dtype)
+        out.append(vae.encode(chunk).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out).float().cpu()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    out = []
+    for i in range(0, latents.shape[0], batch_size):
+        chunk = latents[i : i + batch_size].to(vae.device, vae.dtype) / vae.config.scaling_factor
+        out.append(vae.decode(chunk).sample.float().clamp(-1, 1))
+    return torch.cat(out).cpu()
+
+
+def save_unet(unet, path: Path) -> None:
+    """Save a (base) UNet in the diffusers layout, atomically."""
+    from apo_fast.io_utils import atomic_directory
+
+    with atomic_directory(path) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)

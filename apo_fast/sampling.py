@@ -1,0 +1,226 @@
+"""Hierarchical sampling (APO_SPEC "Hierarchical sampling").
+
+Per denoising step three predictions, the two reference ones in one batched
+call with the adapters off, the policy one with them on::
+
+    eps_hat = eps_ref(z,0,t) + s_text  * (eps_ref(z,c,t) - eps_ref(z,0,t))
+                             + s_align * (eps_theta(z,c,t) - eps_ref(z,c,t))
+
+The localization map accumulates ``|| eps_theta - eps_ref(c) ||`` over channels,
+weighted by the gate's mean opening ``mean_j k_j(t)``; it is upsampled, smoothed
+and thresholded into the generated anomaly's mask. Mask-guided generation
+replaces, after every step, the region outside the mask by the normal image
+noised to that step (RePaint-style), so only the masked region changes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def schedule_value(spec, step: int, num_steps: int) -> float:
+    """A guidance scale at ``step`` of ``num_steps``: a constant, or a piecewise-constant
+    schedule ``[[fraction, value], ...]`` (the value of the last fraction <= step/num_steps)."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    frac = step / max(num_steps, 1)
+    value = float(spec[0][1])
+    for f, v in spec:
+        if frac + 1e-9 >= f:
+            value = float(v)
+    return value
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W) maps (reflect padding)."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(3 * sigma)))
+    coords = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    pad = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if pad < radius:
+        kernel = kernel[radius - pad : radius + pad + 1]
+        kernel = kernel / kernel.sum()
+    x = F.pad(x, (pad, pad, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, pad, pad), mode="reflect")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+def localization_mask(acc: torch.Tensor, size: tuple[int, int], sigma: float, threshold: float):
+    """(B, h, w) accumulated deviation -> ((B,1,H,W) map in [0,1], (B,1,H,W) binary mask)."""
+    m = acc.unsqueeze(1).float()
+    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    m = gaussian_blur(m, sigma)
+    lo = m.amin(dim=(2, 3), keepdim=True)
+    hi = m.amax(dim=(2, 3), keepdim=True)
+    m = (m - lo) / (hi - lo).clamp_min(1e-12)
+    return m, (m >= threshold).float()
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    masks: torch.Tensor  # (B, 1, H, W) {0, 1}: the user's mask if mask-guided, else thresholded map
+    maps: torch.Tensor  # (B, 1, H, W) localization map in [0, 1]
+
+
+@torch.no_grad()
+def hierarchical_sample(
+    unet,
+    conditions,
+    scheduler,
+    cond_ids: torch.Tensor,
+    *,
+    shape: tuple[int, int, int],
+    num_inference_steps: int = 25,
+    s_text=3.0,
+    s_align=2.0,
+    generator: torch.Generator | None = None,
+    known: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    gate_weight=None,
+    mask_threshold: float = 0.5,
+    mask_sigma: float = 1.0,
+    vae=None,
+    image_size: int | None = None,
+    progress: bool = False,
+) -> SampleOutput:
+    """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
+
+    Args:
+        unet: the UNet with injected adapters (:mod:`apo_fast.adapters`).
+        conditions: :class:`apo_fast.models.ConditionEmbedding`.
+        scheduler: a diffusers DDIM/DDPM scheduler.
+        shape: (C, h, w) of the model space (pixels or latents).
+        s_text, s_align: constants or ``[[fraction, value], ...]`` schedules over the steps.
+        known: (B, C, h, w) normal images in model space for mask-guided generation.
+        known_mask: (B, 1, h, w) {0,1}: where the anomaly goes (model resolution).
+        gate_weight: callable t (B,) -> (B,) mean gate opening, weights the map; None = 1.
+        vae: decodes latents to pixels when given.
+        image_size: output resolution of masks/maps (default: the model resolution).
+    """
+    from tqdm.auto import tqdm
+
+    from apo_fast.adapters import adapters_disabled
+
+    if cond_ids.dim() != 1:
+        raise ValueError(f"cond_ids must be (B,), got shape {tuple(cond_ids.shape)}")
+    if (known is None) != (known_mask is None):
+        raise ValueError("mask-guided sampling needs both `known` and `known_mask`")
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    b = cond_ids.shape[0]
+    if known is not None:
+        if known.shape != (b, *shape):
+            raise ValueError(f"known must have shape {(b, *shape)}, got {tuple(known.shape)}")
+        if known_mask.shape != (b, 1, *shape[1:]):
+            raise ValueError(f"known_mask must have shape {(b, 1, *shape[1:])}, got {tuple(known_mask.shape)}")
+        known, known_mask = known.to(device, torch.float32), known_mask.to(device, torch.float32)
+    cond_ids = cond_ids.to(device)
+    enc_c = conditions(cond_ids).to(dtype)
+    enc_u = conditions.null(b).to(dtype)
+    enc_ref = torch.cat([enc_u, enc_c])
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    z = torch.randn((b, *shape), generator=generator, device="cpu").to(device) * scheduler.init_noise_sigma
+    acc = torch.zeros((b, *shape[1:]), device=device)
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    n = len(timesteps)
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        tb = torch.full((b,), int(t), device=device, dtype=torch.long)
+        zin = scheduler.scale_model_input(z, t).to(dtype)
+        with adapters_disabled(unet):
+            e_ref = unet(torch.cat([zin, zin]), torch.cat([tb, tb]), encoder_hidden_states=enc_ref).sample.float()
+        e_u, e_c = e_ref.chunk(2)
+        e_p = unet(zin, tb, encoder_hidden_states=enc_c).sample.float()
+        st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
+        eps = e_u + st * (e_c - e_u) + sa * (e_p - e_c)
+        w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0
+        acc += w * (e_p - e_c).pow(2).sum(1).sqrt()
+        z = scheduler.step(eps, t, z).prev_sample
+        if known is not None:
+            t_prev = int(timesteps[i + 1]) if i + 1 < n else -1
+            if t_prev >= 0:
+                noise = torch.randn(known.shape, generator=generator).to(device)
+                a = alphas[t_prev]
+                background = a.sqrt() * known + (1 - a).sqrt() * noise
+            else:
+                background = known
+            z = known_mask * z + (1 - known_mask) * background
+    images = z.float()
+    if vae is not None:
+        from apo_fast.models import decode_latents
+
+        images = decode_latents(vae, images).to(device)
+    images = images.clamp(-1, 1)
+    out_size = (image_size, image_size) if image_size else tuple(images.shape[-2:])
+    if images.shape[-2:] != out_size:
+        images = F.interpolate(images, size=out_size, mode="bilinear", align_corners=False)
+    maps, masks = localization_mask(acc, out_size, mask_sigma, mask_threshold)
+    if known_mask is not None:
+        masks = (F.interpolate(known_mask, size=out_size, mode="nearest") > 0.5).float()
+    return SampleOutput(images.cpu(), masks.cpu(), maps.cpu())
+
+
+# --------------------------------------------------------------------------- images on disk
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_images(images: torch.Tensor, masks: torch.Tensor, folder: Path, prefix: str = "") -> list[Path]:
+    """Write ``NNNN.png`` and ``NNNN_mask.png`` for each sample."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, m) in enumerate(zip(to_uint8(images), masks)):
+        p = folder / f"{prefix}{i:04d}.png"
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(p)
+        Image.fromarray((m[0].numpy() > 0.5).astype(np.uint8) * 255).save(folder / f"{prefix}{i:04d}_mask.png")
+        paths.append(p)
+    return paths
+
+
+def overlay(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Images with the mask's outline drawn in red (for grids)."""
+    m = masks.float()
+    edge = (F.max_pool2d(m, 3, 1, 1) - m).clamp(0, 1)
+    out = images.clone()
+    if out.shape[1] == 1:
+        out = out.repeat(1, 3, 1, 1)
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    return out * (1 - edge) + red * edge
+
+
+def save_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 3) -> None:
+    """A labelled grid: one row per key, each row (N, 3, H, W) in [-1, 1]."""
+    from PIL import Image, ImageDraw
+
+    names = list(rows)
+    n_cols = max(r.shape[0] for r in rows.values())
+    h, w = next(iter(rows.values())).shape[-2:]
+    h, w = h * scale, w * scale
+    label_w = 8 + 7 * max(len(k) for k in names)
+    canvas = Image.new("RGB", (label_w + n_cols * (w + 2), len(names) * (h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(names):
+        y = r * (h + 2)
+        draw.text((4, y + h // 2 - 6), name, fill="black")
+        for c, img in enumerate(to_uint8(rows[name])):
+            tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (label_w + c * (w + 2), y))
+    from apo_fast.io_utils import atomic_save
+
+    atomic_save(path, lambda tmp: canvas.save(tmp, format="PNG"))

@@ -1,0 +1,639 @@
+"""APO training on a DeepSpeed engine (and the demo's base-model pretraining).
+
+One optimisation step, per micro-batch (APO_SPEC "Loss"):
+
+1. draw t and eps (one per pair in paired mode: winners and losers share both);
+2. policy pass ``eps_theta(z_t, c, t)`` with adapters on (grad);
+3. reference pass with adapters off, same weights, under ``no_grad``;
+4. :func:`apo_fast.loss.apo_loss` -> ``engine.backward`` -> ``engine.step``.
+
+Every random draw of step ``k`` comes from generators seeded by ``(seed, k)``, and
+the data order of epoch ``e`` from ``(seed, e)``: a run resumed from the
+checkpoint of step ``k`` continues with exactly the batches, timesteps and
+noise an uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apo_fast.config import APOConfig, save_config
+from apo_fast.io_utils import atomic_directory, atomic_write_json, atomic_write_text
+from apo_fast.models import (
+    ConditionEmbedding,
+    build_scheduler,
+    build_unet,
+    build_vae,
+    encode_images,
+    resolve_device,
+    set_attention,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainData:
+    """Everything the loop samples from, as in-memory tensors (few-shot data is small)."""
+
+    condition_names: list[str]
+    anomalies: torch.Tensor  # (N, C, H, W) model space (pixels in [-1, 1] or VAE latents)
+    anomaly_masks: torch.Tensor  # (N, 1, h, w) image-resolution masks in {0, 1}
+    anomaly_conds: torch.Tensor  # (N,) int64 condition ids
+    normals: torch.Tensor  # (M, C, H, W)
+    normal_cond: int  # the id of "<category>/good"
+    anomaly_images: torch.Tensor  # (N, 3, H, W) pixels, for plots
+    normal_images: torch.Tensor
+
+
+def load_train_data(cfg: APOConfig, vae=None, device: torch.device | None = None) -> TrainData:
+    """Scan the dataset, load the few-shot training split, and cache VAE latents once."""
+    from apo_fast.data import AnomalyDataset, NormalDataset, condition_names, scan_mvtec
+
+    root = resolve_data_root(cfg.data.root)
+    index = scan_mvtec(root, cfg.data.category, cfg.data.defect_types, cfg.data.shots)
+    names = condition_names(index)
+    anomaly_ds = AnomalyDataset(index, cfg.data.image_size, split="train")
+    normal_ds = NormalDataset(index, cfg.data.image_size, split="train")
+    if len(anomaly_ds) == 0:
+        raise ValueError(f"dataset {root}/{cfg.data.category}: no anomalous training images after the few-shot split")
+    if len(normal_ds) == 0:
+        raise ValueError(f"dataset {root}/{cfg.data.category}: train/good has no images")
+    a_items = [anomaly_ds[i] for i in range(len(anomaly_ds))]
+    n_items = [normal_ds[i] for i in range(len(normal_ds))]
+    a_img = torch.stack([it["image"] for it in a_items])
+    n_img = torch.stack([it["image"] for it in n_items])
+    masks = torch.stack([it["mask"] for it in a_items]).float()
+    conds = torch.tensor([int(it["cond"]) for it in a_items], dtype=torch.int64)
+    normal_cond = names.index(f"{cfg.data.category}/good")
+    a_model, n_model = a_img, n_img
+    if vae is not None:
+        vae.to(device or "cpu")
+        a_model, n_model = encode_images(vae, a_img), encode_images(vae, n_img)
+        vae.to("cpu")  # latents are cached: the VAE stays off the GPU during training
+    return TrainData(names, a_model, masks, conds, n_model, normal_cond, a_img, n_img)
+
+
+def resolve_data_root(root: str) -> Path:
+    if root == "builtin:demo":
+        return Path(__file__).resolve().parent / "assets" / "demo_mvtec"
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.root {root!r} is not a folder")
+    return path
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> torch.Tensor:
+    """Items ``start .. start+count`` of the endless stream of per-epoch permutations of ``range(n)``."""
+    out = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = epoch_permutation(n, seed, epoch)
+        take = min(n - offset, count - len(out))
+        out.extend(perm[offset : offset + take].tolist())
+        pos += take
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def augment(x: torch.Tensor, masks: list[torch.Tensor], g: torch.Generator):
+    """Per-sample random flips and 90-degree rotations, applied alike to images and masks."""
+    n = x.shape[0]
+    flips = torch.rand(n, generator=g) < 0.5
+    rots = torch.randint(0, 4, (n,), generator=g)
+    def one(t, i):
+        t = t.flip(-1) if flips[i] else t
+        return torch.rot90(t, int(rots[i]), dims=(-2, -1))
+    x = torch.stack([one(x[i], i) for i in range(n)])
+    masks = [torch.stack([one(m[i], i) for i in range(n)]) for m in masks]
+    return x, masks
+
+
+# --------------------------------------------------------------------------- model
+
+
+class APOModel(nn.Module):
+    """The UNet (with adapters) and the condition embeddings, as one module for DeepSpeed.
+
+    ``forward(z, t, cond_ids, reference=False)``: z (B, C, H, W), t (B,) int, cond_ids
+    (B,) -> noise prediction (B, C, H, W). ``reference=True`` runs the same UNet
+    with its adapters disabled (APO's reference), the condition taken without grad.
+    """
+
+    def __init__(self, unet: nn.Module, conditions: ConditionEmbedding):
+        super().__init__()
+        self.unet = unet
+        self.conditions = conditions
+
+    def forward(self, z, t, cond_ids, reference: bool = False):
+        from apo_fast.adapters import adapters_disabled
+
+        enc = self.conditions(cond_ids).to(z.dtype)
+        if reference:
+            with adapters_disabled(self.unet):
+                return self.unet(z, t, encoder_hidden_states=enc.detach()).sample
+        return self.unet(z, t, encoder_hidden_states=enc).sample
+
+
+def adapter_config(cfg: APOConfig):
+    """The adapters package's config from the run config."""
+    from apo_fast.adapters import AdapterConfig, GateConfig
+
+    a = cfg.adapter
+    gate = GateConfig(
+        kind=a.gate.kind,
+        r_min=a.gate.r_min if a.gate.r_min is not None else max(1, a.rank // 4),
+        r_max=a.gate.r_max if a.gate.r_max is not None else a.rank,
+        num_train_timesteps=cfg.model.num_train_timesteps,
+        temperature=a.gate.temperature,
+        hidden=a.gate.hidden,
+    )
+    return AdapterConfig(
+        r=a.rank,
+        lora_alpha=a.alpha if a.alpha is not None else float(a.rank),
+        target_modules=list(a.target_modules),
+        gate=gate,
+        dropout=a.dropout,
+    )
+
+
+def load_conditions(path: Path, names: list[str], tokens: int, dim: int) -> ConditionEmbedding:
+    """Condition embeddings for ``names``; rows found by name in ``path`` are copied, new
+    defect rows start from the product's ``good`` row (textual-inversion style init)."""
+    from safetensors.torch import load_file
+
+    emb = ConditionEmbedding(len(names), tokens, dim)
+    if path is None:
+        return emb
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"condition embeddings file {path} does not exist")
+    saved = load_file(str(path))
+    with torch.no_grad():
+        if "null" in saved:
+            emb.weight[0].copy_(_check_cond(saved["null"], tokens, dim, path, "null"))
+        good = next((n for n in names if n.endswith("/good")), None)
+        for i, name in enumerate(names):
+            src = saved.get(name)
+            if src is None and good in saved:
+                src = saved[good]
+            if src is not None:
+                emb.weight[i + 1].copy_(_check_cond(src, tokens, dim, path, name))
+    return emb
+
+
+def _check_cond(t: torch.Tensor, tokens: int, dim: int, path: Path, name: str) -> torch.Tensor:
+    if tuple(t.shape) != (tokens, dim):
+        raise ValueError(f"{path}: condition {name!r} has shape {tuple(t.shape)}, expected ({tokens}, {dim})")
+    return t
+
+
+def save_conditions(emb: ConditionEmbedding, names: list[str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from apo_fast.io_utils import atomic_save
+
+    tensors = {"null": emb.weight[0].detach().float().cpu().contiguous()}
+    for i, name in enumerate(names):
+        tensors[name] = emb.weight[i + 1].detach().float().cpu().contiguous()
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"names": json.dumps(names)}))
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def ensure_distributed_env() -> bool:
+    """Set the single-process rendezvous variables when no launcher did. Returns True if set here."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return True
+
+
+def deepspeed_config(cfg: APOConfig, micro_batch: int) -> dict:
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.mixed_precision == "bf16"},
+        "fp16": {"enabled": t.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 12},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(cfg: APOConfig, model: APOModel):
+    """The client optimizer over the trainable parameters (adapters, gates, conditions)."""
+    o = cfg.optim
+    cond_params = [p for p in model.conditions.parameters() if p.requires_grad]
+    cond_ids = {id(p) for p in cond_params}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in cond_ids]
+    groups = [{"params": other, "lr": o.lr}]
+    if cond_params and (o.cond_lr is None or o.cond_lr > 0):
+        groups.append({"params": cond_params, "lr": o.cond_lr if o.cond_lr is not None else o.lr})
+    kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    if o.name == "ds_cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    import bitsandbytes as bnb
+
+    if o.name == "adamw8bit":
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    if o.name == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+    if o.name == "lion8bit":
+        return bnb.optim.Lion8bit(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    raise ValueError(f"optim.name {o.name!r} is not supported")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(out_dir) / CHECKPOINT_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = re.fullmatch(r"step-(\d+)", p.name)
+            if m and (p / "client_state.json").is_file():  # complete checkpoints only
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) -> Path:
+    """DeepSpeed checkpoint of ``step`` written into a temporary folder, then moved into place."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    final = root / f"step-{step:06d}"
+    with atomic_directory(final) as tmp:
+        engine.save_checkpoint(str(tmp), tag="state", client_state={"step": step})
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        atomic_write_json(tmp / "client_state.json", {"step": step, **extra})
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    for _, old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _sched_tensors(scheduler, device):
+    ac = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+    return ac
+
+
+def noisy_inputs(x0, noise, t, alphas_cumprod, prediction_type):
+    """z_t and the regression target for ``prediction_type`` (float32 math)."""
+    a = alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+    z = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if prediction_type == "epsilon":
+        return z, noise
+    return z, a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
+
+
+class APOTrainer:
+    """Builds the model, data and DeepSpeed engine from a config and runs APO training.
+
+    Example::
+
+        trainer = APOTrainer(load_config("configs/demo.yaml"))
+        summary = trainer.train()        # resumes from the last checkpoint if any
+    """
+
+    def __init__(self, cfg: APOConfig, resume: bool = True):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.resume = resume
+        self.device = resolve_device(cfg.train.device)
+
+    # ---- setup
+    def setup(self):
+        import deepspeed
+
+        from apo_fast.adapters import freeze_base, inject_adapters
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        if self.device.type == "cuda" and cfg.train.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        vae = build_vae(cfg.model)
+        self.data = load_train_data(cfg, vae, self.device)
+        in_ch = self.data.anomalies.shape[1]
+        unet = build_unet(cfg.model, in_channels=in_ch, sample_size=self.data.anomalies.shape[-1])
+        if unet.config.in_channels != in_ch:
+            raise ValueError(
+                f"the UNet takes {unet.config.in_channels} input channels but the data has {in_ch} "
+                f"({'latents' if cfg.model.latent else 'pixels'}); set model.latent accordingly"
+            )
+        self.attention = set_attention(unet, cfg.train.attention, self.device)
+        freeze_base(unet)
+        self.adapter_names = inject_adapters(unet, adapter_config(cfg))
+        if cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        conditions = load_conditions(
+            cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim
+        )
+        model = APOModel(unet, conditions)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.scheduler = build_scheduler(cfg.model, "ddpm")
+        optimizer = build_optimizer(cfg, model)
+        warm = cfg.optim.warmup_steps
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.micro_batch = cfg.train.batch_size * (2 if cfg.loss.mode == "paired" else 1)
+        self._own_dist = ensure_distributed_env()
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_sched,
+            config=deepspeed_config(cfg, self.micro_batch),
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+        )
+        self.rank = self.engine.global_rank
+        self.world = self.engine.world_size
+        self.alphas_cumprod = _sched_tensors(self.scheduler, self.engine.device)
+        self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+        return self
+
+    # ---- one step
+    def batch_for_step(self, step: int, micro: int):
+        """Inputs of micro-batch ``micro`` of optimisation step ``step`` (deterministic)."""
+        cfg, d = self.cfg, self.data
+        b = cfg.train.batch_size
+        global_micro = (step * cfg.train.grad_accum + micro) * self.world + self.rank
+        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + global_micro)
+        idx = stream_indices(d.anomalies.shape[0], cfg.train.seed, global_micro * b, b)
+        x0 = d.anomalies[idx]
+        masks = d.anomaly_masks[idx]
+        conds = d.anomaly_conds[idx]
+        if cfg.data.augment:
+            x0, (masks,) = augment(x0, [masks], g)
+        if cfg.loss.mode == "paired":
+            nidx = stream_indices(d.normals.shape[0], cfg.train.seed + 1, global_micro * b, b)
+            xn = d.normals[nidx]
+            if cfg.data.augment:
+                xn, _ = augment(xn, [], g)
+            x0 = torch.cat([x0, xn])
+            masks = torch.cat([masks, torch.zeros_like(masks)])
+            conds = torch.cat([conds, conds])  # a pair shares the condition
+        n_draw = b
+        t = torch.randint(0, cfg.model.num_train_timesteps, (n_draw,), generator=g)
+        noise = torch.randn((n_draw, *x0.shape[1:]), generator=g)
+        if cfg.loss.mode == "paired":
+            t, noise = torch.cat([t, t]), torch.cat([noise, noise])
+        return x0, masks, conds, t, noise
+
+    def micro_step(self, step: int, micro: int):
+        from apo_fast.loss import apo_loss, beta_schedule
+
+        cfg = self.cfg
+        dev = self.engine.device
+        x0, masks, conds, t, noise = self.batch_for_step(step, micro)
+        x0, masks, conds, t, noise = (v.to(dev) for v in (x0, masks, conds, t, noise))
+        z, target = noisy_inputs(x0, noise, t, self.alphas_cumprod, cfg.model.prediction_type)
+        z = z.to(self.model_dtype)
+        if cfg.train.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        pred = self.engine(z, t, conds)
+        with torch.no_grad():
+            ref = self.engine(z, t, conds, reference=True)
+        if pred.shape[-2:] != masks.shape[-2:]:
+            masks = F.adaptive_max_pool2d(masks, pred.shape[-2:])  # keep thin defects at latent size
+        n_beta = t.shape[0] // 2 if cfg.loss.mode == "paired" else t.shape[0]
+        beta_t = beta_schedule(t[:n_beta], self.alphas_cumprod, kind=cfg.loss.beta_schedule, beta=cfg.loss.beta)
+        out = apo_loss(
+            pred,
+            ref,
+            target.to(pred.dtype),
+            beta_t,
+            mask=masks.to(pred.dtype),
+            lambda_mask=cfg.loss.lambda_mask,
+            paired=cfg.loss.mode == "paired",
+            lambda_sft=cfg.loss.lambda_sft,
+            backend=cfg.loss.backend,
+        )
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"step {step}: the APO loss is {out.loss.item()} (inputs or weights hold NaN/Inf)")
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return out
+
+    # ---- the loop
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from apo_fast.telemetry import Telemetry
+
+        cfg = self.cfg
+        if not hasattr(self, "engine"):
+            self.setup()
+        start = 0
+        ckpt = latest_checkpoint(self.out) if self.resume else None
+        if ckpt is not None:
+            self.engine.load_checkpoint(str(ckpt), tag="state")
+            start = json.loads((ckpt / "client_state.json").read_text())["step"]
+            log.info("resumed from %s at step %d", ckpt, start)
+        is_main = self.rank == 0
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        log_path = self.out / "train_log.jsonl"
+        records = _read_log(log_path, upto=start) if is_main else []
+        if is_main:
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="APO", disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
+        t_last = time.perf_counter()
+        samples_since = 0
+        with Telemetry(self.device) as tel, open(log_path, "a") if is_main else _nullfile() as fh:
+            for step in range(start, cfg.train.steps):
+                metrics: dict[str, float] = {}
+                for micro in range(cfg.train.grad_accum):
+                    out = self.micro_step(step, micro)
+                    for k, v in out.metrics.items():
+                        metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                samples_since += cfg.train.batch_size * cfg.train.grad_accum * self.world
+                rec = {"step": step + 1, **metrics, "lr": self.lr_scheduler.get_last_lr()[0]}
+                if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                    now = time.perf_counter()
+                    rec["samples_per_s"] = samples_since / max(now - t_last, 1e-9)
+                    t_last, samples_since = now, 0
+                    rec.update({f"telemetry/{k}": v for k, v in tel.snapshot().items() if isinstance(v, (int, float))})
+                if is_main:
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                bar.set_postfix_str(f"loss {metrics['loss']:.4f} acc {metrics['implicit_acc']:.2f} {tel.postfix()}")
+                bar.update(1)
+                if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
+                    save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints, {"telemetry": tel.summary()})
+            telemetry = tel.summary()
+        bar.close()
+        self.export(self.out / "adapters")
+        summary = {"steps": cfg.train.steps, "attention": self.attention, "adapted_modules": len(self.adapter_names),
+                   "telemetry": telemetry}
+        if is_main:
+            final = _read_log(log_path)
+            summary["final"] = final[-1] if final else {}
+            atomic_write_json(self.out / "train_summary.json", summary)
+        return summary
+
+    def export(self, path: Path) -> None:
+        """Write the adapters (peft/diffusers file) and condition embeddings, gathering ZeRO-3 shards."""
+        from apo_fast.adapters import save_adapters
+
+        model = self.engine.module
+        params = list(model.parameters())
+        ctx = _gathered(params) if self.cfg.train.zero_stage == 3 else _nullctx()
+        with ctx:
+            if self.rank == 0:
+                meta = {"condition_names": json.dumps(self.data.condition_names)}
+                save_adapters(model.unet, path, metadata=meta)
+                save_conditions(model.conditions, self.data.condition_names, Path(path) / "conditions.safetensors")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Tear down the process group we created (gloo runs can abort at exit otherwise)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _gathered(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+class _nullfile(_nullctx):
+    def write(self, _):
+        return 0
+
+    def flush(self):
+        pass
+
+
+def _read_log(path: Path, upto: int | None = None) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if upto is None or rec.get("step", 0) <= upto:
+            out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------- base pretraining (demo)
+
+
+def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple[Path, Path]:
+    """Train the tiny base UNet on the normal images (plain diffusion loss, condition = product).
+
+    Stands in for a pretrained Stable Diffusion in the demo: the base knows the
+    product but has never seen a defect. Returns (unet folder, conditions file).
+    """
+    from tqdm.auto import tqdm
+
+    from apo_fast.models import save_unet
+
+    p = cfg.pretrain
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = load_train_data(cfg)
+    unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1]).to(device)
+    set_attention(unet, "sdpa", device)
+    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim).to(device)
+    sched = build_scheduler(cfg.model, "ddpm")
+    ac = sched.alphas_cumprod.to(device=device, dtype=torch.float64)
+    params = list(unet.parameters()) + list(conds.parameters())
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
+    lr_at = lambda s: p.lr * 0.5 * (1 + math.cos(math.pi * s / p.steps))  # noqa: E731
+    log_path = Path(out_dir) / "pretrain_log.jsonl"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    ema = None
+    with open(log_path, "w") as fh:
+        for step in tqdm(range(p.steps), desc="base model", disable=not progress, dynamic_ncols=True):
+            g = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
+            idx = stream_indices(data.normals.shape[0], cfg.train.seed + 2, step * p.batch_size, p.batch_size)
+            x0, _ = augment(data.normals[idx], [], g)
+            t = torch.randint(0, cfg.model.num_train_timesteps, (p.batch_size,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            ids = torch.full((p.batch_size,), data.normal_cond, dtype=torch.int64)
+            ids[torch.rand(p.batch_size, generator=g) < p.uncond_prob] = -1
+            x0, t, noise, ids = x0.to(device), t.to(device), noise.to(device), ids.to(device)
+            z, target = noisy_inputs(x0, noise, t, ac, cfg.model.prediction_type)
+            pred = unet(z, t, encoder_hidden_states=conds(ids)).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            opt.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            fh.write(json.dumps({"step": step + 1, "loss": loss.item(), "loss_ema": ema}) + "\n")
+    unet_dir = Path(out_dir) / "base_unet"
+    save_unet(unet.cpu(), unet_dir)
+    cond_path = Path(out_dir) / "base_conditions.safetensors"
+    save_conditions(conds.cpu(), data.condition_names, cond_path)
+    return unet_dir, cond_path
