@@ -1,0 +1,320 @@
+"""Fused APO / Diffusion-DPO loss: input plan, Triton launchers and the autograd Function.
+
+The kernels live in ``apo_fast.kernels.apo_loss``; the PyTorch reference and the
+public :func:`apo_fast.loss.apo_loss` (which dispatches here on CUDA) live in
+``apo_fast.loss``.
+
+Forward: one pass over (policy, reference, target[, mask]) gives each sample's
+chunk partial sums; one single-program kernel turns them into the loss,
+metrics and each sample's gradient coefficient; when ``model_pred`` requires
+grad, a second pass over (policy, target[, mask]) writes
+``grad = coef_i * w * (p - t)`` in ``model_pred``'s dtype (computed during
+forward, as Liger-Kernel's fused losses do), and backward only rescales it by
+the incoming gradient, in place. ``grad_in_forward=False`` instead runs that
+pass in backward with the incoming gradient folded into the coefficient (same
+bytes, one launch fewer; the benchmark measures both). No fp32 temporaries
+the size of the inputs are made; the reference prediction and the target get
+no gradient.
+
+Inputs are not scanned for NaN/Inf (a device sync per call); NaN propagates to
+the loss, metrics and gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from apo_fast.backend import interpreter_enabled
+from apo_fast.kernels import apo_loss as K
+from apo_fast.loss import (
+    FUSED_DTYPES,
+    NUM_METRIC_SLOTS,
+    _check_number,
+    beta_per_term,
+    validate_mask,
+    validate_predictions,
+)
+
+MAX_SAMPLE_NUMEL = 2**31 - 2**20  # in-sample offsets are 32-bit
+MAX_CHUNKS = 1024  # chunk partials per sample (the finalize kernel holds them in registers)
+FINALIZE_TILE = 4096  # terms x chunks loaded at once by the finalize kernel
+INTERPRETER_TARGET_PROGRAMS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """How the streaming kernels walk one sample (see ``apo_fast.kernels.apo_loss``)."""
+
+    n_samples: int
+    sample_numel: int
+    positions: int
+    repeats: int
+    repeat_stride: int
+    mask_mode: int
+    mask_div: int
+    mask_sample_numel: int
+    chunk: int
+    n_chunks: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _channels_last_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 8 * _sm_count(index)
+    return INTERPRETER_TARGET_PROGRAMS
+
+
+def prepare_inputs(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, StreamPlan]:
+    """Pick the memory order (NCHW or channels_last, copying only other layouts)
+    and the streaming plan. Inputs must already be validated."""
+    preds = (model_pred, ref_pred, target)
+    if all(x.is_contiguous() for x in preds):
+        channels_last = False
+    elif all(_is_channels_last(x) for x in preds):
+        channels_last = True
+    else:
+        channels_last = False
+        preds = tuple(x.contiguous() for x in preds)
+    p, r, t = preds
+    n_samples = p.shape[0]
+    numel = p[0].numel()
+    if numel >= MAX_SAMPLE_NUMEL:
+        raise ValueError(f"model_pred has {numel} elements per sample; the fused kernels take fewer than {MAX_SAMPLE_NUMEL}")
+    channels = p.shape[1]
+    spatial = numel // channels if channels else 0
+    positions, repeats, stride, mode, div, mask_numel = numel, 1, numel, K.MASK_NONE, 1, numel
+    m = None
+    if mask is not None:
+        if mask.dtype not in FUSED_DTYPES:
+            m = mask.to(torch.float32 if mask.dtype == torch.float64 else p.dtype)
+        else:
+            m = mask
+        broadcast = mask.shape[1] == 1 and channels != 1
+        if not broadcast:
+            m = m.contiguous(memory_format=_channels_last_format(p)) if channels_last else m.contiguous()
+            mode = K.MASK_DIRECT
+        elif channels_last:
+            m = m.contiguous()
+            mode, div, mask_numel = K.MASK_DIV, channels, spatial
+        else:
+            m = m.contiguous()
+            positions, repeats, stride, mode, mask_numel = spatial, channels, spatial, K.MASK_DIRECT, spatial
+    per_sample = max(1, min(MAX_CHUNKS, _cdiv(_target_programs(p.device), n_samples), _cdiv(positions, K.CHUNK_ALIGN)))
+    chunk = _cdiv(_cdiv(positions, per_sample), K.CHUNK_ALIGN) * K.CHUNK_ALIGN
+    plan = StreamPlan(
+        n_samples=n_samples,
+        sample_numel=numel,
+        positions=positions,
+        repeats=repeats,
+        repeat_stride=stride,
+        mask_mode=mode,
+        mask_div=div,
+        mask_sample_numel=mask_numel,
+        chunk=chunk,
+        n_chunks=_cdiv(positions, chunk),
+    )
+    return p, r, t, m, plan
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def launch_residual_sums(p, r, t, m, plan: StreamPlan, lambda_mask: float) -> torch.Tensor:
+    """(B, n_chunks, 2) float32 partial sums of w (p - t)^2 and w (r - t)^2."""
+    partials = torch.empty((plan.n_samples, plan.n_chunks, 2), dtype=torch.float32, device=p.device)
+    K.apo_residual_sums_kernel[(plan.n_samples, plan.n_chunks)](
+        p,
+        r,
+        t,
+        m if m is not None else p,
+        partials,
+        plan.sample_numel,
+        plan.mask_sample_numel,
+        plan.positions,
+        plan.repeats,
+        plan.repeat_stride,
+        plan.chunk,
+        plan.n_chunks,
+        float(lambda_mask - 1.0),
+        MASK_MODE=plan.mask_mode,
+        MASK_DIV=plan.mask_div,
+    )
+    return partials
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def launch_finalize(
+    partials: torch.Tensor,
+    plan: StreamPlan,
+    beta: float | torch.Tensor,
+    paired: bool,
+    lambda_sft: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar float32 loss and the stats vector [e_theta(B), e_ref(B), coef(B), metrics(8)]."""
+    n = plan.n_samples
+    n_terms = n // 2 if paired else n
+    stats = torch.empty(3 * n + NUM_METRIC_SLOTS, dtype=torch.float32, device=partials.device)
+    loss = torch.empty((), dtype=torch.float32, device=partials.device)
+    block_chunks = max(2, _next_pow2(plan.n_chunks))
+    block_terms = max(2, min(_next_pow2(n_terms), FINALIZE_TILE // block_chunks))
+    per_term = isinstance(beta, torch.Tensor)
+    K.apo_loss_finalize_kernel[(1,)](
+        partials,
+        beta if per_term else partials,
+        stats,
+        loss,
+        n,
+        n_terms,
+        plan.n_chunks,
+        0.0 if per_term else float(beta),
+        1.0 / plan.sample_numel,
+        1.0 / n_terms,
+        1.0 / n,
+        float(lambda_sft),
+        PAIRED=paired,
+        BETA_PER_TERM=per_term,
+        BLOCK_TERMS=block_terms,
+        BLOCK_CHUNKS=block_chunks,
+        num_warps=4,
+    )
+    return loss, stats
+
+
+def launch_grad(p, t, m, coef: torch.Tensor, plan: StreamPlan, lambda_mask: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """grad = coef_i (* scale) * w * (p - t) in p's dtype and memory order."""
+    grad = torch.empty_like(p)
+    K.apo_grad_kernel[(plan.n_samples, plan.n_chunks)](
+        p,
+        t,
+        m if m is not None else p,
+        coef,
+        scale if scale is not None else coef,
+        grad,
+        plan.sample_numel,
+        plan.mask_sample_numel,
+        plan.positions,
+        plan.repeats,
+        plan.repeat_stride,
+        plan.chunk,
+        float(lambda_mask - 1.0),
+        MASK_MODE=plan.mask_mode,
+        MASK_DIV=plan.mask_div,
+        HAS_SCALE=scale is not None,
+    )
+    return grad
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class FusedAPOLossFunction(torch.autograd.Function):
+    """Autograd Function of the fused loss; gradient only for ``model_pred``.
+
+    ``forward(model_pred, ref_pred, target, mask, beta, lambda_mask, paired,
+    lambda_sft, grad_in_forward) -> (loss, stats)``; ``beta`` is a float or a
+    contiguous float32 (n_terms,) tensor; ``stats`` is non-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward):
+        p, r, t, m, plan = prepare_inputs(model_pred, ref_pred, target, mask)
+        partials = launch_residual_sums(p, r, t, m, plan, lambda_mask)
+        loss, stats = launch_finalize(partials, plan, beta, paired, lambda_sft)
+        n = plan.n_samples
+        coef = stats[2 * n : 3 * n]
+        ctx.grad_in_forward = grad_in_forward
+        ctx.set_materialize_grads(False)
+        if ctx.needs_input_grad[0]:
+            if grad_in_forward:
+                ctx.save_for_backward(launch_grad(p, t, m, coef, plan, lambda_mask))
+            else:
+                ctx.save_for_backward(p, t, m, coef)
+                ctx.plan, ctx.lambda_mask = plan, lambda_mask
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad = None
+        if ctx.needs_input_grad[0] and grad_loss is not None:
+            if ctx.grad_in_forward:
+                (grad,) = ctx.saved_tensors
+                # In place: a second backward through a retained graph then
+                # fails autograd's saved-tensor version check instead of
+                # silently rescaling twice.
+                grad = grad.mul_(grad_loss)
+            else:
+                p, t, m, coef = ctx.saved_tensors
+                grad = launch_grad(p, t, m, coef, ctx.plan, ctx.lambda_mask, scale=grad_loss.float().contiguous())
+        return grad, None, None, None, None, None, None, None, None
+
+
+def fused_apo_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    beta_t: float | torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    lambda_mask: float = 1.0,
+    paired: bool = False,
+    lambda_sft: float = 0.0,
+    grad_in_forward: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The APO loss through the Triton kernels; arguments as :func:`apo_fast.loss.apo_loss`.
+
+    Inputs: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), float32,
+    float16 or bfloat16, contiguous NCHW or channels_last (other layouts are copied).
+
+    Returns:
+        loss: scalar float32, differentiable w.r.t. ``model_pred``;
+        e_theta, e_ref: (B,) float32, detached;
+        metric_values: (8,) float32, slots of ``apo_fast.loss.METRIC_SLOTS``.
+    """
+    validate_predictions(model_pred, ref_pred, target)
+    validate_mask(mask, model_pred)
+    if model_pred.dtype not in FUSED_DTYPES:
+        raise TypeError(f"model_pred must be one of {FUSED_DTYPES} for the fused loss, got {model_pred.dtype}")
+    if not model_pred.is_cuda and not interpreter_enabled():
+        raise RuntimeError("the fused APO loss needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+    lambda_mask = _check_number("lambda_mask", lambda_mask, minimum=0.0)
+    lambda_sft = _check_number("lambda_sft", lambda_sft, minimum=0.0)
+    beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
+    if isinstance(beta, torch.Tensor):
+        beta = beta.contiguous()
+    loss, stats = FusedAPOLossFunction.apply(
+        model_pred, ref_pred, target, mask, beta, lambda_mask, bool(paired), lambda_sft, bool(grad_in_forward)
+    )
+    n = model_pred.shape[0]
+    return loss, stats[:n], stats[n : 2 * n], stats[3 * n :]
