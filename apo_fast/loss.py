@@ -138,7 +138,7 @@ def validate_mask(mask: object, model_pred: torch.Tensor) -> None:
 
 
 def beta_per_term(beta_t: object, n_samples: int, paired: bool, device: torch.device) -> float | torch.Tensor:
-    """``beta_t`` as a float, or a float32 tensor with one entry per loss term.
+    """``beta_t`` as a float, or a tensor (float32, or float64 if given) with one entry per loss term.
 
     Loss terms are samples (unpaired) or pairs (paired). A (B,) tensor in
     paired mode gives each pair its winner's value (the first half).
@@ -150,13 +150,14 @@ def beta_per_term(beta_t: object, n_samples: int, paired: bool, device: torch.de
         return _check_number("beta_t", beta_t)
     if not beta_t.is_floating_point():
         raise TypeError(f"beta_t must be a float or a floating-point tensor, got {beta_t.dtype}")
+    dtype = torch.promote_types(beta_t.dtype, torch.float32)
     if beta_t.dim() == 0:
-        return beta_t.reshape(1).expand(n_terms).to(device=device, dtype=torch.float32)
+        return beta_t.reshape(1).expand(n_terms).to(device=device, dtype=dtype)
     allowed = {(n_terms,), (n_samples,)} if paired else {(n_samples,)}
     if beta_t.dim() != 1 or tuple(beta_t.shape) not in allowed:
         expected = f"({n_terms},) or ({n_samples},)" if paired else f"({n_samples},)"
         raise ValueError(f"beta_t must be a float or a tensor of shape {expected}, got {tuple(beta_t.shape)}")
-    return beta_t[:n_terms].to(device=device, dtype=torch.float32)
+    return beta_t[:n_terms].to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- reference

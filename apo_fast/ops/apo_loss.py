@@ -312,7 +312,7 @@ def fused_apo_loss(
     lambda_sft = _check_number("lambda_sft", lambda_sft, minimum=0.0)
     beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
     if isinstance(beta, torch.Tensor):
-        beta = beta.contiguous()
+        beta = beta.to(torch.float32).contiguous()
     loss, stats = FusedAPOLossFunction.apply(
         model_pred, ref_pred, target, mask, beta, lambda_mask, bool(paired), lambda_sft, bool(grad_in_forward)
     )
