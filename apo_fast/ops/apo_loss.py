@@ -242,12 +242,15 @@ class FusedAPOLossFunction(torch.autograd.Function):
     """Autograd Function of the fused loss; gradient only for ``model_pred``.
 
     ``forward(model_pred, ref_pred, target, mask, beta, lambda_mask, paired,
-    lambda_sft, grad_in_forward) -> (loss, stats)``; ``beta`` is a float or a
-    contiguous float32 (n_terms,) tensor; ``stats`` is non-differentiable.
+    lambda_sft, grad_in_forward, grad_enabled) -> (loss, stats)``; ``beta`` is a
+    float or a contiguous float32 (n_terms,) tensor; ``stats`` is
+    non-differentiable. ``grad_enabled`` is the caller's grad mode (forward
+    itself always runs with grad disabled), so no gradient pass runs under
+    ``torch.no_grad()``.
     """
 
     @staticmethod
-    def forward(ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward):
+    def forward(ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward, grad_enabled):
         p, r, t, m, plan = prepare_inputs(model_pred, ref_pred, target, mask)
         partials = launch_residual_sums(p, r, t, m, plan, lambda_mask)
         loss, stats = launch_finalize(partials, plan, beta, paired, lambda_sft)
@@ -255,7 +258,7 @@ class FusedAPOLossFunction(torch.autograd.Function):
         coef = stats[2 * n : 3 * n]
         ctx.grad_in_forward = grad_in_forward
         ctx.set_materialize_grads(False)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_enabled:
             if grad_in_forward:
                 ctx.save_for_backward(launch_grad(p, t, m, coef, plan, lambda_mask))
             else:
@@ -277,7 +280,7 @@ class FusedAPOLossFunction(torch.autograd.Function):
             else:
                 p, t, m, coef = ctx.saved_tensors
                 grad = launch_grad(p, t, m, coef, ctx.plan, ctx.lambda_mask, scale=grad_loss.float().contiguous())
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def fused_apo_loss(
@@ -314,7 +317,16 @@ def fused_apo_loss(
     if isinstance(beta, torch.Tensor):
         beta = beta.to(torch.float32).contiguous()
     loss, stats = FusedAPOLossFunction.apply(
-        model_pred, ref_pred, target, mask, beta, lambda_mask, bool(paired), lambda_sft, bool(grad_in_forward)
+        model_pred,
+        ref_pred,
+        target,
+        mask,
+        beta,
+        lambda_mask,
+        bool(paired),
+        lambda_sft,
+        bool(grad_in_forward),
+        torch.is_grad_enabled(),
     )
     n = model_pred.shape[0]
     return loss, stats[:n], stats[n : 2 * n], stats[3 * n :]
