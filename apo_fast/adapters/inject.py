@@ -1,0 +1,300 @@
+"""Putting time-gated adapters into a model, switching them off, freezing the rest.
+
+``inject_adapters(unet, AdapterConfig(...))`` replaces every ``nn.Linear`` whose
+module path ends with one of ``target_modules`` by a :class:`GatedLoRALinear`,
+registers one gate module as ``unet.taca_gate`` (non-constant gates; learned parameters are
+model parameters, seen by optimizers and DeepSpeed) and hooks on ``unet`` that
+turn the ``timestep`` argument of each call into per-sample gates for all
+layers. A caller then just calls ``unet(sample, timestep, encoder_hidden_states)``
+with a scalar or per-sample ``(S,)`` timestep (CFG-style doubled batches too).
+
+Typical training use::
+
+    names = inject_adapters(unet, AdapterConfig(r=16, lora_alpha=16))
+    freeze_base(unet)
+    optimizer = torch.optim.AdamW(adapter_parameters(unet), lr=1e-4)
+    eps_theta = unet(z_t, t, c).sample
+    with torch.no_grad(), adapters_disabled(unet):   # reference model, same weights
+        eps_ref = unet(z_t, t, c).sample
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from apo_fast.adapters.gates import GateConfig, build_gate
+from apo_fast.adapters.layer import GatedLoRALinear
+from apo_fast.adapters.state import GATE_MODULE_NAME, attach_gate, get_gate_state, install_gate
+from apo_fast.backend import BACKENDS
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdapterConfig",
+    "inject_adapters",
+    "gated_layers",
+    "adapter_parameters",
+    "freeze_base",
+    "set_adapters_enabled",
+    "adapters_disabled",
+    "set_gate",
+]
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which layers get adapters and how.
+
+    Attributes:
+        r: adapter rank.
+        lora_alpha: scaling numerator; ``None`` means ``r`` (scaling 1, the
+            diffusers training scripts' choice).
+        target_modules: module-path suffixes (peft rule: a module matches if its
+            path equals the entry or ends with ``"." + entry``).
+        gate: the timestep gate (a ``GateConfig`` or a mapping for one).
+        adapter_name: peft adapter name (dropped in saved files).
+        dropout: LoRA dropout on the adapter branch's input (0 keeps the fused path).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``None`` (environment).
+    """
+
+    r: int = 4
+    lora_alpha: float | None = None
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    gate: GateConfig = field(default_factory=GateConfig)
+    adapter_name: str = "default"
+    dropout: float = 0.0
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"AdapterConfig.r must be an int >= 1, got {self.r!r}")
+        alpha = self.lora_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0):
+            raise ValueError(f"AdapterConfig.lora_alpha must be a number > 0 or None, got {alpha!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        if not isinstance(targets, (list, tuple)) or not targets:
+            raise ValueError(f"AdapterConfig.target_modules must be a non-empty list of names, got {targets!r}")
+        for name in targets:
+            if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+                raise ValueError(f"AdapterConfig.target_modules entries must be module-path suffixes, got {name!r}")
+        object.__setattr__(self, "target_modules", tuple(targets))
+        gate = self.gate
+        if isinstance(gate, dict):
+            gate = GateConfig.from_dict(gate)
+        if not isinstance(gate, GateConfig):
+            raise TypeError(f"AdapterConfig.gate must be a GateConfig or a mapping, got {type(gate).__name__}")
+        gate.rank_range(self.r)
+        object.__setattr__(self, "gate", gate)
+        if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
+            raise ValueError(f"AdapterConfig.adapter_name must be a non-empty name without dots, got {self.adapter_name!r}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(f"AdapterConfig.dropout must be a number in [0, 1), got {dropout!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"AdapterConfig.backend must be one of {BACKENDS} or None, got {self.backend!r}")
+
+    @property
+    def alpha(self) -> float:
+        """``lora_alpha`` resolved (``r`` when unset)."""
+        return self.r if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """Build from a mapping (YAML/JSON); unknown keys raise ValueError."""
+        if not isinstance(data, dict):
+            raise TypeError(f"adapter config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+def _matches(path: str, targets: tuple[str, ...]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> list[str]:
+    """Wrap the target ``nn.Linear`` layers of ``model`` in :class:`GatedLoRALinear`.
+
+    Args:
+        model: a diffusers ``UNet2DConditionModel`` or any module whose
+            ``forward(sample, timestep, ...)`` takes a ``timestep`` (a constant
+            gate needs no timestep).
+        config: the adapters (default ``AdapterConfig()``: r 4, rank-prefix gate,
+            to_q/to_k/to_v/to_out.0).
+
+    Returns:
+        The module paths that were wrapped, in ``named_modules`` order.
+
+    The base weights keep their ``requires_grad``; call :func:`freeze_base`.
+    Adapter weights are created on each base layer's device and dtype.
+    """
+    config = AdapterConfig() if config is None else config
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if get_gate_state(model) is not None or hasattr(model, GATE_MODULE_NAME):
+        raise ValueError(f"{type(model).__name__} already has time-gated adapters")
+    targets = []
+    for path, module in model.named_modules():
+        if not path or not _matches(path, config.target_modules):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            raise ValueError(
+                f"module {path!r} is already an adapter layer ({type(module).__name__}); "
+                "use convert_peft_to_gated for models that already carry peft LoRA"
+            )
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target module {path!r} is a {type(module).__name__}; only nn.Linear layers take time-gated adapters"
+            )
+        if not module.weight.is_floating_point():
+            raise TypeError(f"target module {path!r} has a non-floating-point (quantized) weight")
+        targets.append(path)
+    if not targets:
+        raise ValueError(
+            f"no module of {type(model).__name__} matches target_modules {list(config.target_modules)}"
+        )
+    state = attach_gate(model, build_gate(config.gate, config.r), ranks={config.r})
+    state.adapter_config = config
+    for path in targets:
+        parent, child = _split_parent(model, path)
+        layer = GatedLoRALinear(
+            getattr(parent, child),
+            adapter_name=config.adapter_name,
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            gate_state=state,
+            backend=config.backend,
+        )
+        setattr(parent, child, layer)
+    return targets
+
+
+def set_gate(model: nn.Module, gate: GateConfig) -> None:
+    """Give every :class:`GatedLoRALinear` of ``model`` the gate ``gate``.
+
+    Replaces ``model.taca_gate`` (or attaches one, with the timestep hooks, to
+    a model that has none; a constant gate registers nothing). A replaced
+    learned gate starts fresh: build optimizers after calling this.
+    """
+    if not isinstance(gate, GateConfig):
+        raise TypeError(f"gate must be a GateConfig, got {type(gate).__name__}")
+    layers = [layer for _, layer in gated_layers(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no time-gated adapter layers")
+    ranks = sorted({rank for layer in layers for rank in layer.r.values()})
+    for rank in ranks:
+        gate.rank_range(rank)
+    if any(layer.merged for layer in layers) and not gate.is_constant:
+        raise ValueError("cannot attach a non-constant gate to merged adapter layers; unmerge them first")
+    module = build_gate(gate, max(ranks))
+    state = get_gate_state(model)
+    if state is None:
+        state = attach_gate(model, module, ranks=ranks)
+    else:
+        install_gate(model, state, module, ranks=ranks)
+        if state.adapter_config is not None:
+            state.adapter_config = dataclasses.replace(state.adapter_config, gate=gate)
+    for layer in layers:
+        layer.gate_state = state
+
+
+def gated_layers(model: nn.Module) -> list[tuple[str, GatedLoRALinear]]:
+    """``(path, layer)`` for every :class:`GatedLoRALinear` in ``model``."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, GatedLoRALinear)]
+
+
+def _adapter_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no adapter layers")
+    return layers
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters: ``lora_A``/``lora_B`` of each adapter
+    layer's active adapters and the learned gate's parameters (if any)."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+
+    def add(p: nn.Parameter) -> None:
+        if id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+
+    for layer in _adapter_layers(model):
+        for name in layer.active_adapters:
+            for dict_name in ("lora_A", "lora_B"):
+                modules = getattr(layer, dict_name, {})
+                if name in modules:
+                    for p in modules[name].parameters():
+                        add(p)
+    gate = getattr(model, GATE_MODULE_NAME, None)
+    if isinstance(gate, nn.Module):
+        for p in gate.parameters():
+            add(p)
+    return params
+
+
+def freeze_base(model: nn.Module) -> int:
+    """Make only :func:`adapter_parameters` trainable; return their element count."""
+    trainable = {id(p) for p in adapter_parameters(model)}
+    count = 0
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+        count += p.numel() if id(p) in trainable else 0
+    return count
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter layer of ``model`` (ours and peft's) on or off.
+
+    Unlike peft's ``enable_adapters``, this leaves ``requires_grad`` alone, so
+    it is safe between the policy and reference passes of one training step.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    for layer in _adapter_layers(model):
+        layer._disable_adapters = not enabled
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which ``model`` runs without adapters (the reference model,
+    same weights); each layer's previous switch is restored on exit."""
+    layers = _adapter_layers(model)
+    previous = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer._disable_adapters = flag

@@ -1,0 +1,284 @@
+"""``GatedLoRALinear``: a time-gated LoRA adapter on an ``nn.Linear`` (APO_SPEC "TACA").
+
+The layer keeps peft's layout and is a peft ``LoraLayer`` (a ``BaseTunerLayer``),
+so peft and diffusers tooling that walks adapter layers keeps working on it:
+``base_layer``; ``lora_A[name]`` / ``lora_B[name]`` (``nn.Linear`` without bias,
+``(r, in)`` and ``(out, r)`` weights); ``lora_dropout[name]``; the dicts ``r``,
+``lora_alpha`` and ``scaling`` (``lora_alpha / r``); the active adapter(s);
+``disable_adapters``; ``merge()`` / ``unmerge()``; ``set_scale`` /
+``scale_layer`` / ``unscale_layer`` (diffusers' ``set_adapters`` and
+``scale_lora_layers``); state-dict keys ``<path>.lora_A.<name>.weight``.
+
+Its forward is one call of :func:`apo_fast.ops.gated_lora.gated_lora_linear`
+(the fused Triton kernel on CUDA) with the per-sample gate that the owning
+model's :class:`~apo_fast.adapters.state.GateState` computed from the forward's
+``timestep``. Two cases cannot be one fused pass and use the unfused form
+``base(x) + scaling * ((dropout(x) A^T) * gate) B^T``: LoRA dropout active in
+training (the adapter branch sees a different input than the base matmul), and
+the second and later of several simultaneously active adapters.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from apo_fast.adapters.state import GateState
+from apo_fast.ops.gated_lora import gated_lora_linear
+
+__all__ = ["GatedLoRALinear"]
+
+# Per-adapter module dicts and plain dicts of a peft LoraLayer that a conversion carries over.
+_MODULE_DICTS = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_PLAIN_DICTS = ("r", "lora_alpha", "scaling", "use_dora", "use_rslora", "lora_bias", "lora_variant")
+
+
+def _check_rank_alpha_dropout(r, lora_alpha, lora_dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}")
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, numbers.Real)
+        or not math.isfinite(lora_alpha)
+        or lora_alpha <= 0
+    ):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+
+
+def _check_base_layer(base_layer) -> None:
+    if isinstance(base_layer, BaseTunerLayer):
+        raise TypeError(f"base_layer is already an adapter layer ({type(base_layer).__name__})")
+    if not isinstance(base_layer, nn.Linear):
+        raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+    if not base_layer.weight.is_floating_point():
+        raise TypeError(
+            f"base_layer.weight must be floating point (quantized layers are not supported), "
+            f"got dtype {base_layer.weight.dtype}"
+        )
+
+
+def _gated_lora_delta(x, lora_A, lora_B, gate, scaling) -> torch.Tensor:
+    """Unfused ``scaling * ((x A^T) * gate[sample]) B^T`` (dropout / extra adapters only)."""
+    h = F.linear(x, lora_A)
+    if gate is not None:
+        groups, rank = gate.shape
+        if groups not in (1, x.shape[0]):
+            raise ValueError(f"gate has {groups} rows but x has {x.shape[0]} samples (leading dim)")
+        h = (h.reshape(groups, -1, rank) * gate.to(h.dtype).unsqueeze(1)).reshape(h.shape)
+    return F.linear(h, lora_B) * scaling
+
+
+class GatedLoRALinear(nn.Module, LoraLayer):
+    """Time-gated LoRA on a frozen ``nn.Linear``, in peft's layout.
+
+    ``y = base(x) + scaling * ((dropout(x) A^T) * k(t_sample)) B^T`` with
+    ``x`` of shape ``(S, ..., in)`` (leading dim = samples) and ``y`` of shape
+    ``(S, ..., out)``. ``k`` comes from ``gate_state`` (the owning model's
+    per-forward gates); ``gate_state=None`` means a constant gate (plain LoRA).
+
+    Args:
+        base_layer: the wrapped ``nn.Linear`` (kept as ``self.base_layer``).
+        adapter_name: name of the first adapter (peft's ``"default"``).
+        r: rank. lora_alpha: scaling numerator (``None``: ``r``, scaling 1).
+        lora_dropout: dropout probability on the adapter branch's input.
+        gate_state: the model's :class:`GateState`, or ``None``.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``None`` for the op.
+        init_weights: peft's init (A Kaiming-uniform a=sqrt(5), B zeros).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str = "default",
+        r: int = 4,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        *,
+        gate_state: GateState | None = None,
+        backend: str | None = None,
+        init_weights: bool = True,
+    ) -> None:
+        _check_base_layer(base_layer)
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        lora_alpha = r if lora_alpha is None else lora_alpha
+        _check_rank_alpha_dropout(r, lora_alpha, lora_dropout)
+        self._setup(base_layer, gate_state, backend)
+        self._active_adapter = adapter_name
+        self.create_adapter(adapter_name, r, lora_alpha, lora_dropout, init_weights=init_weights)
+
+    def _setup(self, base_layer: nn.Linear, gate_state, backend) -> None:
+        nn.Module.__init__(self)
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self.gate_state = gate_state
+        self.backend = backend
+
+    @classmethod
+    def from_peft(cls, layer, *, gate_state: GateState | None = None, backend: str | None = None) -> "GatedLoRALinear":
+        """Take over a ``peft.tuners.lora.Linear``: same base layer, same adapter
+        modules and parameter objects (optimizers keep working), same scaling,
+        active adapter, disabled and merged state.
+
+        Raises ValueError for what the gated layer does not compute: LoRA
+        variants (DoRA, ...), ``lora_bias``, ``fan_in_fan_out``, non-Linear or
+        quantized base layers.
+        """
+        from peft.tuners.lora import Linear as PeftLoraLinear
+
+        if not isinstance(layer, PeftLoraLinear):
+            raise TypeError(f"layer must be a peft.tuners.lora.Linear, got {type(layer).__name__}")
+        base_layer = layer.base_layer
+        try:
+            _check_base_layer(base_layer)
+        except TypeError as exc:
+            raise ValueError(f"cannot convert this peft LoRA layer: {exc}") from exc
+        if getattr(layer, "fan_in_fan_out", False):
+            raise ValueError("cannot convert a peft LoRA layer with fan_in_fan_out=True")
+        variants = sorted(getattr(layer, "lora_variant", {}) or {})
+        if variants or any(getattr(layer, "use_dora", {}).values()):
+            raise ValueError(f"cannot convert a peft LoRA layer with LoRA variants (DoRA, ...) on adapters {variants}")
+        if any(getattr(layer, "lora_bias", {}).values()):
+            raise ValueError("cannot convert a peft LoRA layer with lora_bias=True")
+        new = cls.__new__(cls)
+        new._setup(base_layer, gate_state, backend)
+        for name in _MODULE_DICTS:
+            if hasattr(layer, name):
+                setattr(new, name, getattr(layer, name))
+        for name in _PLAIN_DICTS:
+            if hasattr(layer, name):
+                setattr(new, name, dict(getattr(layer, name)))
+        new._active_adapter = layer._active_adapter
+        new._disable_adapters = layer._disable_adapters
+        new.merged_adapters = list(layer.merged_adapters)
+        new.training = layer.training
+        if new.merged and gate_state is not None and not gate_state.constant:
+            raise ValueError("cannot give a merged LoRA layer a non-constant gate; unmerge it first")
+        return new
+
+    def create_adapter(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *, init_weights: bool = True
+    ) -> None:
+        """Add adapter ``adapter_name`` (rank ``r``, scaling ``lora_alpha / r``) on the base layer's device/dtype."""
+        _check_rank_alpha_dropout(r, lora_alpha, lora_dropout)
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        base = self.get_base_layer()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.use_rslora[adapter_name] = False
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        if init_weights:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    # -- gate ---------------------------------------------------------------
+    @property
+    def gate_is_constant(self) -> bool:
+        return self.gate_state is None or self.gate_state.constant
+
+    def current_gate(self, rank: int) -> torch.Tensor | None:
+        """The ``(S, rank)`` gate of the model forward in progress, or ``None`` (constant)."""
+        if self.gate_state is None:
+            return None
+        return self.gate_state.gate_for(rank)
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:
+            raise TypeError(
+                "GatedLoRALinear.forward takes only the input tensor (peft's mixed-batch `adapter_names` "
+                f"is not supported); got extra arguments {list(kwargs) or len(args)}"
+            )
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+        names = [name for name in self.active_adapters if name in self.lora_A]
+        if not names:
+            return self.base_layer(x)
+        for name in names:
+            if name in self.lora_variant:
+                raise ValueError(f"adapter {name!r} uses a LoRA variant, which GatedLoRALinear does not compute")
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        base = self.base_layer
+        result = None
+        for index, name in enumerate(names):
+            lora_A = self.lora_A[name].weight
+            lora_B = self.lora_B[name].weight
+            if not autocasting:
+                lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+            gate = self.current_gate(self.r[name])
+            dropout = self.lora_dropout[name]
+            dropout_active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+            scaling = self.scaling[name]
+            if index == 0 and not dropout_active:
+                result = gated_lora_linear(
+                    x, base.weight, base.bias, lora_A, lora_B, gate, scaling, backend=self.backend
+                )
+                continue
+            if result is None:
+                result = base(x)
+            result = result + _gated_lora_delta(dropout(x), lora_A, lora_B, gate, scaling)
+        return result
+
+    # -- merging (constant gate only) -------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B A`` of shape (out, in), in the base weight's dtype."""
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = self.get_base_layer().weight.dtype
+        upcast = weight_A.device.type == "cpu" and weight_A.dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        return ((weight_B @ weight_A) * self.scaling[adapter]).to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add ``scaling * B A`` of the active (or given) adapters into the base weight.
+
+        Only for a constant gate: a timestep gate differs per sample.
+        """
+        if not self.gate_is_constant:
+            raise ValueError("cannot merge a time-gated adapter: its gate differs per timestep (constant gate only)")
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lora_A:
+                continue
+            weight = self.get_base_layer().weight
+            delta = self.get_delta_weight(name)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} seems broken")
+                weight.data = merged
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lora_A:
+                self.get_base_layer().weight.data -= self.get_delta_weight(name)
+
+    def __repr__(self) -> str:
+        return "taca." + super().__repr__()
