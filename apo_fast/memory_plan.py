@@ -1,0 +1,716 @@
+"""Peak GPU memory per rank of an APO training step, planned before anything is allocated.
+
+``plan_memory(cfg)`` builds the UNet on the ``meta`` device (shapes, no storage),
+counts its parameters exactly, runs one traced APO policy forward on meta
+tensors to measure what autograd would keep for the backward pass, and adds the
+weights, adapter, gradient and optimizer bytes under the chosen ZeRO stage,
+offload and precision. The result is a :class:`MemoryPlan` with a breakdown in
+bytes, ``fits(gpu_gib)`` and ``to_markdown()``.
+
+Config keys (a plain dict; every key is optional)
+-------------------------------------------------
+=========================  =====================  ===============================================
+key                        default                meaning
+=========================  =====================  ===============================================
+``unet``                   ``"sd15"``             preset name (:data:`UNET_PRESETS`) or a
+                                                  ``UNet2DConditionModel`` config dict
+``resolution``             preset size x 8        image size in pixels, int or (H, W); latents are
+                                                  ``resolution / vae_scale_factor``
+``latent_size``            None                   latent size int or (H, W); replaces ``resolution``
+``vae_scale_factor``       8                      pixels per latent
+``batch_size``             1                      samples per rank per micro-batch
+``paired``                 False                  paired (Diffusion-DPO) mode: the UNet sees 2x batch
+``condition_tokens``       77                     sequence length of ``encoder_hidden_states``
+``rank``                   16                     adapter (LoRA) rank
+``target_modules``         to_q,to_k,to_v,to_out.0  module-name suffixes that get an adapter
+                                                  (``nn.Linear`` or ``nn.Conv2d``)
+``extra_trainable_params`` 0                      other trainable parameters (condition embeddings)
+``precision``              ``"bf16"``             ``fp32`` (alias ``no``), ``fp16`` or ``bf16``
+``gradient_checkpointing`` False                  diffusers' checkpointing of resnets and
+                                                  transformer blocks
+``attention``              ``"sdpa"``             ``sdpa``/``xformers``/``auto`` (fused, memory
+                                                  efficient) or ``naive`` (materialises scores)
+``optimizer``              ``"adamw"``            ``adamw``, ``adamw8bit``, ``paged_adamw8bit``,
+                                                  ``lion8bit`` or ``ds_cpu_adam`` (needs offload)
+``zero_stage``             0                      DeepSpeed ZeRO stage 0..3
+``world_size``             1                      ranks sharing the ZeRO partitions
+``offload_optimizer``      False                  optimizer state to CPU (stage >= 2)
+``offload_params``         False                  parameters to CPU (stage 3)
+``reduce_bucket_elements`` 5e8                    DeepSpeed ``reduce_bucket_size`` (grad buckets)
+``prefetch_elements``      5e7                    DeepSpeed ``stage3_prefetch_bucket_size``
+``cuda_context_mib``       500                    CUDA context + kernels (not in the allocator)
+``kernel_workspace_mib``   128                    cuBLAS/cuDNN workspaces
+``fragmentation``          1.10                   caching-allocator reserve / allocated ratio
+``extra_mib``              0                      anything else on the GPU (VAE, text encoder)
+=========================  =====================  ===============================================
+
+How activations are estimated
+-----------------------------
+The UNet runs once on ``meta`` tensors of the real batch, latent size and dtype,
+with the adapter emulated exactly as peft computes it (``y = W x + B A x``, only
+``A``/``B`` trainable) and a ``saved_tensors_hooks`` pair that records every
+tensor autograd keeps for backward, keyed by storage so views and tensors saved
+by several ops count once; parameter storages are excluded. This is the sum of
+what each leaf module keeps, with PyTorch's own rules deciding what is kept: a
+frozen ``Linear`` keeps nothing, a frozen conv keeps its input, layers before
+the first adapter keep nothing at all. Memory-efficient attention (SDPA's fused
+kernels, xformers) is traced as a kernel that keeps q, k, v, the output and the
+fp32 log-sum-exp per query; ``naive`` runs diffusers' ``AttnProcessor``, which
+keeps the (batch*heads, Nq, Nk) probabilities.
+
+With gradient checkpointing, each checkpoint unit (the modules diffusers passes
+to its checkpoint function: resnets and transformer blocks) keeps only its
+inputs; at the peak one unit is recomputed, so the estimate is
+
+    kept outside units  U  inputs of units that build a graph  +  max over units of their own saved tensors.
+
+Peak = static state (weights, adapter, grads, optimizer, communication and ZeRO-3
+gather buffers) + max(backward phase, reference phase), where the backward phase
+is the saved activations plus a transient of two largest activations (gradient
+in and out of one op) and the attention backward buffers, and the reference
+phase (no-grad forward of the reference, before the policy forward) is the live
+skip connections plus two largest activations and the attention forward buffers.
+``overhead`` = CUDA context + (fragmentation - 1) x allocated + ``extra_mib``.
+The VAE and text encoders are not counted (latents and conditions are cached).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from apo_fast.unet_presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
+
+MIB = 2**20
+GIB = 2**30
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ATTENTION_KINDS = ("sdpa", "xformers", "auto", "naive")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "ds_cpu_adam")
+
+# Optimizer state per trainable element: (number of moment tensors, 8-bit?).
+_OPTIMIZER_STATES = {
+    "adamw": (2, False),
+    "adamw8bit": (2, True),
+    "paged_adamw8bit": (2, True),
+    "lion8bit": (1, True),
+    "ds_cpu_adam": (2, False),
+}
+# bitsandbytes keeps tensors below this size in 32-bit state, and one fp32
+# absmax per block of 256 elements per 8-bit state (bitsandbytes 0.4x/0.5x).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCKSIZE = 256
+
+_DEFAULTS: dict[str, Any] = {
+    "unet": "sd15",
+    "resolution": None,
+    "latent_size": None,
+    "vae_scale_factor": VAE_SCALE_FACTOR,
+    "batch_size": 1,
+    "paired": False,
+    "condition_tokens": 77,
+    "rank": 16,
+    "target_modules": DEFAULT_TARGET_MODULES,
+    "extra_trainable_params": 0,
+    "precision": "bf16",
+    "gradient_checkpointing": False,
+    "attention": "sdpa",
+    "optimizer": "adamw",
+    "zero_stage": 0,
+    "world_size": 1,
+    "offload_optimizer": False,
+    "offload_params": False,
+    "reduce_bucket_elements": 500_000_000,
+    "prefetch_elements": 50_000_000,
+    "cuda_context_mib": 500.0,
+    "kernel_workspace_mib": 128.0,
+    "fragmentation": 1.10,
+    "extra_mib": 0.0,
+}
+
+BREAKDOWN_FIELDS = ("weights", "trainable", "grads", "optimizer", "activations", "workspace", "overhead", "total")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated peak GPU memory of one rank, in bytes.
+
+    ``weights`` frozen base UNet (this rank's share), ``trainable`` adapter
+    weights in compute precision, ``grads`` their gradients, ``optimizer``
+    optimizer state plus fp32 master weights, ``activations`` tensors saved for
+    backward, ``workspace`` transient buffers at the peak, ``overhead`` CUDA
+    context, allocator fragmentation and extras; ``total`` is their sum.
+    ``cpu_offload`` is what ZeRO-Offload keeps in host memory instead.
+    """
+
+    weights: int
+    trainable: int
+    grads: int
+    optimizer: int
+    activations: int
+    workspace: int
+    overhead: int
+    total: int
+    cpu_offload: int
+    params_base: int
+    params_trainable: int
+    params_by_module_type: dict[str, int]
+    activations_by_block: dict[str, int]
+    activations_no_checkpointing: int
+    activations_checkpointing: int
+    config: dict[str, Any] = field(repr=False)
+
+    @property
+    def allocated(self) -> int:
+        """Predicted ``torch.cuda.max_memory_allocated`` (total without context, fragmentation, extras)."""
+        return self.total - self.overhead
+
+    def breakdown(self) -> dict[str, int]:
+        """The breakdown lines in bytes, in display order."""
+        return {name: getattr(self, name) for name in BREAKDOWN_FIELDS}
+
+    def fits(self, gpu_gib: float) -> bool:
+        """Whether ``total`` fits in a GPU of ``gpu_gib`` GiB (2**30 bytes)."""
+        if isinstance(gpu_gib, bool) or not isinstance(gpu_gib, (int, float)) or not gpu_gib > 0:
+            raise ValueError(f"gpu_gib must be a positive number of GiB, got {gpu_gib!r}")
+        return self.total <= gpu_gib * GIB
+
+    def to_markdown(self, gpu_gib: float | None = None) -> str:
+        """A Markdown report: the config, a table of every breakdown line (MiB and GiB), the verdict."""
+        c = self.config
+        lh, lw = c["latent_hw"]
+        lines = [
+            f"### Memory plan: {c['unet_name']}, latent {lh}x{lw}, batch {c['batch_size']}"
+            f"{' (paired: x2)' if c['paired'] else ''}, rank {c['rank']}, {c['precision']}",
+            "",
+            f"- parameters: base {self.params_base:,}, trainable {self.params_trainable:,}",
+            f"- attention {c['attention']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
+            f"optimizer {c['optimizer']}",
+            f"- ZeRO stage {c['zero_stage']} on {c['world_size']} rank(s), offload optimizer "
+            f"{c['offload_optimizer']}, offload params {c['offload_params']}",
+            f"- activations without / with checkpointing: {self.activations_no_checkpointing / MIB:,.1f} / "
+            f"{self.activations_checkpointing / MIB:,.1f} MiB",
+            "",
+            "| component | MiB | GiB |",
+            "|---|---:|---:|",
+        ]
+        for name, value in self.breakdown().items():
+            label = f"**{name}**" if name == "total" else name
+            lines.append(f"| {label} | {value / MIB:,.1f} | {value / GIB:.2f} |")
+        lines.append(f"| cpu_offload (host) | {self.cpu_offload / MIB:,.1f} | {self.cpu_offload / GIB:.2f} |")
+        if gpu_gib is not None:
+            verdict = "fits" if self.fits(gpu_gib) else "does NOT fit"
+            lines += ["", f"Verdict: {self.total / GIB:.2f} GiB {verdict} in a {gpu_gib:g} GiB GPU."]
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _as_hw(key: str, value: Any) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{key} must be an int or a pair (H, W), got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{key} must be an int or a pair (H, W) of ints, got {value!r}")
+    if min(value) <= 0:
+        raise ValueError(f"{key} must be positive, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_int(cfg: dict, key: str, low: int, high: int | None = None) -> None:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{key} must be an int, got {type(v).__name__} {v!r}")
+    if v < low or (high is not None and v > high):
+        raise ValueError(f"{key} must be in [{low}, {high if high is not None else 'inf'}], got {v}")
+
+
+def _check_number(cfg: dict, key: str, low: float) -> None:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+        raise ValueError(f"{key} must be a finite number >= {low}, got {v!r}")
+
+
+def _check_bool(cfg: dict, key: str) -> None:
+    if not isinstance(cfg[key], bool):
+        raise TypeError(f"{key} must be a bool, got {type(cfg[key]).__name__} {cfg[key]!r}")
+
+
+def _check_choice(cfg: dict, key: str, choices) -> None:
+    if cfg[key] not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {cfg[key]!r}")
+
+
+def normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill defaults and validate a planner config (see the module docstring for the keys).
+
+    Adds ``unet_config`` (dict), ``unet_name`` and ``latent_hw`` (H, W). Raises
+    ``TypeError``/``ValueError`` naming the key on a bad value, and on unknown keys.
+    """
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"cfg must be a mapping of planner settings, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown memory-plan keys {unknown}; expected a subset of {sorted(_DEFAULTS)}")
+    out = {**_DEFAULTS, **cfg}
+    out["unet_config"] = unet_config(out["unet"])
+    out["unet_name"] = out["unet"] if isinstance(out["unet"], str) else "custom UNet"
+    for key, low in (("batch_size", 1), ("condition_tokens", 1), ("rank", 1), ("extra_trainable_params", 0),
+                     ("vae_scale_factor", 1), ("world_size", 1), ("reduce_bucket_elements", 1), ("prefetch_elements", 0)):
+        _check_int(out, key, low)
+    _check_int(out, "zero_stage", 0, 3)
+    for key in ("paired", "gradient_checkpointing", "offload_optimizer", "offload_params"):
+        _check_bool(out, key)
+    for key, low in (("cuda_context_mib", 0.0), ("kernel_workspace_mib", 0.0), ("extra_mib", 0.0), ("fragmentation", 1.0)):
+        _check_number(out, key, low)
+    _check_choice(out, "precision", PRECISIONS)
+    out["precision"] = "fp32" if out["precision"] == "no" else out["precision"]
+    _check_choice(out, "attention", ATTENTION_KINDS)
+    _check_choice(out, "optimizer", OPTIMIZERS)
+    targets = out["target_modules"]
+    if isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets) or not targets:
+        raise TypeError(f"target_modules must be a non-empty list of module-name suffixes, got {targets!r}")
+    out["target_modules"] = tuple(targets)
+    if out["offload_optimizer"] and out["zero_stage"] < 2:
+        raise ValueError(f"offload_optimizer needs zero_stage 2 or 3, got zero_stage {out['zero_stage']}")
+    if out["offload_params"] and out["zero_stage"] != 3:
+        raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {out['zero_stage']}")
+    if out["optimizer"] == "ds_cpu_adam" and not out["offload_optimizer"]:
+        raise ValueError("optimizer 'ds_cpu_adam' needs offload_optimizer: true (ZeRO-Offload)")
+    if out["latent_size"] is not None:
+        out["latent_hw"] = _as_hw("latent_size", out["latent_size"])
+    elif out["resolution"] is not None:
+        h, w = _as_hw("resolution", out["resolution"])
+        f = out["vae_scale_factor"]
+        if h % f or w % f:
+            raise ValueError(f"resolution {h}x{w} must be a multiple of vae_scale_factor {f}")
+        out["latent_hw"] = (h // f, w // f)
+    else:
+        size = out["unet_config"].get("sample_size", 64)
+        out["latent_hw"] = _as_hw("unet sample_size", size)
+    return out
+
+
+# --------------------------------------------------------------------------- meta model
+
+
+def build_meta_unet(unet_cfg: Mapping, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``UNet2DConditionModel(**unet_cfg)`` on the meta device in ``dtype``, all parameters frozen."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dict(unet_cfg))
+    nn.Module.to(unet, dtype)  # plain cast: diffusers' own .to() warns about fp32-kept modules
+    unet.requires_grad_(False)
+    return unet
+
+
+def count_params_by_module_type(model: nn.Module) -> dict[str, int]:
+    """Parameter count per module class (each parameter counted once, by the module that owns it)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        n = sum(p.numel() for p in module.parameters(recurse=False))
+        if n:
+            name = type(module).__name__
+            counts[name] = counts.get(name, 0) + n
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def context_dim(unet_cfg: Mapping) -> int:
+    """The width of ``encoder_hidden_states`` a UNet config expects (``cross_attention_dim``)."""
+    dim = unet_cfg.get("cross_attention_dim", 1280)  # diffusers' default
+    if isinstance(dim, (list, tuple)):
+        if len(set(dim)) != 1:
+            raise ValueError(f"unet cross_attention_dim must be one width for every block, got {dim!r}")
+        dim = dim[0]
+    return int(dim)
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def adapter_shapes(model: nn.Module, targets: tuple[str, ...], rank: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """LoRA ``(A shape, B shape)`` per adapted module: Linear ``A (r, in)``, ``B (out, r)``;
+    Conv2d ``A (r, in/groups, kh, kw)``, ``B (out, r, 1, 1)`` (peft's layouts).
+
+    Raises ValueError when no ``nn.Linear``/``nn.Conv2d`` matches ``targets``.
+    """
+    shapes = {}
+    for name, module in model.named_modules():
+        if not _matches(name, targets):
+            continue
+        if isinstance(module, nn.Linear):
+            shapes[name] = ((rank, module.in_features), (module.out_features, rank))
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            shapes[name] = ((rank, module.in_channels // module.groups, kh, kw), (module.out_channels, rank, 1, 1))
+    if not shapes:
+        raise ValueError(f"target_modules {list(targets)} match no nn.Linear or nn.Conv2d in the UNet")
+    return shapes
+
+
+# --------------------------------------------------------------------------- activation trace
+
+
+class _FusedAttentionTrace(torch.autograd.Function):
+    """What a memory-efficient attention kernel (flash, xformers) keeps: q, k, v, out, fp32 lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # q (B, h, Nq, d), k (B, h, Nk, d), v (B, h, Nk, dv)
+        # The kernels write the output token-major, (B, Nq, h, dv), and return a transposed view,
+        # so the processor's transpose(1, 2).reshape back to (B, Nq, h*dv) is a view too.
+        b, h, nq, _ = q.shape
+        out = q.new_empty(b, nq, h, v.shape[-1]).transpose(1, 2)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError("_FusedAttentionTrace only traces memory on the meta device; it has no backward")
+
+
+class _FusedAttentionMode(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to :class:`_FusedAttentionTrace` inside the trace only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = (args + tuple(kwargs[n] for n in ("query", "key", "value") if n in kwargs))[:3]
+            return _FusedAttentionTrace.apply(q, k, v)
+        return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ActivationTrace:
+    """What one traced policy forward keeps (bytes, for the traced batch).
+
+    ``saved``: tensors kept for backward without checkpointing; ``checkpointed``:
+    with diffusers' checkpointing; ``largest_output``: the largest leaf-module
+    output; ``skip_live``: skip connections alive during a no-grad forward;
+    ``attention_forward``/``attention_backward``: the largest transient buffers of
+    one attention call; ``by_block``: ``saved`` split by top-level UNet block.
+    """
+
+    saved: int
+    checkpointed: int
+    largest_output: int
+    skip_live: int
+    attention_forward: int
+    attention_backward: int
+    by_block: dict[str, int]
+    checkpoint_units: int
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage._cdata, storage.nbytes()
+
+
+def _tensors_in(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors_in(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors_in(item)]
+    return []
+
+
+def _attention_buffers(attn, args, kwargs, naive: bool, elt: int) -> tuple[int, int]:
+    """(forward, backward) transient bytes of one diffusers ``Attention`` call."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    if hidden is None:
+        return 0, 0
+    if hidden.dim() == 4:
+        batch, nq = hidden.shape[0], hidden.shape[2] * hidden.shape[3]
+    else:
+        batch, nq = hidden.shape[0], hidden.shape[1]
+    nk = nq if context is None else context.shape[1]
+    heads, inner = attn.heads, attn.inner_dim
+    qkv = batch * (nq + 2 * nk) * inner * elt
+    if naive:
+        scores = batch * heads * nq * nk * elt
+        return 2 * scores, 2 * scores + qkv  # scores + probs; d_probs + d_scores + dq, dk, dv
+    # flash / memory-efficient backward: dq, dk, dv plus an fp32 dq accumulator and row sums.
+    return batch * heads * nq * 4, qkv + batch * nq * inner * 4 + batch * heads * nq * 4
+
+
+def trace_activations(
+    unet_cfg: Mapping,
+    *,
+    batch: int,
+    latent_hw: tuple[int, int],
+    condition_tokens: int,
+    dtype: torch.dtype,
+    attention: str,
+    targets: tuple[str, ...],
+    rank: int,
+) -> ActivationTrace:
+    """Trace one APO policy forward of the UNet on meta tensors (see the module docstring).
+
+    Args:
+        unet_cfg: ``UNet2DConditionModel`` config.
+        batch: samples the policy forward sees (already doubled in paired mode).
+        latent_hw: (H, W) of the latents.
+        condition_tokens: ``encoder_hidden_states`` length.
+        dtype: weights and activations dtype.
+        attention: ``naive`` or a fused kind (``sdpa``, ``xformers``, ``auto``).
+        targets, rank: the adapter (LoRA) placement and rank.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    unet = build_meta_unet(unet_cfg, dtype)
+    naive = attention == "naive"
+    unet.set_attn_processor(AttnProcessor() if naive else AttnProcessor2_0())
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    param_keys = {p.untyped_storage()._cdata for p in unet.parameters()}
+    handles = []
+
+    # Adapters exactly as peft computes them: y = base(x) + B(A(x)) * scale, only A and B trainable.
+    for name, (a_shape, b_shape) in adapter_shapes(unet, targets, rank).items():
+        module = unet.get_submodule(name)
+        a = torch.empty(a_shape, device="meta", dtype=dtype, requires_grad=True)
+        b = torch.empty(b_shape, device="meta", dtype=dtype, requires_grad=True)
+        param_keys.update({a.untyped_storage()._cdata, b.untyped_storage()._cdata})
+        if isinstance(module, nn.Linear):
+            def adapter_hook(mod, inputs, output, a=a, b=b):
+                return output + F.linear(F.linear(inputs[0], a), b)
+        else:
+            def adapter_hook(mod, inputs, output, a=a, b=b):
+                down = F.conv2d(inputs[0], a, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+                return output + F.conv2d(down, b)
+        handles.append(module.register_forward_hook(adapter_hook))
+
+    records: list[tuple[int, int, int | None, str]] = []  # (storage key, bytes, unit, block)
+    keep_alive: list[torch.Tensor] = []  # storage keys stay unique while the trace lives
+    state = {"unit": None, "block": "other", "largest": 0, "attn_fwd": 0, "attn_bwd": 0}
+    units: list[list[tuple[int, int]]] = []
+    skips: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        key, nbytes = _storage_key(t)
+        if key not in param_keys:
+            keep_alive.append(t)
+            records.append((key, nbytes, state["unit"], state["block"]))
+        return t
+
+    def checkpoint_recorder(module, *args):
+        tensors = [t for t in _tensors_in(args) if t is not None]
+        keep_alive.extend(tensors)
+        units.append([_storage_key(t) for t in tensors])
+        outer, state["unit"] = state["unit"], len(units) - 1
+        try:
+            return module(*args)
+        finally:
+            state["unit"] = outer
+
+    def leaf_output(mod, inputs, output):
+        for t in _tensors_in(output):
+            state["largest"] = max(state["largest"], t.numel() * t.element_size())
+
+    def attention_pre(mod, args, kwargs):
+        fwd, bwd = _attention_buffers(mod, args, kwargs, naive, elt)
+        state["attn_fwd"], state["attn_bwd"] = max(state["attn_fwd"], fwd), max(state["attn_bwd"], bwd)
+
+    def block_enter(name):
+        def hook(mod, args):
+            state["block"] = name
+        return hook
+
+    def down_block_output(mod, inputs, output):
+        for t in _tensors_in(output):
+            keep_alive.append(t)
+            key, nbytes = _storage_key(t)
+            skips[key] = nbytes
+
+    for name, module in unet.named_modules():
+        if not list(module.children()):
+            handles.append(module.register_forward_hook(leaf_output))
+        if isinstance(module, Attention):
+            handles.append(module.register_forward_pre_hook(attention_pre, with_kwargs=True))
+        parts = name.split(".")
+        top_level = (len(parts) == 1 and parts[0] and not isinstance(module, nn.ModuleList)) or (
+            len(parts) == 2 and parts[0] in ("down_blocks", "up_blocks")
+        )
+        if top_level:
+            handles.append(module.register_forward_pre_hook(block_enter(name)))
+        if len(parts) == 2 and parts[0] == "down_blocks":
+            handles.append(module.register_forward_hook(down_block_output))
+    handles.append(unet.conv_in.register_forward_hook(down_block_output))
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_recorder)
+
+    cfg = unet.config
+    h, w = latent_hw
+    meta = dict(device="meta", dtype=dtype)
+    sample = torch.empty(batch, cfg.in_channels, h, w, **meta)
+    context = torch.empty(batch, condition_tokens, context_dim(unet_cfg), **meta)
+    timesteps = torch.zeros(batch, device="meta", dtype=torch.long)
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.empty(batch, text_dim, **meta), "time_ids": torch.empty(batch, 6, **meta)}
+    elif cfg.addition_embed_type is not None:
+        raise ValueError(f"unet addition_embed_type {cfg.addition_embed_type!r} is not supported (None or 'text_time')")
+
+    mode = _FusedAttentionMode() if not naive else None
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if mode is not None:
+                with mode:
+                    unet(sample, timesteps, context, added_cond_kwargs=added)
+            else:
+                unet(sample, timesteps, context, added_cond_kwargs=added)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    saved: dict[int, int] = {}
+    by_block: dict[str, int] = {}
+    outside: dict[int, int] = {}
+    inside: dict[int, dict[int, int]] = {}
+    for key, nbytes, unit, block in records:
+        if key not in saved:
+            saved[key] = nbytes
+            by_block[block] = by_block.get(block, 0) + nbytes
+        if unit is None:
+            outside[key] = nbytes
+        else:
+            inside.setdefault(unit, {})[key] = nbytes
+    kept = dict(outside)
+    for unit in inside:  # a unit that builds no graph lets checkpoint drop its inputs
+        kept.update(dict(units[unit]))
+    recompute = max((sum(v for k, v in own.items() if k not in kept) for own in inside.values()), default=0)
+    return ActivationTrace(
+        saved=sum(saved.values()),
+        checkpointed=sum(kept.values()) + recompute,
+        largest_output=state["largest"],
+        skip_live=sum(skips.values()),
+        attention_forward=state["attn_fwd"],
+        attention_backward=state["attn_bwd"],
+        by_block=by_block,
+        checkpoint_units=len(units),
+    )
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def optimizer_state_bytes(name: str, param_sizes: list[int], flat: bool) -> int:
+    """Optimizer state bytes (moments only, no master weights) for trainable tensors of ``param_sizes``.
+
+    8-bit optimizers (bitsandbytes) keep one uint8 per element per moment and one
+    fp32 absmax per 256-element block, but 32-bit state for tensors under 4096
+    elements; ``flat`` means ZeRO handed the optimizer one flattened partition.
+    """
+    moments, eight_bit = _OPTIMIZER_STATES[name]
+    sizes = [sum(param_sizes)] if flat else param_sizes
+    total = 0
+    for n in sizes:
+        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            total += moments * (n + 4 * _ceil_div(n, BNB_BLOCKSIZE))
+        else:
+            total += moments * 4 * n
+    return total
+
+
+def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
+    """Plan the peak GPU memory of one rank for an APO training config.
+
+    Args:
+        cfg: planner settings (keys and defaults in the module docstring), e.g.
+            ``{"unet": "sd15", "resolution": 512, "batch_size": 4, "rank": 16,
+            "precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw8bit"}``.
+
+    Returns:
+        A :class:`MemoryPlan` (bytes per rank).
+
+    Raises:
+        TypeError, ValueError: a key is unknown or a value has the wrong type or range.
+    """
+    c = normalize_config(cfg)
+    dtype = PRECISIONS[c["precision"]]
+    wb = torch.empty((), dtype=dtype).element_size()
+    mixed = c["precision"] != "fp32"
+    stage, world = c["zero_stage"], c["world_size"]
+
+    unet = build_meta_unet(c["unet_config"], dtype)
+    params_by_type = count_params_by_module_type(unet)
+    params_base = sum(params_by_type.values())
+    largest_module = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in unet.modules()), default=0)
+    shapes = adapter_shapes(unet, c["target_modules"], c["rank"])
+    del unet
+    adapter_sizes = [math.prod(s) for pair in shapes.values() for s in pair]
+    if c["extra_trainable_params"]:
+        adapter_sizes.append(c["extra_trainable_params"])
+    params_trainable = sum(adapter_sizes)
+
+    batch = c["batch_size"] * (2 if c["paired"] else 1)
+    trace = trace_activations(
+        c["unet_config"], batch=batch, latent_hw=c["latent_hw"], condition_tokens=c["condition_tokens"],
+        dtype=dtype, attention=c["attention"], targets=c["target_modules"], rank=c["rank"],
+    )
+
+    # Parameters: ZeRO-3 partitions every parameter, the frozen base included.
+    param_share = _ceil_div(params_base, world) if stage == 3 else params_base
+    train_share = _ceil_div(params_trainable, world) if stage == 3 else params_trainable
+    cpu = 0
+    if c["offload_params"]:
+        cpu += (param_share + train_share) * wb
+        weights, trainable = 0, 0
+    else:
+        weights, trainable = param_share * wb, train_share * wb
+    grads = (_ceil_div(params_trainable, world) if stage >= 2 else params_trainable) * wb
+
+    # Optimizer: moments plus fp32 master weights under mixed precision, partitioned from stage 1.
+    opt_sizes = [_ceil_div(params_trainable, world)] if stage >= 1 else adapter_sizes
+    optimizer = optimizer_state_bytes(c["optimizer"], opt_sizes, flat=stage >= 1)
+    if mixed:
+        optimizer += sum(opt_sizes) * 4
+    if c["offload_optimizer"]:
+        cpu += optimizer
+        optimizer = 0
+
+    activations = trace.checkpointed if c["gradient_checkpointing"] else trace.saved
+    backward_transient = 2 * trace.largest_output + trace.attention_backward
+    reference_live = trace.skip_live + 2 * trace.largest_output + trace.attention_forward
+    dynamic = max(backward_transient, reference_live - activations)
+    h, w = c["latent_hw"]
+    io = 6 * batch * 4 * h * w * 4 + batch * c["condition_tokens"] * context_dim(c["unet_config"]) * wb
+    comm = min(c["reduce_bucket_elements"], params_trainable) * wb if world > 1 else 0
+    gather = 0
+    if stage == 3 and (world > 1 or c["offload_params"]):
+        gather = min(params_base + params_trainable, largest_module + c["prefetch_elements"]) * wb
+    workspace = dynamic + io + comm + gather + int(c["kernel_workspace_mib"] * MIB)
+
+    allocated = weights + trainable + grads + optimizer + activations + workspace
+    overhead = int(c["cuda_context_mib"] * MIB + (c["fragmentation"] - 1.0) * allocated + c["extra_mib"] * MIB)
+    return MemoryPlan(
+        weights=weights, trainable=trainable, grads=grads, optimizer=optimizer, activations=activations,
+        workspace=workspace, overhead=overhead, total=allocated + overhead, cpu_offload=cpu,
+        params_base=params_base, params_trainable=params_trainable, params_by_module_type=params_by_type,
+        activations_by_block=trace.by_block, activations_no_checkpointing=trace.saved,
+        activations_checkpointing=trace.checkpointed, config=c,
+    )
+
+
+__all__ = [
+    "ATTENTION_KINDS", "ActivationTrace", "DEFAULT_TARGET_MODULES", "MemoryPlan", "OPTIMIZERS", "UNET_PRESETS",
+    "adapter_shapes", "build_meta_unet", "context_dim", "count_params_by_module_type", "normalize_config",
+    "optimizer_state_bytes", "plan_memory", "trace_activations",
+]
