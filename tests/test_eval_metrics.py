@@ -476,3 +476,46 @@ def test_lpips_backbone_mapping_from_torchvision_layout():
     torch.testing.assert_close(sliced.slice1[0].bias, state["features.0.bias"])
     with pytest.raises(RuntimeError, match="does not match"):
         pretrained._load_backbone(sliced, {"features.0.weight": torch.randn(4, 3, 3, 3)}, "ckpt.pth")
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # a torchvision built for another torch raises RuntimeError, not ImportError
+        return False
+    return True
+
+
+def _plant(tmp_path, monkeypatch, name: str, state: dict) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / name)
+
+
+@pytest.mark.skipif(not _importable("torchvision.models"), reason="torchvision not importable here")
+def test_inception_loads_from_hub_cache_file(tmp_path, monkeypatch):
+    from torchvision import models
+
+    net = models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False).eval()
+    _plant(tmp_path, monkeypatch, "inception_v3_google-0cc3c7bd.pth", net.state_dict())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    pool, logits = pretrained.inception_features(images, metrics.load_inception())
+    with torch.no_grad():
+        want = net(torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False))
+    assert pool.shape == (2, 2048)
+    torch.testing.assert_close(logits, want.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not (_importable("torchvision.models") and _importable("lpips")), reason="lpips not importable here")
+def test_lpips_loads_backbone_from_hub_cache_file(tmp_path, monkeypatch):
+    from torchvision import models
+
+    state = models.alexnet(weights=None).state_dict()
+    _plant(tmp_path, monkeypatch, "alexnet-owt-7be5be79.pth", state)
+    model = metrics.load_lpips("alex")
+    torch.testing.assert_close(model.net.slice2[1].weight, state["features.3.weight"])  # slice2 = features 2..4
+    imgs = torch.rand(5, 3, 32, 32) * 2 - 1
+    distance = metrics.lpips_distance(model)
+    assert torch.all(distance(imgs, imgs) == 0) and torch.all(distance(imgs, imgs.flip(0))[[0, 1]] > 0)
+    assert metrics.ic_lpips(imgs, imgs[:2], distance).value > 0

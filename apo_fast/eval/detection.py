@@ -12,9 +12,9 @@ Pure numpy/scipy, no downloads. Conventions of the field (MVTec AD):
   the threshold, and integrates that curve over the false positive rate of
   normal pixels up to ``fpr_limit`` (0.3), divided by ``fpr_limit``.
 
-The core functions raise ``UndefinedMetricError`` (a ``ValueError``) when a metric is undefined (one class
-only); the ``image_metrics``/``pixel_metrics`` wrappers return NaN instead, so
-a report can show "n/a".
+The core functions raise ``UndefinedMetricError`` (a ``ValueError``) when a
+metric is undefined (one class only); the ``image_metrics``/``pixel_metrics``
+wrappers return NaN instead, so a report can show "n/a".
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def _integrate_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 
 
 def pro_score(
-    anomaly_maps: Any, masks: Any, *, fpr_limit: float = 0.3, num_thresholds: int | None = None
+    anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | None = None
 ) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (1.0 = perfect).
 

@@ -43,7 +43,7 @@ def downstream_comparison(
         synthetic_by_source: source name -> ``(images (M,3,H,W), masks (M,1,H,W))``
             of synthetic anomalies, or ``None`` for normals only.
         test_images: (T,3,H,W) held-out real test images (good and anomalous).
-        test_masks: (T,1,H,W) their binary masks.
+        test_masks: (T,1,H,W) their masks in [0, 1] (binarised at 0.5).
         test_labels: (T,) image labels; None derives them from the masks.
         seeds: one run per seed and source.
         steps, batch_size, lr, device, progress: see

@@ -44,9 +44,9 @@ def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray, *, degree: int = 3, c
 def kid(
     feats_real,
     feats_gen,
-    *,
     subsets: int = 100,
     subset_size: int = 1000,
+    *,
     degree: int = 3,
     coef0: float = 1.0,
     seed: int = 0,
@@ -83,7 +83,7 @@ def kid(
     return {"kid": float(values.mean()), "kid_std": float(values.std()), "subset_size": int(size)}
 
 
-def inception_score(logits, *, splits: int = 10, shuffle_seed: int | None = None) -> dict[str, float]:
+def inception_score(logits, splits: int = 10, *, shuffle_seed: int | None = None) -> dict[str, float]:
     """Inception Score from classifier logits.
 
     Args:

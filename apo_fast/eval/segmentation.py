@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .detection import image_metrics, pixel_metrics
 from .images import check_images, check_masks
@@ -170,8 +171,6 @@ def train_segmenter(
     height, width = normals.shape[-2:]
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
-    from tqdm.auto import tqdm
-
     model.train()
     bar = tqdm(range(steps), desc="segmenter", disable=not progress, leave=False)
     for _ in bar:
@@ -253,7 +252,7 @@ def evaluate_segmenter(
     Args:
         model: a trained :class:`DiscriminativeUNet` (or any (N,3,H,W) -> (N,2,H,W) net).
         test_images: (N,3,H,W) held-out test images in [-1, 1] (good and anomalous).
-        test_masks: (N,1,H,W) binary ground-truth masks (zeros for good images).
+        test_masks: (N,1,H,W) ground-truth masks in [0, 1], binarised at 0.5 (zeros for good images).
         test_labels: (N,) image labels (1 anomalous); None derives them from the masks.
         batch_size: inference batch.
         smoothing_kernel: mean-filter size for image scores (None: scaled DRAEM 21/256).
@@ -266,8 +265,9 @@ def evaluate_segmenter(
     """
     check_images(test_images, "test_images")
     check_masks(test_masks, test_images, "test_masks")
+    binary_masks = (test_masks[:, 0] > 0.5).float()
     if test_labels is None:
-        test_labels = (test_masks.flatten(1) > 0.5).any(dim=1).long()
+        test_labels = binary_masks.flatten(1).any(dim=1).long()
     labels = torch.as_tensor(test_labels).reshape(-1)
     if labels.numel() != test_images.shape[0]:
         raise ValueError(f"test_labels must hold one label per image ({test_images.shape[0]}), got {labels.numel()}")
@@ -275,6 +275,6 @@ def evaluate_segmenter(
     scores = image_scores_from_maps(maps, kernel_size=smoothing_kernel)
     out = image_metrics(scores, labels)
     out.update(
-        pixel_metrics(maps, test_masks[:, 0], pro=pro, fpr_limit=fpr_limit, num_thresholds=pro_thresholds)
+        pixel_metrics(maps, binary_masks, pro=pro, fpr_limit=fpr_limit, num_thresholds=pro_thresholds)
     )
     return out
