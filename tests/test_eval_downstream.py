@@ -129,7 +129,7 @@ def test_image_score_is_max_of_mean_filtered_map():
     maps[0, 10, 10] = 1.0
     maps[1, 4:7, 4:7] = 0.5
     torch.testing.assert_close(image_scores_from_maps(maps, kernel_size=3), torch.tensor([1 / 9, 0.5]))
-    assert (default_smoothing_kernel(32, 32), default_smoothing_kernel(64, 64), default_smoothing_kernel(256, 256)) == (3, 5, 21)
+    assert [default_smoothing_kernel(s, s) for s in (32, 64, 256)] == [3, 5, 21]
 
 
 class _Oracle(nn.Module):

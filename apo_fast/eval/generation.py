@@ -82,7 +82,9 @@ def generation_metrics(
     if "l2_diversity" in metrics:
         out["l2_diversity"] = diversity.l2_diversity(generated, max_pairs=max_pairs, generator=gen())
     if "ic_ms_ssim" in metrics:
-        out["ic_ms_ssim"] = diversity.ic_ms_ssim(generated, train, max_per_cluster=max_per_cluster, generator=gen()).value
+        out["ic_ms_ssim"] = diversity.ic_ms_ssim(
+            generated, train, max_per_cluster=max_per_cluster, generator=gen()
+        ).value
     if "ic_l2" in metrics:
         out["ic_l2"] = diversity.ic_l2(generated, train, max_per_cluster=max_per_cluster, generator=gen()).value
     if "ic_lpips" in metrics:

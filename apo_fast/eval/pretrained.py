@@ -59,7 +59,9 @@ def import_or_missing(module: str, what: str, pip_name: str | None = None) -> Mo
             f"or a configured weights_path. This metric is skipped"
         ) from exc
     except (RuntimeError, OSError) as exc:  # e.g. a torchvision built for another torch
-        raise MissingWeightsError(f"{what} needs the Python package '{package}', which failed to import: {exc}") from exc
+        raise MissingWeightsError(
+            f"{what} needs the Python package '{package}', which failed to import: {exc}"
+        ) from exc
 
 
 def find_weights(what: str, patterns: tuple[str, ...], weights_path: str | Path | None = None) -> Path:
@@ -136,7 +138,9 @@ def load_lpips(
 
     # pnet_rand=True builds the backbone without asking torchvision for weights
     # (so nothing can be downloaded); the local checkpoint is loaded below.
-    model = lpips.LPIPS(pretrained=True, net=net, version="0.1", pnet_rand=True, model_path=str(lin_path), verbose=False)
+    model = lpips.LPIPS(
+        pretrained=True, net=net, version="0.1", pnet_rand=True, model_path=str(lin_path), verbose=False
+    )
     _load_backbone(model.net, torch.load(backbone_path, map_location="cpu", weights_only=True), backbone_path)
     return model.eval().requires_grad_(False).to(device)
 
@@ -210,7 +214,9 @@ class InceptionFeatureExtractor(nn.Module):
         return pool, self.fc(pool)
 
 
-def load_inception(weights_path: str | Path | None = None, *, device: str | torch.device = "cpu") -> InceptionFeatureExtractor:
+def load_inception(
+    weights_path: str | Path | None = None, *, device: str | torch.device = "cpu"
+) -> InceptionFeatureExtractor:
     """torchvision Inception-v3 from a local checkpoint.
 
     Args:

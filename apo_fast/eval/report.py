@@ -54,7 +54,9 @@ def summarize(
         ``{source: {metric: {"mean": float, "std": float, "n": int}}}``.
     """
     if not isinstance(results_by_source, Mapping):
-        raise TypeError(f"results_by_source must be a mapping source -> list of dicts, got {type(results_by_source).__name__}")
+        raise TypeError(
+            f"results_by_source must be a mapping source -> list of dicts, got {type(results_by_source).__name__}"
+        )
     if metrics is None:
         present = {k for runs in results_by_source.values() for run in runs for k in run}
         metrics = [m for m in DETECTION_METRICS if m in present]

@@ -73,7 +73,9 @@ class DiscriminativeUNet(nn.Module):
         return self.head(x)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: float | None = None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: float | None = None
+) -> torch.Tensor:
     """Mean focal loss ``-(1 - p_t)^gamma log p_t`` over pixels.
 
     Args:
