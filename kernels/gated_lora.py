@@ -44,28 +44,57 @@ def _gate_scale(gate_ptr, offs_m, mask_m, offs_r, mask_r, tokens_per_sample, str
 
 
 @triton.jit
+def _add_gated_lowrank(acc, p_ptrs, q_ptrs, q_rank_stride, gate_ptr, offs_m, mask_m, rank,
+                       tokens_per_sample, stride_gs, scaling,
+                       HAS_GATE: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """acc += (p * s * g) q, read from memory R_CHUNK ranks at a time.
+
+    p_ptrs: (BLOCK_M, R_CHUNK) pointers to ranks [0, R_CHUNK) of a row-major
+    (tokens, rank) tensor; q_ptrs: (R_CHUNK, BLOCK) pointers to the same ranks
+    of the right factor, whose rank stride is q_rank_stride. Chunking bounds
+    the registers whatever the rank.
+    """
+    offs_rc = tl.arange(0, R_CHUNK)
+    for r0 in range(0, R_PAD, R_CHUNK):
+        mask_r = offs_rc < rank - r0
+        p = tl.load(p_ptrs, mask=mask_r[None, :], other=0.0).to(tl.float32)
+        gs = _gate_scale(gate_ptr + r0, offs_m, mask_m, offs_rc, mask_r, tokens_per_sample,
+                         stride_gs, scaling, HAS_GATE)
+        q = tl.load(q_ptrs, mask=mask_r[:, None], other=0.0)
+        acc = tl.dot((p * gs).to(q.dtype), q, acc, input_precision=DOT_PRECISION)
+        p_ptrs += R_CHUNK
+        q_ptrs += R_CHUNK * q_rank_stride
+    return acc
+
+
+@triton.jit
 def gated_lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, gate_ptr, y_ptr, h_ptr,
     M, N, K, rank, tokens_per_sample, scaling,
     stride_xm, stride_wn, stride_am, stride_bn, stride_gs, stride_ym, stride_hm,
-    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_H: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, H_IN_LOOP: tl.constexpr,
+    STORE_H: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of y, base and low-rank terms in one K loop.
+    """One (BLOCK_M, BLOCK_N) tile of y = x W^T + b + s ((x A^T) * g) B^T.
 
     x (M, K), W (N, K), A (rank, K), B (N, rank), gate (S, rank), bias (N,),
-    y (M, N); h = x A^T (M, rank) is stored by the pid_n == 0 programs when
-    STORE_H (the backward reuses it).
+    y (M, N), h = x A^T (M, rank).
+
+    H_IN_LOOP (small ranks): h is accumulated in the same K loop as the base
+    product, from the same x tiles (one read of x), and stored by the
+    pid_n == 0 programs when STORE_H. Otherwise (large ranks, where
+    recomputing h per output tile would cost more than it saves) h was
+    computed beforehand and is read R_CHUNK ranks at a time in the epilogue.
     """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    mask_r = offs_r < rank
     # Out-of-range rows/columns wrap onto valid ones (loads stay unmasked along
     # them); their results are never stored.
     rows = offs_m % M
@@ -73,34 +102,83 @@ def gated_lora_forward_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) of W^T
-    a_ptrs = a_ptr + offs_r[None, :] * stride_am + offs_k[:, None]  # (BLOCK_K, R_PAD) of A^T
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    h = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        mask_k = offs_k < K - k0 * BLOCK_K
-        x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        h = tl.dot(x, a, h, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-
-    gs = _gate_scale(gate_ptr, offs_m, mask_m, offs_r, mask_r, tokens_per_sample, stride_gs,
-                     scaling, HAS_GATE)
-    b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_r[:, None]  # (R_PAD, BLOCK_N) of B^T
-    b = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
-    acc = tl.dot((h * gs).to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    if H_IN_LOOP:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < rank
+        a_ptrs = a_ptr + offs_r[None, :] * stride_am + offs_k[:, None]  # (BLOCK_K, R_PAD) of A^T
+        h = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            mask_k = offs_k < K - k0 * BLOCK_K
+            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            h = tl.dot(x, a, h, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+        gs = _gate_scale(gate_ptr, offs_m, mask_m, offs_r, mask_r, tokens_per_sample, stride_gs,
+                         scaling, HAS_GATE)
+        b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_r[:, None]  # (R_PAD, BLOCK_N) of B^T
+        b = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
+        acc = tl.dot((h * gs).to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        if STORE_H:
+            if pid_n == 0:
+                h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :]
+                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            mask_k = offs_k < K - k0 * BLOCK_K
+            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        offs_rc = tl.arange(0, R_CHUNK)
+        h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_rc[None, :]
+        b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_rc[:, None]  # (R_CHUNK, BLOCK_N) of B^T
+        acc = _add_gated_lowrank(acc, h_ptrs, b_ptrs, 1, gate_ptr, offs_m, mask_m, rank,
+                                 tokens_per_sample, stride_gs, scaling,
+                                 HAS_GATE, R_PAD, R_CHUNK, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if STORE_H:
-        if pid_n == 0:
-            h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :]
-            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def lowrank_project_kernel(
+    x_ptr, f_ptr, out_ptr,
+    M, C, rank,
+    stride_xm, stride_fr, stride_fc, stride_om,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out (M, rank) = x (M, C) F^T with F[j, c] at f_ptr + j * stride_fr + c * stride_fc.
+
+    The skinny product of the large-rank paths: h = x A^T (F = A) in the
+    forward and u = dy B (F = B^T) in the backward. fp32 accumulation, stored
+    in out's dtype.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_r = offs_r < rank
+    rows = offs_m % M
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_c[None, :]
+    f_ptrs = f_ptr + offs_r[None, :] * stride_fr + offs_c[:, None] * stride_fc  # (BLOCK_C, R_PAD) of F^T
+    acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    for c0 in range(0, tl.cdiv(C, BLOCK_C)):
+        mask_c = offs_c < C - c0 * BLOCK_C
+        x = tl.load(x_ptrs, mask=mask_c[None, :], other=0.0)
+        f = tl.load(f_ptrs, mask=mask_c[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(x, f, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_C
+        f_ptrs += BLOCK_C * stride_fc
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -108,63 +186,71 @@ def gated_lora_backward_dx_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, gate_ptr, dx_ptr, u_ptr,
     M, N, K, rank, tokens_per_sample, scaling,
     stride_dym, stride_wn, stride_am, stride_bn, stride_gs, stride_dxm, stride_um,
-    HAS_GATE: tl.constexpr, COMPUTE_DX: tl.constexpr, STORE_U: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, U_IN_LOOP: tl.constexpr, STORE_U: tl.constexpr,
+    R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_K) tile of dx = dy W + (u * s * g) A with u = dy B.
 
-    dy (M, N), W (N, K), A (rank, K), B (N, rank), dx (M, K). The loop over N
-    accumulates both dy W and u = dy B (complete at the end of the loop, so the
-    low-rank term is one more tl.dot: a concatenated-K product). u (M, rank,
-    fp32) is stored by the pid_k == 0 programs when STORE_U (dA and the gate
-    gradient need it). Without COMPUTE_DX the grid has one column and only u
-    is computed.
+    dy (M, N), W (N, K), A (rank, K), B (N, rank), dx (M, K), u (M, rank) fp32.
+    U_IN_LOOP (small ranks): the loop over N accumulates both dy W and u from
+    the same dy tiles; u is complete after the loop, so the low-rank term is
+    one more tl.dot (a concatenated-K product), and the pid_k == 0 programs
+    store u when STORE_U (dA and the gate gradient need it). Otherwise u was
+    computed beforehand and is read R_CHUNK ranks at a time.
     """
-    if COMPUTE_DX:
-        pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = 0
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_k = offs_k < K
-    mask_r = offs_r < rank
     rows = offs_m % M
     cols = offs_k % K
 
     dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + cols[None, :]  # (BLOCK_N, BLOCK_K) of W
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]  # (BLOCK_N, R_PAD) of B
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    u = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-    for n0 in range(0, tl.cdiv(N, BLOCK_N)):
-        mask_n = offs_n < N - n0 * BLOCK_N
-        dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        u = tl.dot(dy, b, u, input_precision=DOT_PRECISION)
-        if COMPUTE_DX:
+    if U_IN_LOOP:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < rank
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]  # (BLOCK_N, R_PAD) of B
+        u = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for n0 in range(0, tl.cdiv(N, BLOCK_N)):
+            mask_n = offs_n < N - n0 * BLOCK_N
+            dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            u = tl.dot(dy, b, u, input_precision=DOT_PRECISION)
+            dy_ptrs += BLOCK_N
             w_ptrs += BLOCK_N * stride_wn
-        dy_ptrs += BLOCK_N
-        b_ptrs += BLOCK_N * stride_bn
-
-    if COMPUTE_DX:
+            b_ptrs += BLOCK_N * stride_bn
         gs = _gate_scale(gate_ptr, offs_m, mask_m, offs_r, mask_r, tokens_per_sample, stride_gs,
                          scaling, HAS_GATE)
         a_ptrs = a_ptr + offs_r[:, None] * stride_am + cols[None, :]  # (R_PAD, BLOCK_K) of A
         a = tl.load(a_ptrs, mask=mask_r[:, None], other=0.0)
         acc = tl.dot((u * gs).to(a.dtype), a, acc, input_precision=DOT_PRECISION)
-        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
-    if STORE_U:
-        if pid_k == 0:
-            u_ptrs = u_ptr + offs_m[:, None] * stride_um + offs_r[None, :]
-            tl.store(u_ptrs, u, mask=mask_m[:, None] & mask_r[None, :])
+        if STORE_U:
+            if pid_k == 0:
+                u_ptrs = u_ptr + offs_m[:, None] * stride_um + offs_r[None, :]
+                tl.store(u_ptrs, u, mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        for n0 in range(0, tl.cdiv(N, BLOCK_N)):
+            mask_n = offs_n < N - n0 * BLOCK_N
+            dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            dy_ptrs += BLOCK_N
+            w_ptrs += BLOCK_N * stride_wn
+        offs_rc = tl.arange(0, R_CHUNK)
+        u_ptrs = u_ptr + rows[:, None] * stride_um + offs_rc[None, :]
+        a_ptrs = a_ptr + offs_rc[:, None] * stride_am + cols[None, :]  # (R_CHUNK, BLOCK_K) of A
+        acc = _add_gated_lowrank(acc, u_ptrs, a_ptrs, stride_am, gate_ptr, offs_m, mask_m, rank,
+                                 tokens_per_sample, stride_gs, scaling,
+                                 HAS_GATE, R_PAD, R_CHUNK, DOT_PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit

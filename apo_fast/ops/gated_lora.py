@@ -218,70 +218,86 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _prune_for_rank(configs, named_args, **kwargs):
-    """Drop the widest tiles when the padded rank is large (registers and shared memory)."""
-    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    kept = [c for c in configs if r_pad < 128 or c.kwargs.get("BLOCK_N", 0) * c.kwargs.get("BLOCK_M", 0) <= 128 * 128]
-    return kept or configs
+# Ranks padded to at most this are accumulated inside the base matmul's loop
+# (h in the forward, u = dy B in the backward), from the tiles already loaded.
+# Larger ranks are computed once by a skinny product and read back in rank
+# chunks: recomputing them per output tile would cost more MMA work than a
+# second read of x, and would not fit in registers (see the compile test).
+IN_LOOP_MAX_R_PAD = 16
+R_CHUNK = 16
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned_kernels(interpret: bool):
-    """The kernels wrapped in triton.autotune.
+def autotune_configs(interpret: bool, r_pad: int) -> dict:
+    """Candidate launch configs per kernel for a padded rank.
 
+    Returns ``{"forward" | "backward_dx" | "backward_dadb" | "project": [triton.Config]}``.
     Under the Triton interpreter a single small config is used (the autotuner
     times its candidates through a GPU driver, which the interpreter lacks), and
-    its tiles are small so the tests' odd shapes span several tiles.
+    its tiles are small so the tests' odd shapes span several tiles. The first
+    GPU config of each list is the one the compile test checks at every rank;
+    the lists are chosen so that none spills on sm_80 or sm_90.
     """
     import triton
-
-    from apo_fast.kernels import gated_lora as k
 
     def cfg(num_warps, num_stages, **blocks):
         return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
     if interpret:
-        fwd = [cfg(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)]
-        dx = [cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, GROUP_M=2)]
-        dadb = [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)]
+        return {
+            "forward": [cfg(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)],
+            "backward_dx": [cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, GROUP_M=2)],
+            "backward_dadb": [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)],
+            "project": [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)],
+        }
+    matmul = [  # (BLOCK_M, BLOCK_N, BLOCK_K) of the output-tiled kernels
+        cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+    # The dx kernel tiles (tokens, in) and loops over out: BLOCK_K is its tile width.
+    dx = [cfg(c.num_warps, c.num_stages, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
+              BLOCK_N=c.kwargs["BLOCK_K"], GROUP_M=8) for c in matmul]
+    if r_pad <= 32:
+        dadb = [cfg(4, 3, BLOCK_M=64, BLOCK_C=128), cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
+                cfg(8, 3, BLOCK_M=128, BLOCK_C=128), cfg(4, 3, BLOCK_M=128, BLOCK_C=64)]
+    elif r_pad == 64:
+        dadb = [cfg(8, 3, BLOCK_M=64, BLOCK_C=64), cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
+                cfg(8, 3, BLOCK_M=32, BLOCK_C=128), cfg(4, 3, BLOCK_M=64, BLOCK_C=64)]
     else:
-        fwd = [
-            cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-            cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-            cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-            cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        ]
-        dx = [
-            cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-            cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
-            cfg(4, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-            cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-            cfg(4, 4, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-        ]
-        dadb = [
-            cfg(4, 3, BLOCK_M=64, BLOCK_C=128),
-            cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
-            cfg(8, 3, BLOCK_M=128, BLOCK_C=128),
-            cfg(4, 3, BLOCK_M=128, BLOCK_C=64),
-        ]
-    prune = {"early_config_prune": _prune_for_rank}
+        dadb = [cfg(8, 3, BLOCK_M=32, BLOCK_C=128), cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
+                cfg(8, 3, BLOCK_M=64, BLOCK_C=64)]
+    project = [cfg(8, 3, BLOCK_M=128, BLOCK_C=64), cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
+               cfg(4, 3, BLOCK_M=128, BLOCK_C=32)]
+    return {"forward": matmul, "backward_dx": dx, "backward_dadb": dadb, "project": project}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernels(interpret: bool, r_pad: int):
+    """The kernels wrapped in triton.autotune over :func:`autotune_configs`."""
+    import triton
+
+    from apo_fast.kernels import gated_lora as k
+
+    configs = autotune_configs(interpret, r_pad)
     return types.SimpleNamespace(
-        forward=triton.autotune(fwd, key=["M", "N", "K", "R_PAD", "HAS_GATE", "STORE_H"],
-                                prune_configs_by=prune)(k.gated_lora_forward_kernel),
-        backward_dx=triton.autotune(dx, key=["M", "N", "K", "R_PAD", "COMPUTE_DX"],
-                                    prune_configs_by=prune)(k.gated_lora_backward_dx_kernel),
-        backward_dadb=triton.autotune(dadb, key=["M", "N", "K", "R_PAD", "COMPUTE_DA", "COMPUTE_DB"])(
+        forward=triton.autotune(configs["forward"], key=["M", "N", "K", "HAS_GATE", "H_IN_LOOP", "STORE_H"])(
+            k.gated_lora_forward_kernel),
+        backward_dx=triton.autotune(configs["backward_dx"], key=["M", "N", "K", "U_IN_LOOP", "STORE_U"])(
+            k.gated_lora_backward_dx_kernel),
+        backward_dadb=triton.autotune(configs["backward_dadb"],
+                                      key=["M", "N", "K", "COMPUTE_DA", "COMPUTE_DB"])(
             k.gated_lora_backward_dadb_kernel),
-        split_granule=max(c.kwargs["BLOCK_M"] for c in dadb),
+        project=triton.autotune(configs["project"], key=["M", "C"])(k.lowrank_project_kernel),
+        split_granule=max(c.kwargs["BLOCK_M"] for c in configs["backward_dadb"]),
     )
 
 
-def _kernels():
+def _kernels(r_pad: int):
     from apo_fast.backend import interpreter_enabled
 
-    return _tuned_kernels(interpreter_enabled())
+    return _tuned_kernels(interpreter_enabled(), r_pad)
 
 
 def _gate_args(gate: torch.Tensor | None, anchor: torch.Tensor):
@@ -291,89 +307,115 @@ def _gate_args(gate: torch.Tensor | None, anchor: torch.Tensor):
     return gate, (0 if gate.shape[0] == 1 else gate.stride(0)), True
 
 
-def gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample, store_h):
-    """Launch the fused forward. x2d (M, K) -> y (M, N) and h = x A^T (M, r) or None.
+def _project(x2d, factor, factor_rank_stride, factor_col_stride, rank, out_dtype):
+    """(M, rank) = x2d @ F^T with F[j, c] = factor[j * rank_stride + c * col_stride]."""
+    M, C = x2d.shape
+    out = torch.empty((M, rank), device=x2d.device, dtype=out_dtype)
+    kernel = _kernels(_rank_pad(rank)).project
+    kernel[lambda meta: (_cdiv(M, meta["BLOCK_M"]),)](
+        x2d, factor, out, M, C, rank, x2d.stride(0), factor_rank_stride, factor_col_stride,
+        out.stride(0), R_PAD=_rank_pad(rank), DOT_PRECISION=_dot_precision(x2d.dtype),
+    )
+    return out
 
-    All tensors contiguous, one dtype (gate: any float dtype, contiguous).
+
+def gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample, store_h):
+    """Launch the fused forward.
+
+    Args: x2d (M, K); weight (N, K); bias (N,) or None; lora_A (r, K);
+    lora_B (N, r); gate (G, r) or None, rows of ``tokens_per_sample`` tokens
+    (G == 1: shared by all). All contiguous, one dtype except the gate.
+
+    Returns: y (M, N) and, when ``store_h`` (or for large ranks, where it is
+    computed anyway), h = x A^T (M, r) in x's dtype; else None.
     """
     M, K = x2d.shape
     N = weight.shape[0]
     rank = lora_A.shape[0]
+    r_pad = _rank_pad(rank)
+    in_loop = r_pad <= IN_LOOP_MAX_R_PAD
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    h = torch.empty((M, rank), device=x2d.device, dtype=x2d.dtype) if store_h else y
+    if in_loop:
+        h = torch.empty((M, rank), device=x2d.device, dtype=x2d.dtype) if store_h else None
+    else:
+        h = _project(x2d, lora_A, lora_A.stride(0), 1, rank, x2d.dtype)
     gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
-    kernel = _kernels().forward
-
-    def grid(meta):
-        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
-
-    kernel[grid](
-        x2d, weight, bias if bias is not None else y, lora_A, lora_B, gate_t, y, h,
+    kernel = _kernels(r_pad).forward
+    kernel[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)](
+        x2d, weight, bias if bias is not None else y, lora_A, lora_B, gate_t, y,
+        h if h is not None else y,
         M, N, K, rank, tokens_per_sample, scaling,
         x2d.stride(0), weight.stride(0), lora_A.stride(0), lora_B.stride(0), stride_gs,
-        y.stride(0), h.stride(0),
-        HAS_BIAS=bias is not None, HAS_GATE=has_gate, STORE_H=store_h,
-        R_PAD=_rank_pad(rank), DOT_PRECISION=_dot_precision(x2d.dtype),
+        y.stride(0), rank,
+        HAS_BIAS=bias is not None, HAS_GATE=has_gate, H_IN_LOOP=in_loop,
+        STORE_H=in_loop and store_h, R_PAD=r_pad, R_CHUNK=R_CHUNK,
+        DOT_PRECISION=_dot_precision(x2d.dtype),
     )
-    return y, (h if store_h else None)
+    return y, h
+
+
+def _token_splits(M: int, col_tiles: int, granule: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens_per_split) for the dA/dB reductions: about two programs per SM."""
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(_cdiv(programs, max(col_tiles, 1)), _cdiv(M, granule)))
+    tokens_per_split = _cdiv(_cdiv(M, splits), granule) * granule
+    return _cdiv(M, tokens_per_split), tokens_per_split
 
 
 def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, tokens_per_sample,
                         need_dx, need_da, need_db, need_dgate):
     """Launch the backward kernels. Returns (dx, dA, dB, dgate), None where not needed.
 
-    dy (M, N) in x's dtype; h = x A^T from the forward (needed for dB, dgate).
+    dy (M, N) contiguous in x's dtype; h = x A^T (M, r) from the forward
+    (needed for dB and dgate). dgate = s * sum over each gate row's tokens of
+    (dy B) * h, in the gate's dtype; dA, dB in the factors' dtypes.
     """
     M, K = x2d.shape
     N = weight.shape[0]
     rank = lora_A.shape[0]
     r_pad = _rank_pad(rank)
+    in_loop = r_pad <= IN_LOOP_MAX_R_PAD
     precision = _dot_precision(x2d.dtype)
     gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
-    kernels = _kernels()
+    kernels = _kernels(r_pad)
     dx = da = db = dgate = None
 
     need_u = need_da or need_dgate
-    if need_dx or need_u:
-        dx = torch.empty_like(x2d) if need_dx else None
-        u = torch.empty((M, rank), device=dy.device, dtype=torch.float32) if need_u else None
-
-        def grid_dx(meta):
-            cols = _cdiv(K, meta["BLOCK_K"]) if need_dx else 1
-            return (_cdiv(M, meta["BLOCK_M"]) * cols,)
-
-        kernels.backward_dx[grid_dx](
-            dy, weight, lora_A, lora_B, gate_t, dx if need_dx else dy, u if need_u else dy,
+    u = None
+    # u = dy B: in the dx kernel's loop for small ranks, else by a skinny product
+    # (which the rank-chunked dx kernel then reads).
+    if (need_u and not (need_dx and in_loop)) or (need_dx and not in_loop):
+        u = _project(dy, lora_B, 1, lora_B.stride(0), rank, torch.float32)
+    if need_dx:
+        dx = torch.empty_like(x2d)
+        if u is None and need_u:
+            u = torch.empty((M, rank), device=dy.device, dtype=torch.float32)
+        kernels.backward_dx[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]),)](
+            dy, weight, lora_A, lora_B, gate_t, dx, u if u is not None else dx,
             M, N, K, rank, tokens_per_sample, scaling,
             dy.stride(0), weight.stride(0), lora_A.stride(0), lora_B.stride(0), stride_gs,
-            K if need_dx else 0, rank,
-            HAS_GATE=has_gate, COMPUTE_DX=need_dx, STORE_U=need_u,
-            R_PAD=r_pad, DOT_PRECISION=precision,
+            dx.stride(0), rank,
+            HAS_GATE=has_gate, U_IN_LOOP=in_loop, STORE_U=in_loop and need_u,
+            R_PAD=r_pad, R_CHUNK=R_CHUNK, DOT_PRECISION=precision,
         )
 
     if need_da or need_db:
-        granule = kernels.split_granule
-        if dy.is_cuda:
-            programs = 2 * torch.cuda.get_device_properties(dy.device).multi_processor_count
-        else:
-            programs = 4
         col_tiles = (_cdiv(K, 64) if need_da else 0) + (_cdiv(N, 64) if need_db else 0)
-        splits = max(1, min(_cdiv(programs, col_tiles), _cdiv(M, granule)))
-        tokens_per_split = _cdiv(_cdiv(M, splits), granule) * granule
-        splits = _cdiv(M, tokens_per_split)
-        da_part = torch.empty((splits, rank, K), device=dy.device, dtype=torch.float32) if need_da else None
-        dbt_part = torch.empty((splits, rank, N), device=dy.device, dtype=torch.float32) if need_db else None
+        splits, tokens_per_split = _token_splits(M, col_tiles, kernels.split_granule, dy.device)
+        f32 = dict(device=dy.device, dtype=torch.float32)
+        da_part = torch.empty((splits, rank, K), **f32) if need_da else None
+        dbt_part = torch.empty((splits, rank, N), **f32) if need_db else None
         anchor = da_part if need_da else dbt_part
 
-        def grid_dadb(meta):
+        def grid(meta):
             tiles = (_cdiv(K, meta["BLOCK_C"]) if need_da else 0) + (_cdiv(N, meta["BLOCK_C"]) if need_db else 0)
             return (tiles, splits)
 
-        kernels.backward_dadb[grid_dadb](
+        kernels.backward_dadb[grid](
             u if need_da else dy, x2d, h if need_db else dy, dy, gate_t,
             da_part if need_da else anchor, dbt_part if need_db else anchor,
             M, N, K, rank, tokens_per_sample, scaling, tokens_per_split,
-            rank, K, rank if need_db else 0, N, stride_gs,
+            rank, x2d.stride(0), rank, dy.stride(0), stride_gs,
             rank * K if need_da else 0, K if need_da else 0,
             rank * N if need_db else 0, N if need_db else 0,
             HAS_GATE=has_gate, COMPUTE_DA=need_da, COMPUTE_DB=need_db,
@@ -397,7 +439,7 @@ class GatedLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample):
         need = ctx.needs_input_grad
-        store_h = need[4] or need[5]
+        store_h = need[4] or need[5]  # dB and dgate need h = x A^T
         y, h = gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling,
                                   tokens_per_sample, store_h)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, gate, h)
