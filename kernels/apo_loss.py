@@ -46,19 +46,22 @@ NUM_METRICS = 8  # slots: loss, e_theta, e_ref, reward_w, reward_l, implicit_acc
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# Streaming-kernel configs for a GPU: 8 fp16 / 4 fp32 elements per thread and
+# load (128-bit) or twice that. Chunk lengths are multiples of GPU_CHUNK_ALIGN.
+GPU_STREAM_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+]
+GPU_CHUNK_ALIGN = 1024
 # The interpreter cannot benchmark configs (and is slow): one small block, so
 # that small test tensors still span several blocks and chunks per sample.
-if _INTERPRET:
-    STREAM_CONFIGS = [triton.Config({"BLOCK": 64}, num_warps=1)]
-    CHUNK_ALIGN = 128
-else:
-    STREAM_CONFIGS = [
-        triton.Config({"BLOCK": 1024}, num_warps=4),
-        triton.Config({"BLOCK": 2048}, num_warps=4),
-        triton.Config({"BLOCK": 2048}, num_warps=8),
-        triton.Config({"BLOCK": 4096}, num_warps=8),
-    ]
-    CHUNK_ALIGN = 1024  # chunk lengths are multiples of this (keeps 16-element alignment)
+INTERPRETER_STREAM_CONFIGS = [triton.Config({"BLOCK": 64}, num_warps=1)]
+INTERPRETER_CHUNK_ALIGN = 128
+
+STREAM_CONFIGS = INTERPRETER_STREAM_CONFIGS if _INTERPRET else GPU_STREAM_CONFIGS
+CHUNK_ALIGN = INTERPRETER_CHUNK_ALIGN if _INTERPRET else GPU_CHUNK_ALIGN
 
 
 @triton.jit

@@ -39,7 +39,11 @@ from apo_fast.loss import (
 
 MAX_SAMPLE_NUMEL = 2**31 - 2**20  # in-sample offsets are 32-bit
 MAX_CHUNKS = 1024  # chunk partials per sample (the finalize kernel holds them in registers)
-FINALIZE_TILE = 4096  # terms x chunks loaded at once by the finalize kernel
+# The finalize kernel loads (terms x chunks) tiles of at most FINALIZE_TILE
+# partials with FINALIZE_WARPS warps: no register spills on sm_80/sm_90
+# (checked by tests/test_loss_compile.py; a 4096 tile with 4 warps spilled).
+FINALIZE_TILE = 2048
+FINALIZE_WARPS = 8
 INTERPRETER_TARGET_PROGRAMS = 16
 
 
@@ -174,6 +178,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def finalize_blocks(n_terms: int, n_chunks: int) -> tuple[int, int]:
+    """(BLOCK_CHUNKS, BLOCK_TERMS) of the finalize kernel: all chunks of a term at once."""
+    block_chunks = max(2, _next_pow2(n_chunks))
+    return block_chunks, max(2, min(_next_pow2(n_terms), FINALIZE_TILE // block_chunks))
+
+
 def launch_finalize(
     partials: torch.Tensor,
     plan: StreamPlan,
@@ -186,8 +196,7 @@ def launch_finalize(
     n_terms = n // 2 if paired else n
     stats = torch.empty(3 * n + NUM_METRIC_SLOTS, dtype=torch.float32, device=partials.device)
     loss = torch.empty((), dtype=torch.float32, device=partials.device)
-    block_chunks = max(2, _next_pow2(plan.n_chunks))
-    block_terms = max(2, min(_next_pow2(n_terms), FINALIZE_TILE // block_chunks))
+    block_chunks, block_terms = finalize_blocks(n_terms, plan.n_chunks)
     per_term = isinstance(beta, torch.Tensor)
     K.apo_loss_finalize_kernel[(1,)](
         partials,
@@ -206,7 +215,7 @@ def launch_finalize(
         BETA_PER_TERM=per_term,
         BLOCK_TERMS=block_terms,
         BLOCK_CHUNKS=block_chunks,
-        num_warps=4,
+        num_warps=FINALIZE_WARPS,
     )
     return loss, stats
 
