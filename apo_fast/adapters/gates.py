@@ -176,7 +176,8 @@ def rank_prefix_lengths(
         if timesteps.dim() != 1:
             raise ValueError(f"timesteps must be (S,), got shape {tuple(timesteps.shape)}")
         t = timesteps.to(torch.int64).clamp(0, num_train_timesteps)
-        return r_min + torch.div((r_max - r_min) * (num_train_timesteps - t), num_train_timesteps, rounding_mode="floor")
+        steps = (r_max - r_min) * (num_train_timesteps - t)
+        return r_min + torch.div(steps, num_train_timesteps, rounding_mode="floor")
     n = _continuous_prefix(timesteps, r_min, r_max, num_train_timesteps)
     return torch.floor(n).to(torch.int64)
 

@@ -95,7 +95,9 @@ class AdapterConfig:
         gate.rank_range(self.r)
         object.__setattr__(self, "gate", gate)
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
-            raise ValueError(f"AdapterConfig.adapter_name must be a non-empty name without dots, got {self.adapter_name!r}")
+            raise ValueError(
+                f"AdapterConfig.adapter_name must be a non-empty name without dots, got {self.adapter_name!r}"
+            )
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ValueError(f"AdapterConfig.dropout must be a number in [0, 1), got {dropout!r}")

@@ -130,7 +130,9 @@ def save_adapters(
     if not layers:
         raise ValueError(f"{type(model).__name__} has no time-gated adapter layers to save")
     if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
             raise TypeError("metadata must be a dict of str -> str")
         clash = sorted(set(metadata) & set(_RESERVED_KEYS))
         if clash:
@@ -172,8 +174,8 @@ def save_adapters(
     gate_path = directory / GATE_WEIGHT_NAME
     if gate_params:
         gate_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in gate_params.items()}
-        gate_header = {"format": "pt", TACA_METADATA_KEY: json.dumps({"gate": gate_config.to_dict(),
-                                                                      "max_rank": getattr(gate_module, "max_rank", None)})}
+        gate_info = {"gate": gate_config.to_dict(), "max_rank": getattr(gate_module, "max_rank", None)}
+        gate_header = {"format": "pt", TACA_METADATA_KEY: json.dumps(gate_info)}
         _atomic_save(gate_tensors, gate_path, gate_header)
     lora_path = directory / LORA_WEIGHT_NAME
     _atomic_save(tensors, lora_path, header)
@@ -213,9 +215,13 @@ def _parse_keys(keys, prefix: str | None, file: Path) -> dict[str, dict[str, str
                 modules.setdefault(body[: -len(suffix)], {})[part] = key
                 break
         else:
-            raise ValueError(f"{str(file)!r}: unsupported key {key!r} (expected <module>.lora_A.weight / .lora_B.weight)")
+            raise ValueError(
+                f"{str(file)!r}: unsupported key {key!r} (expected <module>.lora_A.weight / .lora_B.weight)"
+            )
     if not modules:
-        raise ValueError(f"{str(file)!r} has no LoRA keys with prefix {prefix!r}")
+        raise ValueError(
+            f"{str(file)!r} has no LoRA keys with prefix {prefix!r} (use prefix=None for unprefixed files)"
+        )
     for path, parts in modules.items():
         if set(parts) != {"lora_A", "lora_B"}:
             raise ValueError(f"{str(file)!r}: module {path!r} lacks one of lora_A / lora_B")
@@ -256,7 +262,9 @@ def load_adapters(
         ranks[path] = A.shape[0]
     alpha_default = lora_meta.get("lora_alpha")
     alpha_pattern = lora_meta.get("alpha_pattern") or {}
-    alphas = {path: alpha_pattern.get(path, alpha_default if alpha_default is not None else ranks[path]) for path in ranks}
+    alphas = {
+        path: alpha_pattern.get(path, alpha_default if alpha_default is not None else ranks[path]) for path in ranks
+    }
     gate_config = GateConfig.from_dict(taca["gate"]) if taca.get("gate") else GateConfig(kind="constant")
 
     layers = dict(gated_layers(model))
@@ -297,7 +305,8 @@ def load_adapters(
                 value = tensors[parts[part]]
                 if param.shape != value.shape:
                     raise ValueError(
-                        f"{str(file)!r}: {path}.{part} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}"
+                        f"{str(file)!r}: {path}.{part} has shape {tuple(value.shape)}, "
+                        f"the model's is {tuple(param.shape)}"
                     )
                 param.copy_(value)
             layer.lora_alpha[name] = alphas[path]
@@ -324,8 +333,7 @@ def _load_gate(model: nn.Module, gate_file: Path) -> None:
         gate_state = {key: f.get_tensor(key) for key in f.keys()}
     expected = gate_module.state_dict()
     if set(gate_state) != set(expected) or any(gate_state[k].shape != expected[k].shape for k in expected):
-        raise ValueError(
-            f"{str(gate_file)!r} does not fit the model's gate: keys/shapes "
-            f"{ {k: tuple(v.shape) for k, v in gate_state.items()} } vs { {k: tuple(v.shape) for k, v in expected.items()} }"
-        )
+        saved = {k: tuple(v.shape) for k, v in gate_state.items()}
+        wanted = {k: tuple(v.shape) for k, v in expected.items()}
+        raise ValueError(f"{str(gate_file)!r} does not fit the model's gate: keys/shapes {saved} vs {wanted}")
     gate_module.load_state_dict(gate_state)

@@ -250,17 +250,16 @@ def _forward_signature(model: nn.Module) -> tuple[int, str]:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"cannot inspect {type(model).__name__}.forward: {exc}") from exc
     positional = [
-        p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
-    names = [p.name for p in positional]
-    if not names:
-        raise TypeError(f"{type(model).__name__}.forward takes no positional sample argument")
-    if "timestep" not in names:
+    if "timestep" not in [p.name for p in params] or not positional or positional[0] == "timestep":
         raise TypeError(
-            f"{type(model).__name__}.forward has no `timestep` argument; time-gated adapters are attached to a "
-            "model called as model(sample, timestep, ...) (e.g. a diffusers UNet2DConditionModel)"
+            f"{type(model).__name__}.forward must take (sample, timestep, ...) to carry time-gated adapters "
+            "(e.g. a diffusers UNet2DConditionModel; attach to the UNet, not to a wrapper)"
         )
-    return names.index("timestep"), names[0]
+    # keyword-only timestep: never positional
+    index = positional.index("timestep") if "timestep" in positional else len(params) + 1
+    return index, positional[0]
 
 
 def get_gate_state(model: nn.Module) -> GateState | None:
