@@ -435,6 +435,12 @@ def test_per_sample_timesteps_reach_the_gates(base_unet):
     torch.testing.assert_close(batched, separate, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(batched[2], same_t[2], rtol=1e-10, atol=1e-10)
     assert (batched[0] - same_t[0]).abs().max() > 1e-3, "a sample's own t decides its gate"
+    # a deep copy carries its own gate state, hooks and layers
+    clone = copy.deepcopy(unet)
+    assert get_gate_state(clone) is not get_gate_state(unet)
+    assert all(layer.gate_state is get_gate_state(clone) for _, layer in gated_layers(clone))
+    with torch.no_grad():
+        assert torch.equal(clone(x, t, c).sample, batched)
 
 
 def test_cfg_doubled_batch(base_unet):

@@ -16,6 +16,12 @@ model's :class:`~apo_fast.adapters.state.GateState` computed from the forward's
 ``base(x) + scaling * ((dropout(x) A^T) * gate) B^T``: LoRA dropout active in
 training (the adapter branch sees a different input than the base matmul), and
 the second and later of several simultaneously active adapters.
+
+Dtypes: under ``torch.autocast`` the op runs everything in the autocast dtype.
+Without autocast the adapter weights are cast to the input's dtype (e.g. fp32
+adapter weights on a bf16 base run in bf16 with fp32 accumulation; gradients
+still reach the fp32 parameters), where peft would run the adapter branch in
+the adapter's dtype.
 """
 from __future__ import annotations
 
