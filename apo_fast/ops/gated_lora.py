@@ -366,17 +366,19 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
                         need_dx, need_da, need_db, need_dgate):
     """Launch the backward kernels. Returns (dx, dA, dB, dgate), None where not needed.
 
-    dy (M, N) contiguous in x's dtype; h = x A^T (M, r) from the forward
-    (needed for dB and dgate). dgate = s * sum over each gate row's tokens of
-    (dy B) * h, in the gate's dtype; dA, dB in the factors' dtypes.
+    dy (M, N) contiguous in the base weight's dtype; x2d (M, K) the input
+    (only read for dA, may be None otherwise); h = x A^T (M, r) from the
+    forward (needed for dB and dgate). dgate = s * sum over each gate row's
+    tokens of (dy B) * h, in the gate's dtype; dx in dy's dtype; dA, dB in the
+    factors' dtypes.
     """
-    M, K = x2d.shape
-    N = weight.shape[0]
+    M = dy.shape[0]
+    N, K = weight.shape
     rank = lora_A.shape[0]
     r_pad = _rank_pad(rank)
     in_loop = r_pad <= IN_LOOP_MAX_R_PAD
-    precision = _dot_precision(x2d.dtype)
-    gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
+    precision = _dot_precision(dy.dtype)
+    gate_t, stride_gs, has_gate = _gate_args(gate, dy)
     kernels = _kernels(r_pad)
     dx = da = db = dgate = None
 
@@ -387,7 +389,7 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
     if (need_u and not (need_dx and in_loop)) or (need_dx and not in_loop):
         u = _project(dy, lora_B, 1, lora_B.stride(0), rank, torch.float32)
     if need_dx:
-        dx = torch.empty_like(x2d)
+        dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
         if u is None and need_u:
             u = torch.empty((M, rank), device=dy.device, dtype=torch.float32)
         kernels.backward_dx[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]),)](
@@ -412,10 +414,10 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
             return (tiles, splits)
 
         kernels.backward_dadb[grid](
-            u if need_da else dy, x2d, h if need_db else dy, dy, gate_t,
+            u if need_da else dy, x2d if need_da else dy, h if need_db else dy, dy, gate_t,
             da_part if need_da else anchor, dbt_part if need_db else anchor,
             M, N, K, rank, tokens_per_sample, scaling, tokens_per_split,
-            rank, x2d.stride(0), rank, dy.stride(0), stride_gs,
+            rank, K, rank, dy.stride(0), stride_gs,
             rank * K if need_da else 0, K if need_da else 0,
             rank * N if need_db else 0, N if need_db else 0,
             HAS_GATE=has_gate, COMPUTE_DA=need_da, COMPUTE_DB=need_db,
@@ -442,7 +444,9 @@ class GatedLoRALinearFunction(torch.autograd.Function):
         store_h = need[4] or need[5]  # dB and dgate need h = x A^T
         y, h = gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling,
                                   tokens_per_sample, store_h)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, gate, h)
+        # x is only read again for dA; h only for dB and dgate.
+        ctx.save_for_backward(x2d if need[3] else None, weight, lora_A, lora_B, gate,
+                              h if store_h else None)
         ctx.scaling = scaling
         ctx.tokens_per_sample = tokens_per_sample
         return y
@@ -451,7 +455,7 @@ class GatedLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, gate, h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dy = dy.to(x2d.dtype).contiguous()
+        dy = dy.to(weight.dtype).contiguous()
         dx, da, db, dgate = gated_lora_backward(
             dy, x2d, weight, lora_A, lora_B, gate, h, ctx.scaling, ctx.tokens_per_sample,
             need_dx=need[0], need_da=need[3], need_db=need[4], need_dgate=need[5],
