@@ -122,6 +122,7 @@ def test_fused_matches_reference(dtype, layout, mask_kind, paired):
         ((3, 5, 17), "nchw", "broadcast", False),  # (B, C, L)
         ((2, 3, 4, 5, 6), "channels_last", "broadcast", True),  # channels_last_3d
         ((6, 2, 9), "nchw", None, True),
+        ((5, 7), "nchw", "broadcast", False),  # (B, C)
     ],
 )
 def test_odd_and_realistic_shapes(shape, layout, mask_kind, paired):
@@ -185,6 +186,36 @@ def test_mixed_and_strided_layouts_are_copied():
     t_strided = torch.randn(2, 3, 5, 4).transpose(2, 3)
     check_fused(p_cl, r, t_strided, 1.0, mask=_mask("full", shape), lambda_mask=2.0)
     check_fused(p, r.contiguous(memory_format=torch.channels_last), t, 1.0, mask=_mask("broadcast", shape))
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_finalize_loops_over_term_blocks(monkeypatch, paired):
+    monkeypatch.setattr(ops, "FINALIZE_TILE", 8)
+    shape = (10, 2, 8, 16)
+    p, r, t = _make(shape, torch.float32)
+    *_, plan = ops.prepare_inputs(p, r, t, None)
+    n_terms = 5 if paired else 10
+    assert ops.finalize_blocks(n_terms, plan.n_chunks)[1] < n_terms
+    check_fused(p, r, t, torch.rand(10) + 0.5, mask=_mask("full", shape), lambda_mask=2.0, paired=paired, lambda_sft=0.1)
+
+
+def test_fp16_gradient_under_loss_scaling():
+    """fp16 training scales the loss (here 2**16): the default folds the scale in
+    before storing the fp16 gradient; storing it first (grad_in_forward=True)
+    leaves ~1e-5 gradients as fp16 subnormals and loses precision."""
+    shape = (2, 4, 16, 16)
+    p, r, t = _make(shape, torch.float16)
+    scale = 2.0**16
+    *_, want = _reference(p, r, t, 0.002, None, 1.0, False, 0.0)
+    want = want * scale
+    errors = {}
+    for mode in (None, True):
+        pp = p.clone().requires_grad_()
+        loss, *_ = ops.fused_apo_loss(pp, r, t, 0.002, grad_in_forward=mode)
+        (loss * scale).backward()
+        errors[mode] = float((pp.grad.double() - want).abs().max() / want.abs().max())
+    assert errors[None] < GRAD_RTOL[torch.float16]
+    assert errors[True] > 5 * errors[None], errors
 
 
 def test_grad_in_backward_mode_matches():

@@ -11,10 +11,13 @@ grad, a second pass over (policy, target[, mask]) writes
 ``grad = coef_i * w * (p - t)`` in ``model_pred``'s dtype (computed during
 forward, as Liger-Kernel's fused losses do), and backward only rescales it by
 the incoming gradient, in place. ``grad_in_forward=False`` instead runs that
-pass in backward with the incoming gradient folded into the coefficient (same
-bytes, one launch fewer; the benchmark measures both). No fp32 temporaries
-the size of the inputs are made; the reference prediction and the target get
-no gradient.
+pass in backward with the incoming gradient folded into the coefficient (2N
+bytes and one launch fewer; the benchmark measures both). The default is the
+forward pass for float32/bfloat16 and the backward pass for float16: an fp16
+gradient stored before the loss scale is applied underflows (typical
+magnitudes ~1e-5 are fp16 subnormals), while folding the scale in first keeps
+the reference's precision. No fp32 temporaries the size of the inputs are
+made; the reference prediction and the target get no gradient.
 
 Inputs are not scanned for NaN/Inf (a device sync per call); NaN propagates to
 the loss, metrics and gradient.
@@ -302,12 +305,14 @@ def fused_apo_loss(
     lambda_mask: float = 1.0,
     paired: bool = False,
     lambda_sft: float = 0.0,
-    grad_in_forward: bool = True,
+    grad_in_forward: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The APO loss through the Triton kernels; arguments as :func:`apo_fast.loss.apo_loss`.
 
     Inputs: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), float32,
     float16 or bfloat16, contiguous NCHW or channels_last (other layouts are copied).
+    ``grad_in_forward``: write the gradient during forward (backward rescales it)
+    or during backward; None picks forward except for float16 (module docstring).
 
     Returns:
         loss: scalar float32, differentiable w.r.t. ``model_pred``;
@@ -325,6 +330,8 @@ def fused_apo_loss(
     beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
     if isinstance(beta, torch.Tensor):
         beta = beta.to(torch.float32).contiguous()
+    if grad_in_forward is None:
+        grad_in_forward = model_pred.dtype != torch.float16
     loss, stats = FusedAPOLossFunction.apply(
         model_pred,
         ref_pred,
