@@ -53,13 +53,15 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
 
 
 def gate_weight_fn(unet):
-    """t (B,) -> mean gate opening (B,), from the injected adapters' gate."""
-    from apo_fast.adapters import gate_values
+    """t (B,) -> mean gate opening mean_j k_j(t) (B,), or None for a constant gate."""
+    from apo_fast.adapters import get_gate_state
 
-    def fn(t):
-        return gate_values(unet, t).float().mean(dim=1)
-
-    return fn
+    state = get_gate_state(unet)
+    gate = getattr(unet, "taca_gate", None)
+    if state is None or state.constant or gate is None:
+        return None
+    rank = max(state.ranks)
+    return lambda t: gate(t, rank).float().mean(dim=1)
 
 
 def generate_for_defect(

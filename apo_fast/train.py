@@ -119,17 +119,16 @@ def stream_indices(n: int, seed: int, start: int, count: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
-def augment(x: torch.Tensor, masks: list[torch.Tensor], g: torch.Generator):
-    """Per-sample random flips and 90-degree rotations, applied alike to images and masks."""
-    n = x.shape[0]
-    flips = torch.rand(n, generator=g) < 0.5
-    rots = torch.randint(0, 4, (n,), generator=g)
-    def one(t, i):
-        t = t.flip(-1) if flips[i] else t
-        return torch.rot90(t, int(rots[i]), dims=(-2, -1))
-    x = torch.stack([one(x[i], i) for i in range(n)])
-    masks = [torch.stack([one(m[i], i) for i in range(n)]) for m in masks]
-    return x, masks
+def augment(x: torch.Tensor, mask: torch.Tensor | None, g: torch.Generator, mode: str):
+    """Random symmetries (``flip`` or ``dihedral``, see :func:`apo_fast.data.augment_pair`)
+    drawn from ``g``, applied alike to each image and its mask."""
+    from apo_fast.data import AUGMENT_VARIANTS, augment_pair
+
+    variants = torch.randint(AUGMENT_VARIANTS[mode], (x.shape[0],), generator=g).tolist()
+    m = mask if mask is not None else torch.zeros_like(x[:, :1])
+    pairs = [augment_pair(x[i], m[i], v) for i, v in enumerate(variants)]
+    x = torch.stack([p[0] for p in pairs])
+    return x, (torch.stack([p[1] for p in pairs]) if mask is not None else None)
 
 
 # --------------------------------------------------------------------------- model
@@ -169,7 +168,7 @@ def adapter_config(cfg: APOConfig):
         r_max=a.gate.r_max if a.gate.r_max is not None else a.rank,
         num_train_timesteps=cfg.model.num_train_timesteps,
         temperature=a.gate.temperature,
-        hidden=a.gate.hidden,
+        hidden_size=a.gate.hidden,
     )
     return AdapterConfig(
         r=a.rank,
@@ -360,8 +359,11 @@ class APOTrainer:
 
         from apo_fast.adapters import freeze_base, inject_adapters
 
+        from apo_fast.data import default_augment
+
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
+        self.augment_mode = default_augment(cfg.data.category) if cfg.data.augment else "none"
         if self.device.type == "cuda" and cfg.train.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -375,8 +377,8 @@ class APOTrainer:
                 f"({'latents' if cfg.model.latent else 'pixels'}); set model.latent accordingly"
             )
         self.attention = set_attention(unet, cfg.train.attention, self.device)
-        freeze_base(unet)
         self.adapter_names = inject_adapters(unet, adapter_config(cfg))
+        freeze_base(unet)  # everything but the adapters (and a learned gate)
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         conditions = load_conditions(
@@ -415,13 +417,13 @@ class APOTrainer:
         x0 = d.anomalies[idx]
         masks = d.anomaly_masks[idx]
         conds = d.anomaly_conds[idx]
-        if cfg.data.augment:
-            x0, (masks,) = augment(x0, [masks], g)
+        if self.augment_mode != "none":
+            x0, masks = augment(x0, masks, g, self.augment_mode)
         if cfg.loss.mode == "paired":
             nidx = stream_indices(d.normals.shape[0], cfg.train.seed + 1, global_micro * b, b)
             xn = d.normals[nidx]
-            if cfg.data.augment:
-                xn, _ = augment(xn, [], g)
+            if self.augment_mode != "none":
+                xn, _ = augment(xn, None, g, self.augment_mode)
             x0 = torch.cat([x0, xn])
             masks = torch.cat([masks, torch.zeros_like(masks)])
             conds = torch.cat([conds, conds])  # a pair shares the condition
@@ -594,6 +596,7 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple
     """
     from tqdm.auto import tqdm
 
+    from apo_fast.data import default_augment
     from apo_fast.models import save_unet
 
     p = cfg.pretrain
@@ -615,7 +618,7 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple
         for step in tqdm(range(p.steps), desc="base model", disable=not progress, dynamic_ncols=True):
             g = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
             idx = stream_indices(data.normals.shape[0], cfg.train.seed + 2, step * p.batch_size, p.batch_size)
-            x0, _ = augment(data.normals[idx], [], g)
+            x0, _ = augment(data.normals[idx], None, g, default_augment(cfg.data.category))
             t = torch.randint(0, cfg.model.num_train_timesteps, (p.batch_size,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             ids = torch.full((p.batch_size,), data.normal_cond, dtype=torch.int64)
