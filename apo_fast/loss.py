@@ -78,7 +78,9 @@ class APOLossOutput:
         return {name: float(values[METRIC_SLOTS[name]]) for name in self.metric_names}
 
 
+@functools.lru_cache(maxsize=None)
 def metric_names_for(paired: bool, with_sft: bool) -> tuple[str, ...]:
+    """Names of the meaningful metric slots for this call's options."""
     names = ["loss", "e_theta", "e_ref", "reward_w"]
     if paired:
         names.append("reward_l")
@@ -91,7 +93,7 @@ def metric_names_for(paired: bool, with_sft: bool) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_number(name: str, value: object, *, minimum: float | None = None) -> float:
+def check_number(name: str, value: object, *, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
@@ -147,7 +149,7 @@ def beta_per_term(beta_t: object, n_samples: int, paired: bool, device: torch.de
         raise ValueError(f"paired=True needs an even batch (winners then losers), got B={n_samples}")
     n_terms = n_samples // 2 if paired else n_samples
     if not isinstance(beta_t, torch.Tensor):
-        return _check_number("beta_t", beta_t)
+        return check_number("beta_t", beta_t)
     if not beta_t.is_floating_point():
         raise TypeError(f"beta_t must be a float or a floating-point tensor, got {beta_t.dtype}")
     dtype = torch.promote_types(beta_t.dtype, torch.float32)
@@ -276,8 +278,8 @@ def apo_loss(
     """
     validate_predictions(model_pred, ref_pred, target)
     validate_mask(mask, model_pred)
-    lambda_mask = _check_number("lambda_mask", lambda_mask, minimum=0.0)
-    lambda_sft = _check_number("lambda_sft", lambda_sft, minimum=0.0)
+    lambda_mask = check_number("lambda_mask", lambda_mask, minimum=0.0)
+    lambda_sft = check_number("lambda_sft", lambda_sft, minimum=0.0)
     if not isinstance(paired, bool):
         raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
     beta = beta_per_term(beta_t, model_pred.shape[0], paired, model_pred.device)
@@ -287,10 +289,10 @@ def apo_loss(
             raise TypeError(f"the Triton backend supports {FUSED_DTYPES} inputs, got {model_pred.dtype}")
         fused = False
     if fused:
-        from apo_fast.ops.apo_loss import fused_apo_loss
+        from apo_fast.ops.apo_loss import apply_fused_apo_loss
 
-        loss, e_theta, e_ref, values = fused_apo_loss(
-            model_pred, ref_pred, target, beta, mask=mask, lambda_mask=lambda_mask, paired=paired, lambda_sft=lambda_sft
+        loss, e_theta, e_ref, values = apply_fused_apo_loss(
+            model_pred, ref_pred, target, beta, mask, lambda_mask, paired, lambda_sft
         )
     else:
         loss, e_theta, e_ref, values = apo_loss_reference(
@@ -335,7 +337,7 @@ def beta_schedule(
     """
     if kind not in BETA_SCHEDULES:
         raise ValueError(f"kind must be one of {BETA_SCHEDULES}, got {kind!r}")
-    beta = _check_number("beta", beta)
+    beta = check_number("beta", beta)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not isinstance(timesteps, torch.Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
@@ -406,7 +408,7 @@ def diffusion_dpo_loss(
     ``beta_t``; ``implicit_acc`` per the script.
     """
     validate_predictions(model_pred, ref_pred, target)
-    beta_dpo = _check_number("beta_dpo", beta_dpo)
+    beta_dpo = check_number("beta_dpo", beta_dpo)
     if convention not in DPO_CONVENTIONS:
         raise ValueError(f"convention must be one of {DPO_CONVENTIONS}, got {convention!r}")
     n = model_pred.shape[0]

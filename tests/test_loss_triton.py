@@ -308,8 +308,8 @@ def test_fused_rejects_bad_inputs():
 
 def test_dispatch_backend_argument_and_environment(monkeypatch):
     calls = []
-    real = ops.fused_apo_loss
-    monkeypatch.setattr(ops, "fused_apo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ops.apply_fused_apo_loss
+    monkeypatch.setattr(ops, "apply_fused_apo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     p, r, t = _make((2, 2, 3, 3), torch.float32)
     monkeypatch.setenv("APO_FAST_BACKEND", "auto")
     apo_loss(p, r, t, 1.0)  # CPU tensors: auto means the reference

@@ -34,7 +34,7 @@ from apo_fast.kernels import apo_loss as K
 from apo_fast.loss import (
     FUSED_DTYPES,
     NUM_METRIC_SLOTS,
-    _check_number,
+    check_number,
     beta_per_term,
     validate_mask,
     validate_predictions,
@@ -325,9 +325,26 @@ def fused_apo_loss(
         raise TypeError(f"model_pred must be one of {FUSED_DTYPES} for the fused loss, got {model_pred.dtype}")
     if not model_pred.is_cuda and not interpreter_enabled():
         raise RuntimeError("the fused APO loss needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
-    lambda_mask = _check_number("lambda_mask", lambda_mask, minimum=0.0)
-    lambda_sft = _check_number("lambda_sft", lambda_sft, minimum=0.0)
+    lambda_mask = check_number("lambda_mask", lambda_mask, minimum=0.0)
+    lambda_sft = check_number("lambda_sft", lambda_sft, minimum=0.0)
     beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
+    return apply_fused_apo_loss(model_pred, ref_pred, target, beta, mask, lambda_mask, bool(paired), lambda_sft, grad_in_forward)
+
+
+def apply_fused_apo_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    beta: float | torch.Tensor,
+    mask: torch.Tensor | None,
+    lambda_mask: float,
+    paired: bool,
+    lambda_sft: float,
+    grad_in_forward: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_apo_loss` on inputs already validated (``beta`` from
+    ``apo_fast.loss.beta_per_term``), as :func:`apo_fast.loss.apo_loss` calls it:
+    no second round of Python checks on the hot path."""
     if isinstance(beta, torch.Tensor):
         beta = beta.to(torch.float32).contiguous()
     if grad_in_forward is None:
@@ -339,7 +356,7 @@ def fused_apo_loss(
         mask,
         beta,
         lambda_mask,
-        bool(paired),
+        paired,
         lambda_sft,
         bool(grad_in_forward),
         torch.is_grad_enabled(),
