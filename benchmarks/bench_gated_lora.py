@@ -284,4 +284,5 @@ def test_gated_lora_projection(benchmark, baseline_times, shape, rank, mode, imp
     seconds = _measure(shape, rank, mode, impl, _DEVICE, _DTYPE, reps=5)
     record = _record(shape, rank, mode, impl, seconds, baseline_times(shape, rank, mode, "base"),
                      baseline_times(shape, rank, mode, "peft"), _DEVICE)
-    benchmark.extra_info.update({k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)})
+    benchmark.extra_info.update(
+        {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)})

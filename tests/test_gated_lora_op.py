@@ -116,7 +116,8 @@ def _check_against_reference(x, weight, bias, A, B, g, *, backend="triton"):
 
     assert y.shape == y64.shape
     _assert_close(y, y64, dtype, "y")
-    names = [n for n, t in zip(("dx", "dA", "dB", "dgate"), (x, A, B, g)) if t is not None and t.requires_grad]
+    names = [n for n, t in zip(("dx", "dA", "dB", "dgate"), (x, A, B, g))
+             if t is not None and t.requires_grad]
     for name, got, want in zip(names, grads, grads64):
         assert got.shape == want.shape, name
         _assert_close(got, want, dtype, name)

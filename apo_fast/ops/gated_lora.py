@@ -23,6 +23,21 @@ Dispatch
 (chosen by :func:`apo_fast.backend.use_triton`: Triton for CUDA tensors). The
 reference path is also used when ``weight`` or ``bias`` requires grad (the
 kernels assume a frozen base layer), for float64, and for ranks above 128.
+
+Triton path (kernels in ``apo_fast.kernels.gated_lora``)
+--------------------------------------------------------
+Forward: one kernel per output tile computes ``x W^T`` and, for padded ranks
+up to :data:`IN_LOOP_MAX_R_PAD`, ``h = x A^T`` in the same K loop from the
+same x tiles, applies each row's gate (row -> sample by integer division, the
+gate read per tile, never expanded to tokens x r), adds ``(h g s) B^T`` and the
+bias, and keeps ``h`` for the backward. Larger ranks compute ``h`` once by a
+skinny product and read it back in rank chunks. Backward (W frozen): one
+kernel for ``dx = dy W + (u g s) A`` with ``u = dy B`` (again in-loop or
+precomputed by rank), one launch for both ``dA = (u g s)^T x`` and
+``dB = ((h g s)^T dy)^T`` as split-token fp32 partials summed on the host (no
+atomics: deterministic), and ``dgate = s * sum_tokens(u * h)`` per gate row.
+fp16/bf16 storage with fp32 accumulation; fp32 inputs use IEEE fp32 dots
+unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
 from __future__ import annotations
 
@@ -127,13 +142,23 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, gate, scaling, autocasting: b
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not autocasting:
-        for name in ("weight", "bias", "lora_A", "lora_B"):
-            t = tensors[name]
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(
-                    f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype "
-                    "or run under torch.autocast"
-                )
+        _check_dtypes(x, weight, bias, lora_A, lora_B)
+
+
+def _check_dtypes(x, weight, bias, lora_A, lora_B) -> None:
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype "
+                "or run under torch.autocast"
+            )
+
+
+def _autocast_to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Cast like autocast casts F.linear's inputs: float16/bfloat16/float32 only."""
+    if t is None or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return t
+    return t.to(dtype)
 
 
 def _wants_triton(x, weight, bias, lora_A, backend) -> bool:
@@ -190,8 +215,8 @@ def gated_lora_linear(
     scaling = float(scaling)
     if autocasting:
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias, lora_A, lora_B = (_autocast_to(t, dtype) for t in (x, weight, bias, lora_A, lora_B))
+        _check_dtypes(x, weight, bias, lora_A, lora_B)
     with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
         if _wants_triton(x, weight, bias, lora_A, backend):
             return _gated_lora_linear_triton(x, weight, bias, lora_A, lora_B, gate, scaling)
@@ -356,7 +381,9 @@ def gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_
 
 def _token_splits(M: int, col_tiles: int, granule: int, device: torch.device) -> tuple[int, int]:
     """(splits, tokens_per_split) for the dA/dB reductions: about two programs per SM."""
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = 4
+    if device.type == "cuda":
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(_cdiv(programs, max(col_tiles, 1)), _cdiv(M, granule)))
     tokens_per_split = _cdiv(_cdiv(M, splits), granule) * granule
     return _cdiv(M, tokens_per_split), tokens_per_split
@@ -410,8 +437,8 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
         anchor = da_part if need_da else dbt_part
 
         def grid(meta):
-            tiles = (_cdiv(K, meta["BLOCK_C"]) if need_da else 0) + (_cdiv(N, meta["BLOCK_C"]) if need_db else 0)
-            return (tiles, splits)
+            block = meta["BLOCK_C"]
+            return ((_cdiv(K, block) if need_da else 0) + (_cdiv(N, block) if need_db else 0), splits)
 
         kernels.backward_dadb[grid](
             u if need_da else dy, x2d if need_da else dy, h if need_db else dy, dy, gate_t,
