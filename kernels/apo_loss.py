@@ -47,14 +47,17 @@ NUM_METRICS = 8  # slots: loss, e_theta, e_ref, reward_w, reward_l, implicit_acc
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Streaming-kernel configs for a GPU: 8 fp16 / 4 fp32 elements per thread and
-# load (128-bit) or twice that. Chunk lengths are multiples of GPU_CHUNK_ALIGN.
+# load (128-bit) or twice that. Chunk lengths are multiples of GPU_CHUNK_ALIGN,
+# so that SD-size batches (latency-bound, ~1 MB per tensor) still spread over
+# a few hundred programs; configs whose BLOCK exceeds the chunk are pruned.
 GPU_STREAM_CONFIGS = [
+    triton.Config({"BLOCK": 512}, num_warps=2),
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=8),
     triton.Config({"BLOCK": 4096}, num_warps=8),
 ]
-GPU_CHUNK_ALIGN = 1024
+GPU_CHUNK_ALIGN = 512
 # The interpreter cannot benchmark configs (and is slow): one small block, so
 # that small test tensors still span several blocks and chunks per sample.
 INTERPRETER_STREAM_CONFIGS = [triton.Config({"BLOCK": 64}, num_warps=1)]
@@ -62,6 +65,15 @@ INTERPRETER_CHUNK_ALIGN = 128
 
 STREAM_CONFIGS = INTERPRETER_STREAM_CONFIGS if _INTERPRET else GPU_STREAM_CONFIGS
 CHUNK_ALIGN = INTERPRETER_CHUNK_ALIGN if _INTERPRET else GPU_CHUNK_ALIGN
+
+
+def _prune_blocks_longer_than_chunk(configs, named_args, **kwargs):
+    """Drop configs whose BLOCK exceeds the chunk (their extra lanes would idle)."""
+    kept = [c for c in configs if c.kwargs["BLOCK"] <= named_args["chunk"]]
+    return kept or configs[:1]
+
+
+_STREAM_PRUNE = {"early_config_prune": _prune_blocks_longer_than_chunk}
 
 
 @triton.jit
@@ -73,7 +85,9 @@ def _mask_weight(mask_ptr, pos, live, lambda_minus_one, MASK_MODE: tl.constexpr,
     return 1.0 + lambda_minus_one * m.to(tl.float32)
 
 
-@triton.autotune(configs=STREAM_CONFIGS, key=["positions", "repeats", "chunk", "MASK_MODE"])
+@triton.autotune(
+    configs=STREAM_CONFIGS, key=["positions", "repeats", "chunk", "MASK_MODE"], prune_configs_by=_STREAM_PRUNE
+)
 @triton.jit
 def apo_residual_sums_kernel(
     pred_ptr,
@@ -130,7 +144,11 @@ def apo_residual_sums_kernel(
     tl.store(out + 1, tl.sum(acc_r, axis=0))
 
 
-@triton.autotune(configs=STREAM_CONFIGS, key=["positions", "repeats", "chunk", "MASK_MODE", "HAS_SCALE"])
+@triton.autotune(
+    configs=STREAM_CONFIGS,
+    key=["positions", "repeats", "chunk", "MASK_MODE", "HAS_SCALE"],
+    prune_configs_by=_STREAM_PRUNE,
+)
 @triton.jit
 def apo_grad_kernel(
     pred_ptr,

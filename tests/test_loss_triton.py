@@ -149,6 +149,15 @@ def test_chunks_not_a_multiple_of_the_block(monkeypatch, mask_kind):
     check_fused(p, r, t, 1.0, mask=_mask(mask_kind, shape), lambda_mask=2.0, paired=True)
 
 
+def test_gpu_configs_longer_than_the_chunk_are_pruned():
+    prune = ops.K._prune_blocks_longer_than_chunk
+    kept = prune(ops.K.GPU_STREAM_CONFIGS, {"chunk": 1024})
+    assert kept and all(c.kwargs["BLOCK"] <= 1024 for c in kept)
+    assert len(prune(ops.K.GPU_STREAM_CONFIGS, {"chunk": 4096})) == len(ops.K.GPU_STREAM_CONFIGS)
+    assert prune(ops.K.GPU_STREAM_CONFIGS, {"chunk": 16}) == ops.K.GPU_STREAM_CONFIGS[:1]
+    assert ops.K.GPU_CHUNK_ALIGN >= min(c.kwargs["BLOCK"] for c in ops.K.GPU_STREAM_CONFIGS)
+
+
 @pytest.mark.parametrize(
     "beta, paired",
     [
