@@ -543,10 +543,17 @@ class APOTrainer:
             torch.distributed.barrier()
 
     def close(self) -> None:
-        """Tear down the process group we created (gloo runs can abort at exit otherwise)."""
+        """Wait for every rank. The process group stays up for later trainers in this
+        process; a program ends it with :func:`shutdown_distributed`."""
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+
+
+def shutdown_distributed() -> None:
+    """Tear down the process group (two-rank gloo runs can abort at exit otherwise)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _gathered(params):

@@ -1,0 +1,212 @@
+"""End to end on the PyTorch reference path: config, training, exact resume, sampling, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from apo_fast.config import ConfigError, config_from_dict, load_config
+from apo_fast.demo import DEMO_CONFIG, demo_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(out: Path, *overrides: str):
+    base = [
+        "data.image_size=16",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.device=cpu",
+        "sample.num_inference_steps=4",
+        "sample.num_per_defect=2",
+        "sample.batch_size=2",
+        "pretrain.steps=3",
+        "pretrain.batch_size=4",
+    ]
+    return demo_config(str(out), base + list(overrides))
+
+
+def run_train(cfg):
+    from apo_fast.train import APOTrainer
+
+    trainer = APOTrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_demo_yaml_matches_builtin_demo_config():
+    assert load_config(REPO / "configs" / "demo.yaml") == demo_config(DEMO_CONFIG["output_dir"])
+
+
+def test_sd15_config_loads():
+    cfg = load_config(REPO / "configs" / "sd15_mvtec.yaml")
+    assert cfg.model.latent and cfg.optim.name == "adamw8bit" and cfg.train.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.steps=0", "train.steps"),
+        ("loss.mode=pairwise", "loss.mode"),
+        ("train.bogus=1", "train.bogus"),
+        ("adapter.rank=x", "adapter.rank"),
+        ("train.offload_optimizer=true", "zero_stage"),
+        ("data.image_size=30", "multiple of 8"),
+        ("loss.lambda_mask=0.5", "lambda_mask"),
+        ("sample.s_text=[[0.5, 1.0], [0.2, 2.0]]", "sample.s_text"),
+        ("adapter.gate.r_min=9", "r_min"),
+        ("optim.name=sgd", "optim.name"),
+    ],
+)
+def test_bad_config_values_name_the_key(override, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        config_from_dict(json.loads(json.dumps(DEMO_CONFIG)), [override])
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_training_resumes_exactly_and_writes_a_loadable_run(tmp_path):
+    straight = tmp_path / "straight"
+    run_train(tiny_cfg(straight, "train.steps=4", "train.checkpoint_every=2"))
+    interrupted = tmp_path / "interrupted"
+    run_train(tiny_cfg(interrupted, "train.steps=2", "train.checkpoint_every=2"))
+    # "Kill" after step 2: a later run with the full step count picks up the checkpoint.
+    run_train(tiny_cfg(interrupted, "train.steps=4", "train.checkpoint_every=2"))
+    a, b = read_log(straight), read_log(interrupted)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "e_theta", "e_ref", "implicit_acc"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+    # The per-step metrics are those APO_SPEC names.
+    assert {"loss", "e_theta", "e_ref", "reward_w", "implicit_acc", "beta_t"} <= set(a[-1])
+    # Adapters and condition embeddings were exported, in the peft/diffusers layout.
+    from safetensors.torch import load_file
+
+    lora = load_file(str(straight / "adapters" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if ".lora_B." in k)  # B left zero-init: trained
+    ckpts = sorted(p.name for p in (straight / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-000002", "step-000004"]
+    assert not list((straight / "checkpoints").glob(".*tmp"))  # no half-written checkpoint left
+
+
+@pytest.mark.slow
+def test_paired_mode_trains_with_normals_as_losers(tmp_path):
+    out = tmp_path / "paired"
+    run_train(tiny_cfg(out, "train.steps=2", "loss.mode=paired", "train.batch_size=2"))
+    rec = read_log(out)[-1]
+    assert "reward_l" in rec and 0.0 <= rec["implicit_acc"] <= 1.0
+
+
+def test_paired_batches_share_noise_and_timestep(tmp_path):
+    from apo_fast.train import APOTrainer, load_train_data
+
+    cfg = tiny_cfg(tmp_path, "loss.mode=paired", "train.batch_size=3")
+    trainer = APOTrainer(cfg)
+    trainer.data = load_train_data(cfg)
+    trainer.world, trainer.rank, trainer.augment_mode = 1, 0, "dihedral"
+    x0, masks, conds, t, noise = trainer.batch_for_step(5, 0)
+    assert x0.shape[0] == 6 and torch.equal(t[:3], t[3:]) and torch.equal(noise[:3], noise[3:])
+    assert torch.equal(conds[:3], conds[3:]) and masks[3:].sum() == 0 and masks[:3].sum() > 0
+    again = trainer.batch_for_step(5, 0)
+    assert all(torch.equal(u, v) for u, v in zip((x0, masks, conds, t, noise), again))
+
+
+def test_stream_indices_cover_each_epoch_once():
+    from apo_fast.train import stream_indices
+
+    idx = stream_indices(7, seed=3, start=0, count=21)
+    for e in range(3):
+        assert sorted(idx[7 * e : 7 * e + 7].tolist()) == list(range(7))
+    assert torch.equal(stream_indices(7, 3, 5, 9), idx[5:14])
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_schedule_value_piecewise():
+    from apo_fast.sampling import schedule_value
+
+    assert schedule_value(2.5, 3, 10) == 2.5
+    spec = [[0.0, 5.0], [0.5, 1.0]]
+    assert schedule_value(spec, 0, 10) == 5.0 and schedule_value(spec, 4, 10) == 5.0
+    assert schedule_value(spec, 5, 10) == 1.0 and schedule_value(spec, 9, 10) == 1.0
+
+
+def test_localization_mask_marks_the_peak():
+    from apo_fast.sampling import localization_mask
+
+    acc = torch.zeros(2, 8, 8)
+    acc[0, 2:4, 2:4] = 5.0
+    acc[1, 5:7, 1:3] = 1.0
+    maps, masks = localization_mask(acc, (16, 16), sigma=0.5, threshold=0.5)
+    assert maps.shape == masks.shape == (2, 1, 16, 16)
+    assert masks[0, 0, 4:8, 4:8].mean() > 0.9 and masks[0, 0, 10:, 10:].sum() == 0
+    assert masks[1, 0, 10:14, 2:6].mean() > 0.9 and masks[1, 0, :6].sum() == 0
+
+
+@pytest.mark.slow
+def test_sampling_free_and_mask_guided(tmp_path):
+    from apo_fast.generate import generate_for_defect, heldout_guides, load_run, sample_run
+
+    out = tmp_path / "run"
+    run_train(tiny_cfg(out, "train.steps=1"))
+    res = sample_run(out, num=2, progress=False)
+    for defect in ("crack", "hole", "stain"):
+        for kind in ("free", "guided"):
+            folder = out / "samples" / defect / kind
+            assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0000_mask.png", "0001.png", "0001_mask.png"]
+    assert (out / "samples" / "grid.png").stat().st_size > 0 and res["defects"]["hole"]["guided"] == 2
+    # Mask-guided: outside the mask the normal image is kept exactly (pixel space).
+    run = load_run(out, device="cpu")
+    known, kmask = heldout_guides(run.cfg, "hole", 2)
+    imgs, masks, _ = generate_for_defect(run, "hole", 2, known_images=known, known_masks=kmask)
+    outside = (1 - kmask).bool().expand_as(imgs)
+    assert torch.allclose(imgs[outside], known.clamp(-1, 1)[outside], atol=1e-6)
+    assert torch.equal(masks, kmask)
+    assert not torch.allclose(imgs[~outside], known[~outside], atol=1e-3)
+    with pytest.raises(ValueError, match="unknown defect type"):
+        generate_for_defect(run, "scratch", 1)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from apo_fast.cli import main
+
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--set", "train.steps=-1"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    from apo_fast.train import APOTrainer
+
+    cfg = tiny_cfg(tmp_path, f"data.root={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        APOTrainer(cfg).setup()
