@@ -642,6 +642,8 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple
             opt.step()
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             fh.write(json.dumps({"step": step + 1, "loss": loss.item(), "loss_ema": ema}) + "\n")
+            if (step + 1) % 50 == 0:
+                fh.flush()
     unet_dir = Path(out_dir) / "base_unet"
     save_unet(unet.cpu(), unet_dir)
     cond_path = Path(out_dir) / "base_conditions.safetensors"
