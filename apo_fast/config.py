@@ -81,7 +81,7 @@ class AdapterSettings:
 
 @dataclass
 class LossConfig:
-    mode: str = "unpaired"  # unpaired | paired
+    mode: str = "unpaired"  # unpaired | paired | diffusion (plain LoRA fine-tuning baseline, no preference)
     beta: float = 5000.0
     beta_schedule: str = "dlogsnr"  # dlogsnr | constant | snr
     lambda_mask: float = 2.0
@@ -373,7 +373,7 @@ def validate_config(cfg: APOConfig) -> None:
     if not 0 <= r_min <= r_max <= a.rank:
         raise ConfigError(f"adapter.gate needs 0 <= r_min <= r_max <= rank; got r_min={r_min}, r_max={r_max}, rank={a.rank}")
     _positive("adapter.gate.temperature", a.gate.temperature)
-    _choice("loss.mode", lo.mode, ("unpaired", "paired"))
+    _choice("loss.mode", lo.mode, ("unpaired", "paired", "diffusion"))
     _choice("loss.beta_schedule", lo.beta_schedule, ("dlogsnr", "constant", "snr"))
     _choice("loss.backend", lo.backend, ("auto", "triton", "torch"))
     _positive("loss.beta", lo.beta)

@@ -324,6 +324,22 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) ->
 # --------------------------------------------------------------------------- training
 
 
+def diffusion_loss(pred, target, mask, lambda_mask: float):
+    """The plain (mask-weighted) diffusion loss of LoRA fine-tuning: the no-preference baseline.
+
+    Returns an :class:`apo_fast.loss.APOLossOutput` whose ``e_ref`` is NaN (no reference pass).
+    """
+    from apo_fast.loss import METRIC_SLOTS, NUM_METRIC_SLOTS, APOLossOutput
+
+    w = 1.0 + (lambda_mask - 1.0) * mask.float()
+    e = (w * (pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    loss = e.mean()
+    values = torch.full((NUM_METRIC_SLOTS,), float("nan"), device=e.device)
+    values[METRIC_SLOTS["loss"]] = loss.detach()
+    values[METRIC_SLOTS["e_theta"]] = e.detach().mean()
+    return APOLossOutput(loss, e.detach(), torch.full_like(e, float("nan")), values, ("loss", "e_theta"))
+
+
 def _sched_tensors(scheduler, device):
     ac = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
     return ac
@@ -446,10 +462,15 @@ class APOTrainer:
         if cfg.train.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         pred = self.engine(z, t, conds)
-        with torch.no_grad():
-            ref = self.engine(z, t, conds, reference=True)
         if pred.shape[-2:] != masks.shape[-2:]:
             masks = F.adaptive_max_pool2d(masks, pred.shape[-2:])  # keep thin defects at latent size
+        if cfg.loss.mode == "diffusion":
+            out = diffusion_loss(pred, target.to(pred.dtype), masks.to(pred.dtype), cfg.loss.lambda_mask)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            return out
+        with torch.no_grad():
+            ref = self.engine(z, t, conds, reference=True)
         n_beta = t.shape[0] // 2 if cfg.loss.mode == "paired" else t.shape[0]
         beta_t = beta_schedule(t[:n_beta], self.alphas_cumprod, kind=cfg.loss.beta_schedule, beta=cfg.loss.beta)
         out = apo_loss(
@@ -512,7 +533,7 @@ class APOTrainer:
                 if is_main:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
-                bar.set_postfix_str(f"loss {metrics['loss']:.4f} acc {metrics['implicit_acc']:.2f} {tel.postfix()}")
+                bar.set_postfix_str(f"loss {metrics['loss']:.4f} acc {metrics.get('implicit_acc', float('nan')):.2f} {tel.postfix()}")
                 bar.update(1)
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
                     save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints, {"telemetry": tel.summary()})

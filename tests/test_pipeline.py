@@ -210,3 +210,11 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     cfg = tiny_cfg(tmp_path, f"data.root={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         APOTrainer(cfg).setup()
+
+
+@pytest.mark.slow
+def test_plain_diffusion_baseline_mode_trains(tmp_path):
+    out = tmp_path / "lora"
+    run_train(tiny_cfg(out, "train.steps=2", "loss.mode=diffusion", "adapter.gate.kind=constant"))
+    rec = read_log(out)[-1]
+    assert rec["loss"] == pytest.approx(rec["e_theta"]) and rec["loss"] > 0
