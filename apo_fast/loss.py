@@ -17,12 +17,13 @@ tensors and the PyTorch reference elsewhere (:func:`apo_fast.backend.use_triton`
 :func:`diffusion_dpo_loss` transcribes the two public Diffusion-DPO scripts, and
 :func:`beta_schedule` gives the per-sample temperature ``beta_t``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ class APOLossOutput:
         return {name: float(values[METRIC_SLOTS[name]]) for name in self.metric_names}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def metric_names_for(paired: bool, with_sft: bool) -> tuple[str, ...]:
     """Names of the meaningful metric slots for this call's options."""
     names = ["loss", "e_theta", "e_ref", "reward_w"]
@@ -117,7 +118,9 @@ def validate_predictions(model_pred: object, ref_pred: object, target: object) -
         raise ValueError(f"model_pred must not be empty, got shape {tuple(model_pred.shape)}")
     for name, t in (("ref_pred", ref_pred), ("target", target)):
         if t.shape != model_pred.shape:
-            raise ValueError(f"{name} must have the shape of model_pred {tuple(model_pred.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of model_pred {tuple(model_pred.shape)}, got {tuple(t.shape)}"
+            )
         if t.dtype != model_pred.dtype:
             raise TypeError(f"{name} must have the dtype of model_pred ({model_pred.dtype}), got {t.dtype}")
         if t.device != model_pred.device:
@@ -199,7 +202,11 @@ def apo_loss_reference(
     e_theta = sq_theta.mean(dim=dims)
     e_ref = sq_ref.mean(dim=dims)
     delta = e_theta - e_ref
-    beta = beta.to(compute) if isinstance(beta, torch.Tensor) else torch.full_like(delta[: len(delta) // 2 if paired else len(delta)], beta)
+    beta = (
+        beta.to(compute)
+        if isinstance(beta, torch.Tensor)
+        else torch.full_like(delta[: len(delta) // 2 if paired else len(delta)], beta)
+    )
     if paired:
         delta_w, delta_l = delta.chunk(2)
         reward_w, reward_l = -beta * delta_w, -beta * delta_l
@@ -430,7 +437,9 @@ def diffusion_dpo_loss(
         beta_eff = beta_dpo
     else:
         if model_pred.dim() != 4:
-            raise ValueError(f"the salesforce convention takes 4-D inputs (mean over dims 1,2,3), got {model_pred.dim()}-D")
+            raise ValueError(
+                f"the salesforce convention takes 4-D inputs (mean over dims 1,2,3), got {model_pred.dim()}-D"
+            )
         model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
         with torch.no_grad():
             ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
@@ -457,6 +466,4 @@ def diffusion_dpo_loss(
         ):
             values[METRIC_SLOTS[name]] = v.detach().float()
         values[METRIC_SLOTS["beta_t"]] = beta_eff
-    return APOLossOutput(
-        loss, model_losses.detach().float(), ref_losses.float(), values, metric_names_for(True, False)
-    )
+    return APOLossOutput(loss, model_losses.detach().float(), ref_losses.float(), values, metric_names_for(True, False))

@@ -32,6 +32,7 @@ pytest options disable timing by default, so a plain run only checks that each
 version executes). :func:`run_loss_benchmarks` runs the grid without pytest,
 checks the fused results against eager, and writes JSON (for the GPU suite).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,8 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -93,7 +94,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_per_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20, rounds: int = 5) -> float:
+def time_per_call(
+    fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20, rounds: int = 5
+) -> float:
     """Median over ``rounds`` of the mean time per call of ``reps`` back-to-back calls.
 
     On CUDA the calls are not synchronised one by one (as in a training loop)
@@ -121,7 +124,7 @@ def time_per_call(fn: Callable[[], object], device: torch.device, *, warmup: int
     return statistics.median(per_round)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth_gbps(device_str: str) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + written per second)."""
     device = torch.device(device_str)
@@ -132,7 +135,7 @@ def copy_bandwidth_gbps(device_str: str) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_reference():
     return torch.compile(apo_loss_reference, dynamic=False)
 
@@ -196,7 +199,9 @@ class LossRunner:
         if v == "fused_grad_in_backward":
             from apo_fast.ops.apo_loss import fused_apo_loss
 
-            return fused_apo_loss(self.pred, self.ref, self.target, self.beta_t, grad_in_forward=False, **self.kwargs)[0]
+            return fused_apo_loss(self.pred, self.ref, self.target, self.beta_t, grad_in_forward=False, **self.kwargs)[
+                0
+            ]
         raise ValueError(f"unknown version {v!r}")
 
     def __call__(self) -> torch.Tensor:

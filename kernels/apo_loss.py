@@ -34,6 +34,7 @@ Offsets: the per-sample base is 64-bit (``B * N`` may exceed 2**31); offsets
 inside a sample are 32-bit, and the launcher rejects samples of 2**31 - 2**20
 elements or more.
 """
+
 import os
 
 import triton

@@ -15,6 +15,7 @@ Fails on a compile error or register spills. Variants:
 Run as a script to print the per-variant report table:
 ``python tests/test_loss_compile.py``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ import pytest
 pytest.importorskip("triton")
 
 from apo_fast.kernels import apo_loss as K  # noqa: E402
+
 from apo_fast.ops import aot  # noqa: E402
 from apo_fast.ops.apo_loss import FINALIZE_TILE, FINALIZE_WARPS, MAX_CHUNKS, finalize_blocks  # noqa: E402
 
@@ -39,7 +41,9 @@ def _stream_signature(kernel: str, dtype: str, mode: str, aligned: bool) -> tupl
     p = f"*{dtype}:16" if aligned else f"*{dtype}"
     f32p = "*fp32:16"
     i16 = "i32:16" if aligned else "i32"
-    sizes = dict(sample_numel=i16, mask_sample_numel=i16, positions=i16, repeats="i32", repeat_stride=i16, chunk="i32:16")
+    sizes = dict(
+        sample_numel=i16, mask_sample_numel=i16, positions=i16, repeats="i32", repeat_stride=i16, chunk="i32:16"
+    )
     if kernel == "sums":
         sig = dict(pred_ptr=p, ref_ptr=p, target_ptr=p, mask_ptr=p, partial_ptr=f32p, **sizes, n_chunks="i32")
     else:
@@ -80,11 +84,24 @@ def _spec(variant) -> aot.KernelSpec:
         n_terms, n_chunks = (8, 16) if mode == "typical" else (2, MAX_CHUNKS)
         block_chunks, block_terms = finalize_blocks(n_terms, n_chunks)
         assert block_chunks * block_terms <= FINALIZE_TILE
-        sig = dict(partial_ptr="*fp32:16", beta_ptr="*fp32:16", stats_ptr="*fp32:16", loss_ptr="*fp32:16",
-                   n_samples="i32", n_terms="i32", n_chunks="i32", beta_value="fp32", inv_numel="fp32",
-                   inv_terms="fp32", inv_samples="fp32", lambda_sft="fp32")
+        sig = dict(
+            partial_ptr="*fp32:16",
+            beta_ptr="*fp32:16",
+            stats_ptr="*fp32:16",
+            loss_ptr="*fp32:16",
+            n_samples="i32",
+            n_terms="i32",
+            n_chunks="i32",
+            beta_value="fp32",
+            inv_numel="fp32",
+            inv_terms="fp32",
+            inv_samples="fp32",
+            lambda_sft="fp32",
+        )
         constexprs = dict(PAIRED=paired, BETA_PER_TERM=per_term, BLOCK_TERMS=block_terms, BLOCK_CHUNKS=block_chunks)
-        return aot.KernelSpec(K.apo_loss_finalize_kernel, sig, constexprs, arch, FINALIZE_WARPS, 3, with_sass=arch == 90)
+        return aot.KernelSpec(
+            K.apo_loss_finalize_kernel, sig, constexprs, arch, FINALIZE_WARPS, 3, with_sass=arch == 90
+        )
     sig, constexprs = _stream_signature(kernel, dtype, mode, aligned)
     config = K.GPU_STREAM_CONFIGS[ci]
     constexprs["BLOCK"] = config.kwargs["BLOCK"]
@@ -99,12 +116,16 @@ def _spec(variant) -> aot.KernelSpec:
 def _reports() -> dict:
     """Compile every variant once (one child process for the lot)."""
     variants = _variants()
-    return dict(zip(variants, aot.compile_kernels([_spec(v) for v in variants])))
+    return dict(zip(variants, aot.compile_kernels([_spec(v) for v in variants]), strict=True))
 
 
 def _label(variant) -> str:
     kernel, dtype, mode, flag, arch, ci, aligned = variant
-    extra = {False: "", True: "-scale"}.get(flag, "") if kernel != "finalize" else "-paired" * flag[0] + "-betavec" * flag[1]
+    extra = (
+        {False: "", True: "-scale"}.get(flag, "")
+        if kernel != "finalize"
+        else "-paired" * flag[0] + "-betavec" * flag[1]
+    )
     return f"{kernel}-{dtype}-{mode}{extra}-sm{arch}-cfg{ci}" + ("" if aligned else "-unaligned")
 
 
@@ -129,15 +150,17 @@ def _table() -> list[dict]:
     rows = []
     for variant, report in _reports().items():
         s = report.summary()
-        rows.append({
-            "variant": _label(variant),
-            "registers": s["registers"],
-            "spills": (s["spill_stores"] or 0) + (s["spill_loads"] or 0) + s["local_bytes"] + s["stack_bytes"],
-            "LDG.E.128": report.count("LDG.E.128") if report.sass else None,
-            "LDG.E(all)": report.count("LDG.E") if report.sass else None,
-            "STG.E.128": report.count("STG.E.128") if report.sass else None,
-            "sass_instructions": s["sass_instructions"],
-        })
+        rows.append(
+            {
+                "variant": _label(variant),
+                "registers": s["registers"],
+                "spills": (s["spill_stores"] or 0) + (s["spill_loads"] or 0) + s["local_bytes"] + s["stack_bytes"],
+                "LDG.E.128": report.count("LDG.E.128") if report.sass else None,
+                "LDG.E(all)": report.count("LDG.E") if report.sass else None,
+                "STG.E.128": report.count("STG.E.128") if report.sass else None,
+                "sass_instructions": s["sass_instructions"],
+            }
+        )
     return rows
 
 

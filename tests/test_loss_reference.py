@@ -1,5 +1,6 @@
 """The PyTorch reference of the APO loss against hand formulas in float64,
 the beta_t schedules, the two public Diffusion-DPO conventions, and input validation."""
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,9 @@ def _hand_apo(p, r, t, beta, mask=None, lambda_mask=1.0, paired=False, lambda_sf
 def _check_against_hand(shape, beta, mask=None, lambda_mask=1.0, paired=False, lambda_sft=0.0):
     p, r, t = _inputs(shape)
     pp = p.clone().requires_grad_()
-    out = apo_loss(pp, r, t, beta, mask=mask, lambda_mask=lambda_mask, paired=paired, lambda_sft=lambda_sft, backend="torch")
+    out = apo_loss(
+        pp, r, t, beta, mask=mask, lambda_mask=lambda_mask, paired=paired, lambda_sft=lambda_sft, backend="torch"
+    )
     out.loss.backward()
     loss, e_th, e_rf, metrics, grad = _hand_apo(p, r, t, beta, mask, lambda_mask, paired, lambda_sft)
     assert isinstance(out, APOLossOutput)
@@ -383,5 +386,5 @@ def test_reference_traces_under_torch_compile():
     compiled = torch.compile(apo_loss_reference, fullgraph=True, backend="eager")
     got = compiled(p, r, t, beta, None, 1.0, False, 0.0)
     want = apo_loss_reference(p, r, t, beta, None, 1.0, False, 0.0)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)

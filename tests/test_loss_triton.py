@@ -2,6 +2,7 @@
 float64 PyTorch reference: loss, e_theta/e_ref, metrics and the gradient, over
 dtypes, memory layouts, masks, paired/unpaired, beta forms, SFT and odd shapes.
 Every buffer the kernels write is NaN-poisoned before the call."""
+
 from __future__ import annotations
 
 import contextlib
@@ -76,11 +77,20 @@ def check_fused(p, r, t, beta_t, *, mask=None, lambda_mask=1.0, paired=False, la
     pf = p.detach().clone().requires_grad_()
     with nan_poisoned_allocations():
         loss, e_th, e_rf, values = ops.fused_apo_loss(
-            pf, r, t, beta_t, mask=mask, lambda_mask=lambda_mask, paired=paired, lambda_sft=lambda_sft,
+            pf,
+            r,
+            t,
+            beta_t,
+            mask=mask,
+            lambda_mask=lambda_mask,
+            paired=paired,
+            lambda_sft=lambda_sft,
             grad_in_forward=grad_in_forward,
         )
         loss.backward()
-    want_loss, want_th, want_rf, want_values, want_grad = _reference(p, r, t, beta_t, mask, lambda_mask, paired, lambda_sft)
+    want_loss, want_th, want_rf, want_values, want_grad = _reference(
+        p, r, t, beta_t, mask, lambda_mask, paired, lambda_sft
+    )
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert e_th.dtype == torch.float32 and e_th.shape == (p.shape[0],)
     assert not e_th.requires_grad and not values.requires_grad
@@ -205,7 +215,9 @@ def test_finalize_loops_over_term_blocks(monkeypatch, paired):
     *_, plan = ops.prepare_inputs(p, r, t, None)
     n_terms = 5 if paired else 10
     assert ops.finalize_blocks(n_terms, plan.n_chunks)[1] < n_terms
-    check_fused(p, r, t, torch.rand(10) + 0.5, mask=_mask("full", shape), lambda_mask=2.0, paired=paired, lambda_sft=0.1)
+    check_fused(
+        p, r, t, torch.rand(10) + 0.5, mask=_mask("full", shape), lambda_mask=2.0, paired=paired, lambda_sft=0.1
+    )
 
 
 def test_fp16_gradient_under_loss_scaling():
@@ -280,7 +292,7 @@ def test_deterministic():
     m = _mask("broadcast", (3, 4, 8, 8))
     first = ops.fused_apo_loss(p, r, t, 1.0, mask=m, lambda_mask=2.0)
     second = ops.fused_apo_loss(p, r, t, 1.0, mask=m, lambda_mask=2.0)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 

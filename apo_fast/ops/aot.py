@@ -22,18 +22,20 @@ Example::
     report = compile_kernel(my_kernel, {"x_ptr": "*fp16:16", "n": "i32"}, {"BLOCK": 1024}, arch=90)
     assert not report.has_spills and report.count("LDG.E.128") > 0
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-import re
-import subprocess
-import tempfile
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SUPPORTED_ARCHS = (80, 86, 89, 90)
 _VALID_HINTS = {16}
@@ -355,6 +357,7 @@ def _compile_here(spec: KernelSpec) -> CompiledReport:
 
 # --- child process: compile with the interpreter off ---------------------------------
 
+
 def _encode_value(value: Any) -> Any:
     import triton.language as tl
 
@@ -428,7 +431,7 @@ def _compile_in_child(specs: list[KernelSpec]) -> list[CompiledReport]:
             raise AOTCompileError(f"compile process failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
         results = json.loads(result_path.read_text())
     reports = []
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=True):
         if "error" in result:
             raise AOTCompileError(f"{request['name']} for sm_{request['arch']} failed to compile:\n{result['error']}")
         reports.append(CompiledReport(**result))

@@ -22,6 +22,7 @@ made; the reference prediction and the target get no gradient.
 Inputs are not scanned for NaN/Inf (a device sync per call); NaN propagates to
 the loss, metrics and gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,8 @@ from apo_fast.kernels import apo_loss as K
 from apo_fast.loss import (
     FUSED_DTYPES,
     NUM_METRIC_SLOTS,
-    check_number,
     beta_per_term,
+    check_number,
     validate_mask,
     validate_predictions,
 )
@@ -82,7 +83,7 @@ def _channels_last_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -114,7 +115,9 @@ def prepare_inputs(
     n_samples = p.shape[0]
     numel = p[0].numel()
     if numel >= MAX_SAMPLE_NUMEL:
-        raise ValueError(f"model_pred has {numel} elements per sample; the fused kernels take fewer than {MAX_SAMPLE_NUMEL}")
+        raise ValueError(
+            f"model_pred has {numel} elements per sample; the fused kernels take fewer than {MAX_SAMPLE_NUMEL}"
+        )
     channels = p.shape[1]
     spatial = numel // channels if channels else 0
     positions, repeats, stride, mode, div, mask_numel = numel, 1, numel, K.MASK_NONE, 1, numel
@@ -223,7 +226,9 @@ def launch_finalize(
     return loss, stats
 
 
-def launch_grad(p, t, m, coef: torch.Tensor, plan: StreamPlan, lambda_mask: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+def launch_grad(
+    p, t, m, coef: torch.Tensor, plan: StreamPlan, lambda_mask: float, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """grad = coef_i (* scale) * w * (p - t) in p's dtype and memory order."""
     grad = torch.empty_like(p)
     K.apo_grad_kernel[(plan.n_samples, plan.n_chunks)](
@@ -262,7 +267,9 @@ class FusedAPOLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward, grad_enabled):
+    def forward(
+        ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward, grad_enabled
+    ):
         p, r, t, m, plan = prepare_inputs(model_pred, ref_pred, target, mask)
         partials = launch_residual_sums(p, r, t, m, plan, lambda_mask)
         loss, stats = launch_finalize(partials, plan, beta, paired, lambda_sft)
@@ -328,7 +335,9 @@ def fused_apo_loss(
     lambda_mask = check_number("lambda_mask", lambda_mask, minimum=0.0)
     lambda_sft = check_number("lambda_sft", lambda_sft, minimum=0.0)
     beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
-    return apply_fused_apo_loss(model_pred, ref_pred, target, beta, mask, lambda_mask, bool(paired), lambda_sft, grad_in_forward)
+    return apply_fused_apo_loss(
+        model_pred, ref_pred, target, beta, mask, lambda_mask, bool(paired), lambda_sft, grad_in_forward
+    )
 
 
 def apply_fused_apo_loss(
