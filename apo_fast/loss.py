@@ -290,6 +290,8 @@ def apo_loss(
     if not isinstance(paired, bool):
         raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
     beta = beta_per_term(beta_t, model_pred.shape[0], paired, model_pred.device)
+    if lambda_mask == 1.0:
+        mask = None  # w == 1 everywhere: skip reading the mask
     fused = use_triton(model_pred, ref_pred, target, mask, override=backend)
     if fused and model_pred.dtype not in FUSED_DTYPES:
         if requested_backend(backend) == "triton":

@@ -335,6 +335,8 @@ def fused_apo_loss(
     lambda_mask = check_number("lambda_mask", lambda_mask, minimum=0.0)
     lambda_sft = check_number("lambda_sft", lambda_sft, minimum=0.0)
     beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
+    if lambda_mask == 1.0:
+        mask = None  # w == 1 everywhere: skip reading the mask
     return apply_fused_apo_loss(
         model_pred, ref_pred, target, beta, mask, lambda_mask, bool(paired), lambda_sft, grad_in_forward
     )
