@@ -82,8 +82,13 @@ def _flags(kernel: str, r_pad: int) -> dict:
     return {}
 
 
+def _config(kernel: str, dtype: str, r_pad: int, index: int):
+    return autotune_configs(interpret=False, r_pad=r_pad, fp32=dtype == "fp32")[kernel][index]
+
+
 def _spec(kernel: str, dtype: str, arch: int, r_pad: int, config) -> aot.KernelSpec:
-    constexprs = {**_flags(kernel, r_pad), "R_PAD": r_pad, "DOT_PRECISION": "tf32", **config.kwargs}
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    constexprs = {**_flags(kernel, r_pad), "R_PAD": r_pad, "DOT_PRECISION": precision, **config.kwargs}
     return aot.KernelSpec(KERNEL_FNS[kernel], _signature(kernel, dtype), constexprs, arch,
                           config.num_warps, config.num_stages)
 
@@ -91,7 +96,8 @@ def _spec(kernel: str, dtype: str, arch: int, r_pad: int, config) -> aot.KernelS
 def _variants(all_configs: bool = False) -> list[tuple[str, str, int, int, int]]:
     """(kernel, dtype, arch, r_pad, config index) of the checked variants: the
     default config of each kernel at each padded rank, dtype and arch; with
-    ``all_configs`` also the other autotune candidates (fp16, both archs)."""
+    ``all_configs`` also the other autotune candidates (fp16, both archs) and
+    the fp32 configs (IEEE dots, the GPU correctness path)."""
     out = []
     for k, r_pads in RANK_PADS.items():
         for r in r_pads:
@@ -100,6 +106,7 @@ def _variants(all_configs: bool = False) -> list[tuple[str, str, int, int, int]]
                 out.extend((k, d, a, r, 0) for d in DTYPES)
                 if all_configs:
                     out.extend((k, "fp16", a, r, ci) for ci in range(1, n_configs))
+                    out.append((k, "fp32", a, r, 0))
     return out
 
 
@@ -107,8 +114,7 @@ def _variants(all_configs: bool = False) -> list[tuple[str, str, int, int, int]]
 def _reports(all_configs: bool = False) -> dict:
     """Compile the variants once (one child process for the lot)."""
     variants = _variants(all_configs)
-    specs = [_spec(k, d, a, r, autotune_configs(interpret=False, r_pad=r)[k][ci])
-             for k, d, a, r, ci in variants]
+    specs = [_spec(k, d, a, r, _config(k, d, r, ci)) for k, d, a, r, ci in variants]
     return dict(zip(variants, aot.compile_kernels(specs)))
 
 
@@ -121,7 +127,8 @@ def _check(variant, report) -> None:
     assert not report.has_spills, f"{_label(variant)} spills: {report.summary()}"
     arch = variant[2]
     mma = report.count("HMMA") + (report.count("HGMMA") if arch == 90 else 0)
-    assert mma > 0, f"{_label(variant)} has no tensor-core MMA: {report.key_counts()}"
+    if variant[1] != "fp32":  # IEEE fp32 dots run on the FMA units by design
+        assert mma > 0, f"{_label(variant)} has no tensor-core MMA: {report.key_counts()}"
     limit = 232_448 if arch == 90 else 166_912  # opt-in shared memory per block (H100, A100)
     assert report.shared_bytes <= limit, f"{_label(variant)} needs {report.shared_bytes} B shared"
 

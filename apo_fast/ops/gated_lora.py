@@ -252,15 +252,18 @@ IN_LOOP_MAX_R_PAD = 16
 R_CHUNK = 16
 
 
-def autotune_configs(interpret: bool, r_pad: int) -> dict:
-    """Candidate launch configs per kernel for a padded rank.
+def autotune_configs(interpret: bool, r_pad: int, fp32: bool = False) -> dict:
+    """Candidate launch configs per kernel for a padded rank (and fp32 storage).
 
     Returns ``{"forward" | "backward_dx" | "backward_dadb" | "project": [triton.Config]}``.
     Under the Triton interpreter a single small config is used (the autotuner
     times its candidates through a GPU driver, which the interpreter lacks), and
     its tiles are small so the tests' odd shapes span several tiles. The first
     GPU config of each list is the one the compile test checks at every rank;
-    the lists are chosen so that none spills on sm_80 or sm_90.
+    the fp16/bf16 lists are chosen so that none spills on sm_80 or sm_90.
+    fp32 inputs (IEEE fp32 dots, a correctness path rather than a fast one)
+    get one small config per kernel: the fp16 tiles would spill and exceed
+    sm_80's shared memory.
     """
     import triton
 
@@ -273,6 +276,13 @@ def autotune_configs(interpret: bool, r_pad: int) -> dict:
             "backward_dx": [cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, GROUP_M=2)],
             "backward_dadb": [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)],
             "project": [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)],
+        }
+    if fp32:
+        return {
+            "forward": [cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+            "backward_dx": [cfg(8, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8)],
+            "backward_dadb": [cfg(8, 2, BLOCK_M=32, BLOCK_C=64 if r_pad <= 64 else 32)],
+            "project": [cfg(8, 3, BLOCK_M=64, BLOCK_C=32)],
         }
     matmul = [  # (BLOCK_M, BLOCK_N, BLOCK_K) of the output-tiled kernels
         cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -299,13 +309,13 @@ def autotune_configs(interpret: bool, r_pad: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernels(interpret: bool, r_pad: int):
+def _tuned_kernels(interpret: bool, r_pad: int, fp32: bool):
     """The kernels wrapped in triton.autotune over :func:`autotune_configs`."""
     import triton
 
     from apo_fast.kernels import gated_lora as k
 
-    configs = autotune_configs(interpret, r_pad)
+    configs = autotune_configs(interpret, r_pad, fp32)
     return types.SimpleNamespace(
         forward=triton.autotune(configs["forward"], key=["M", "N", "K", "HAS_GATE", "H_IN_LOOP", "STORE_H"])(
             k.gated_lora_forward_kernel),
@@ -319,10 +329,10 @@ def _tuned_kernels(interpret: bool, r_pad: int):
     )
 
 
-def _kernels(r_pad: int):
+def _kernels(r_pad: int, dtype: torch.dtype):
     from apo_fast.backend import interpreter_enabled
 
-    return _tuned_kernels(interpreter_enabled(), r_pad)
+    return _tuned_kernels(interpreter_enabled(), r_pad, dtype == torch.float32)
 
 
 def _gate_args(gate: torch.Tensor | None, anchor: torch.Tensor):
@@ -336,7 +346,7 @@ def _project(x2d, factor, factor_rank_stride, factor_col_stride, rank, out_dtype
     """(M, rank) = x2d @ F^T with F[j, c] = factor[j * rank_stride + c * col_stride]."""
     M, C = x2d.shape
     out = torch.empty((M, rank), device=x2d.device, dtype=out_dtype)
-    kernel = _kernels(_rank_pad(rank)).project
+    kernel = _kernels(_rank_pad(rank), x2d.dtype).project
     kernel[lambda meta: (_cdiv(M, meta["BLOCK_M"]),)](
         x2d, factor, out, M, C, rank, x2d.stride(0), factor_rank_stride, factor_col_stride,
         out.stride(0), R_PAD=_rank_pad(rank), DOT_PRECISION=_dot_precision(x2d.dtype),
@@ -365,7 +375,7 @@ def gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_
     else:
         h = _project(x2d, lora_A, lora_A.stride(0), 1, rank, x2d.dtype)
     gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
-    kernel = _kernels(r_pad).forward
+    kernel = _kernels(r_pad, x2d.dtype).forward
     kernel[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)](
         x2d, weight, bias if bias is not None else y, lora_A, lora_B, gate_t, y,
         h if h is not None else y,
@@ -406,7 +416,7 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
     in_loop = r_pad <= IN_LOOP_MAX_R_PAD
     precision = _dot_precision(dy.dtype)
     gate_t, stride_gs, has_gate = _gate_args(gate, dy)
-    kernels = _kernels(r_pad)
+    kernels = _kernels(r_pad, dy.dtype)
     dx = da = db = dgate = None
 
     need_u = need_da or need_dgate
