@@ -1,7 +1,8 @@
 """Typed run configuration, loaded from YAML and validated before any work starts.
 
 A config file mirrors :class:`APOConfig`: one mapping per section (``model``,
-``data``, ``adapter``, ``loss``, ``optim``, ``train``, ``pretrain``, ``sample``).
+``data``, ``adapter``, ``loss``, ``optim``, ``train``, ``pretrain``, ``sample``,
+``eval``).
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
 naming the offending key (``train.batch_size``) and what was expected.
 """
@@ -146,6 +147,44 @@ class SampleConfig:
     batch_size: int = 8
 
 
+EVAL_SOURCES = ("none", "cutpaste", "lora", "apo")
+
+
+@dataclass
+class EvalConfig:
+    """``apo-fast eval``: generation metrics and the downstream detector test (see :mod:`apo_fast.evaluate`).
+
+    The defaults are the demo-size settings (32 px, a CPU in minutes). Synthetic
+    sources: ``none`` (normals only), ``cutpaste``, ``lora`` (plain LoRA
+    baseline: constant gate, plain diffusion loss, same base and steps, trained
+    into ``lora_run``) and ``apo`` (the run). Generation is guided by the
+    training anomalies' masks only, never by held-out data.
+    """
+
+    sources: list[str] = field(default_factory=lambda: list(EVAL_SOURCES))
+    num_per_defect: int = 16  # synthetic anomalies per defect type and generated source
+    guided_fraction: float = 0.5  # share of them generated mask-guided on normal images; the rest free
+    guide_normals: str = "train"  # train (train/good) | test_split (first half of test/good, dropped from the test)
+    num_inference_steps: int | None = None  # sampling steps for the evaluation (None: sample.num_inference_steps)
+    sample_seed: int = 2024
+    lora_run: str | None = None  # LoRA-baseline run folder (None: "<run>-lora" beside the APO run)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one segmenter per source and seed
+    segmenter_steps: int = 300
+    segmenter_batch_size: int = 8
+    segmenter_lr: float = 1e-3
+    segmenter_channels: int = 16
+    segmenter_depth: int = 3
+    segmenter_augment: bool | None = None  # random flips; None: on for texture categories
+    generation_metrics: bool = True
+    lpips_net: str = "alex"
+    lpips_weights: str | None = None  # LPIPS backbone checkpoint (file or folder); None: torch hub cache
+    inception_weights: str | None = None  # Inception-v3 checkpoint (file or folder); None: torch hub cache
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # clamped to the number of images
+    num_threads: int = 1  # torch intra-op threads during the evaluation (0: leave torch's setting)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
 @dataclass
 class APOConfig:
     output_dir: str = "runs/apo"
@@ -157,6 +196,7 @@ class APOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "APOConfig":
         validate_config(self)
@@ -420,3 +460,27 @@ def validate_config(cfg: APOConfig) -> None:
     if not 0.0 < s.mask_threshold < 1.0:
         raise ConfigError(f"sample.mask_threshold must be in (0, 1); got {s.mask_threshold}")
     _positive("sample.mask_sigma", s.mask_sigma, allow_zero=True)
+    _validate_eval(cfg.eval)
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    if not e.sources or len(set(e.sources)) != len(e.sources):
+        raise ConfigError(f"eval.sources must be a non-empty list without repeats; got {e.sources!r}")
+    for i, name in enumerate(e.sources):
+        _choice(f"eval.sources[{i}]", name, EVAL_SOURCES)
+    _positive("eval.num_per_defect", e.num_per_defect)
+    if not 0.0 <= e.guided_fraction <= 1.0:
+        raise ConfigError(f"eval.guided_fraction must be in [0, 1]; got {e.guided_fraction}")
+    _choice("eval.guide_normals", e.guide_normals, ("train", "test_split"))
+    _positive("eval.num_inference_steps", e.num_inference_steps)
+    if not e.seeds or len(set(e.seeds)) != len(e.seeds):
+        raise ConfigError(f"eval.seeds must be a non-empty list of distinct integers; got {e.seeds!r}")
+    for key in ("segmenter_steps", "segmenter_batch_size", "segmenter_channels", "segmenter_depth",
+                "kid_subsets", "segmenter_lr"):
+        _positive(f"eval.{key}", getattr(e, key))
+    if e.kid_subset_size < 2:
+        raise ConfigError(f"eval.kid_subset_size must be >= 2; got {e.kid_subset_size}")
+    _choice("eval.lpips_net", e.lpips_net, ("alex", "vgg", "squeeze"))
+    _positive("eval.num_threads", e.num_threads, allow_zero=True)
+    if not (e.device in ("auto", "cpu", "cuda") or e.device.startswith("cuda:")):
+        raise ConfigError(f"eval.device must be auto, cpu, cuda or cuda:N; got {e.device!r}")
