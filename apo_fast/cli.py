@@ -66,6 +66,32 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from apo_fast.evaluate import evaluate
+
+    cfg = _load(args)
+    result = evaluate(cfg, args.run, train_missing=not args.no_train, progress=not args.no_progress, log=print)
+    print("\n" + result["markdown"])
+    print(json.dumps(result["files"], indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from apo_fast.bench import StepBenchConfig, run_step_benchmark, to_markdown, write_reports
+
+    cfg = StepBenchConfig(
+        model=args.model, batch=args.batch, rank=args.rank, precision=args.precision, steps=args.steps,
+        warmup=args.warmup, device=args.device, resolution=args.resolution, cond_tokens=args.cond_tokens,
+        gate=args.gate, gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        attention=args.attention, seed=args.seed, threads=args.threads,
+    )
+    result = run_step_benchmark(cfg, workdir=args.output_dir, progress=not args.no_progress)
+    files = write_reports(result, args.output_dir)
+    print(to_markdown(result))
+    print(json.dumps(files, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apo-fast", description="Anomaly Preference Optimization: train and sample")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,6 +119,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("eval", help="generation metrics and the downstream detector test: none/cutpaste/lora/apo")
+    _add_config_args(p)
+    p.add_argument("--run", default=None,
+                   help="trained APO run folder (default: the config's output_dir; trained there if missing)")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing APO or LoRA run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="training-step benchmark: apo-fast vs the diffusers Diffusion-DPO baseline")
+    p.add_argument("--model", choices=("tiny", "sd15", "sdxl"), default="tiny", help="UNet preset (random weights)")
+    p.add_argument("--batch", type=int, default=4, help="preference pairs per step (2x images per UNet pass)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--precision", choices=("auto", "no", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: tiny 32, sd15 512, sdxl 1024)")
+    p.add_argument("--cond-tokens", type=int, default=None, help="condition tokens (default: SD 77, tiny 4)")
+    p.add_argument("--gate", choices=("rank_prefix", "constant", "sigmoid", "learned"), default="rank_prefix",
+                   help="apo-fast's timestep gate (constant = the baseline's plain LoRA)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit on both sides")
+    p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa", help="on both sides")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads during the run")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/bench",
+                   help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_bench)
     return parser
 
 
