@@ -138,7 +138,7 @@ def test_default_config_compiles_without_spills_and_uses_tensor_cores(variant):
     _check(variant, _reports()[variant])
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_every_autotune_candidate_compiles_without_spills():
     """The whole candidate lists (about 100 compiles; several minutes on 2 cores)."""
     reports = _reports(all_configs=True)
