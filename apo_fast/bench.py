@@ -108,6 +108,9 @@ class StepBenchConfig:
         seed: seeds the model weights and the data draws.
         threads: ``torch.set_num_threads`` for the run (None: leave it).
         telemetry_period_s: sampling period of the telemetry thread.
+        time_budget_s: optional seconds from the start of the run after which no
+            further timed step starts (at least two per side always run); the
+            steps done are reported as ``config.steps_done``.
     """
 
     model: str = "tiny"
@@ -128,6 +131,7 @@ class StepBenchConfig:
     seed: int = 0
     threads: int | None = None
     telemetry_period_s: float = 0.05
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -152,6 +156,9 @@ class StepBenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        budget = self.time_budget_s
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            raise ValueError(f"time_budget_s must be None or a number > 0, got {budget!r}")
 
     @property
     def pixel_size(self) -> int:
@@ -534,8 +541,8 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
     workdir = Path(tempfile.mkdtemp(prefix="apo_bench_")) if own_tmp else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
+    t_build = time.perf_counter()
     try:
-        t_build = time.perf_counter()
         vae_dir = save_random_vae(cfg.model, workdir / "random_vae", cfg.seed) if cfg.latent else None
         m0 = _cuda_allocated(device) if cuda else 0
         apo = APOFastSide(cfg, device, workdir, vae_dir)
@@ -557,7 +564,14 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
         timer = PhaseTimer(device)
         origin = time.monotonic()
         with Telemetry(device if cuda else "cpu", period_s=cfg.telemetry_period_s) as tel:
+            steps_done = 0
             for i in range(cfg.steps):
+                if (cfg.time_budget_s is not None and i >= 2
+                        and time.perf_counter() - t_build > cfg.time_budget_s):
+                    log.warning("step benchmark: time budget of %.0f s reached after %d steps per side",
+                                cfg.time_budget_s, i)
+                    break
+                steps_done = i + 1
                 order = SIDES if i % 2 == 0 else SIDES[::-1]
                 for name in order:
                     other = "baseline" if name == "apo_fast" else "apo_fast"
@@ -583,7 +597,8 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
             "schema": SCHEMA,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {**dataclasses.asdict(cfg), "device": str(device), "mixed_precision": cfg.mixed_precision(device),
-                       "pixel_size": cfg.pixel_size, "cond_tokens": cfg.tokens, "images_per_step": images},
+                       "pixel_size": cfg.pixel_size, "cond_tokens": cfg.tokens, "images_per_step": images,
+                       "steps_done": steps_done},
             "machine": _machine(device),
             "notes": _notes(cfg, device),
             "build_and_warmup_s": build_s,
@@ -642,7 +657,7 @@ def to_markdown(result: dict) -> str:
         f"### Step benchmark: {c['model']}, {c['pixel_size']} px, batch {c['batch']} pairs, rank {c['rank']}, "
         f"{c['mixed_precision']}",
         "",
-        f"- {result['date']} on {where}; torch {m.get('torch')}, {c['steps']} timed steps per side after "
+        f"- {result['date']} on {where}; torch {m.get('torch')}, {c.get('steps_done', c['steps'])} timed steps per side after "
         f"{c['warmup']} warmup, interleaved",
         "",
         "| metric | apo-fast | baseline | apo-fast / baseline |",
