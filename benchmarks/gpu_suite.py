@@ -189,7 +189,7 @@ def part_env(ctx: PartContext) -> dict:
 
 def _rel_err(a, b) -> float:
     """max |a - b| / max |b| in float64."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
