@@ -71,6 +71,11 @@ APO_FK_API int apo_fk_last_cuda_error(void);
  * APO_FK_ERROR_NO_DRIVER, APO_FK_ERROR_NO_DEVICE or APO_FK_ERROR_CUDA. */
 APO_FK_API apo_fk_status apo_fk_driver_status(void);
 
+/* The device of the calling thread's current context: compute capability as
+ * 10 * major + minor (e.g. 90), the cubins it runs (80, 90, or 0: none) and its
+ * multiprocessor count. Any output pointer may be NULL. */
+APO_FK_API apo_fk_status apo_fk_device_query(int *compute_capability, int *cubin_arch, int *sm_count);
+
 /* Unload the modules this library loaded into `cu_context` (a CUcontext).
  * Call it before cuCtxDestroy on a context the library launched in. */
 APO_FK_API apo_fk_status apo_fk_release_context(void *cu_context);

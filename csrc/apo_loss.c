@@ -15,12 +15,13 @@
 #define MASK_NONE 0
 #define MASK_DIRECT 1
 #define MASK_DIV 2
-#define MASK_DIV_CHANNELS 4      /* the channels_last broadcast-mask kernels are compiled for C == 4 */
-#define SMALL_BLOCK 512          /* GPU_STREAM_CONFIGS[0]: 2 warps */
-#define LARGE_BLOCK 2048         /* GPU_STREAM_CONFIGS[3]: 8 warps, when the chunk holds one block */
-#define FINALIZE_TILE 2048
-
-static const int32_t finalize_block_chunks[] = {16, 128, 1024};
+/* From the generated header (apo_fast/kernels_aot.py): the channels_last broadcast-mask
+ * kernels' C, the streaming blocks (the large one when the chunk holds it, as the Python
+ * autotuner prunes blocks longer than the chunk) and the finalize tiles' BLOCK_CHUNKS. */
+#define MASK_DIV_CHANNELS APO_FK_MASK_DIV_CHANNELS
+#define SMALL_BLOCK APO_FK_STREAM_BLOCK_SMALL
+#define LARGE_BLOCK APO_FK_STREAM_BLOCK_LARGE
+static const int32_t finalize_block_chunks[] = APO_FK_FINALIZE_BLOCK_CHUNKS;
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }

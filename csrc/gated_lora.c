@@ -7,8 +7,9 @@
 #include "apo_fast_kernels_args.h"
 #include "apo_fk_internal.h"
 
-#define IN_LOOP_MAX_R_PAD 16 /* apo_fast.ops.gated_lora.IN_LOOP_MAX_R_PAD */
-#define MAX_RANK 64          /* largest padded rank compiled */
+/* Padded ranks compiled: IN_LOOP_MAX_R_PAD (h and u accumulated in the main loop) and MAX_RANK. */
+#define IN_LOOP_MAX_R_PAD APO_FK_GL_IN_LOOP_MAX_R_PAD
+#define MAX_RANK APO_FK_GL_MAX_RANK
 #define DADB_COLUMN_TILE 64  /* the Python launcher sizes the splits with 64-wide column tiles */
 #define DADB_PROGRAMS_PER_SM 2
 
@@ -55,7 +56,7 @@ static apo_fk_status gl_check(const apo_fk_gated_lora_desc *desc, gl_shape *s) {
         if (by16[i] % 16 != 0) return APO_FK_ERROR_UNSUPPORTED_SHAPE;
     }
     s->d = d;
-    s->r_pad = d.rank <= IN_LOOP_MAX_R_PAD ? 16 : MAX_RANK;
+    s->r_pad = d.rank <= IN_LOOP_MAX_R_PAD ? IN_LOOP_MAX_R_PAD : MAX_RANK;
     s->in_loop = s->r_pad <= IN_LOOP_MAX_R_PAD;
     return APO_FK_OK;
 }
@@ -221,7 +222,7 @@ apo_fk_status apo_fk_gated_lora_backward_dx(void *stream, const apo_fk_gated_lor
 }
 
 static int32_t split_granule(int32_t r_pad) {
-    return r_pad <= IN_LOOP_MAX_R_PAD ? APO_FK_GL_SPLIT_GRANULE_R16 : APO_FK_GL_SPLIT_GRANULE_R64;
+    return r_pad <= IN_LOOP_MAX_R_PAD ? APO_FK_GL_SPLIT_GRANULE_IN_LOOP : APO_FK_GL_SPLIT_GRANULE_CHUNKED;
 }
 
 apo_fk_status apo_fk_gated_lora_dadb_splits(const apo_fk_gated_lora_desc *desc, int sm_count, int *splits,

@@ -110,6 +110,16 @@ apo_fk_status apo_fk_current_device(apo_fk_device *device) {
     return status;
 }
 
+apo_fk_status apo_fk_device_query(int *compute_capability, int *cubin_arch, int *sm_count) {
+    apo_fk_device device;
+    apo_fk_status status = apo_fk_current_device(&device);
+    if (status != APO_FK_OK) return status;
+    if (compute_capability != NULL) *compute_capability = 10 * device.cc_major + device.cc_minor;
+    if (cubin_arch != NULL) *cubin_arch = device.arch;
+    if (sm_count != NULL) *sm_count = device.sm_count;
+    return APO_FK_OK;
+}
+
 /* The function of variant `index` in the device's context, loading its module once. */
 static apo_fk_status get_function(const apo_fk_driver *cu, const apo_fk_device *device, int index,
                                   CUfunction *function) {

@@ -144,6 +144,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             i32, [ctypes.POINTER(GatedLoraDesc), i32, ctypes.POINTER(i32), ctypes.POINTER(i32)]),
         "apo_fk_gated_lora_backward_dadb": (i32, [VP, ctypes.POINTER(GatedLoraDesc), i32, i32] + [VP] * 7),
         "apo_fk_status_string": (ctypes.c_char_p, [i32]),
+        "apo_fk_device_query": (i32, [ctypes.POINTER(i32)] * 3),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -481,6 +482,12 @@ def _gpu_library(build_dir: Path):
     lib = _load_library(build_dir, "gpu", None)
     if lib.status != OK:
         pytest.skip(f"C library on this machine: {lib.apo_fk_status_string(lib.status).decode()}")
+    torch.cuda.init()
+    torch.empty(1, device="cuda")  # the primary context, current on this thread
+    cc, arch = ctypes.c_int(), ctypes.c_int()
+    assert lib.apo_fk_device_query(ctypes.byref(cc), ctypes.byref(arch), None) == OK
+    if arch.value == 0:
+        pytest.skip(f"no cubins for compute capability {cc.value}")
     return lib
 
 

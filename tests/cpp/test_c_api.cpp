@@ -196,6 +196,7 @@ int run_no_driver() {
                  APO_FK_ERROR_UNSUPPORTED_SHAPE);  // x not 16-byte aligned
     CHECK_STATUS(apo_fk_gated_lora_backward_dx(nullptr, &g, a, b, c, m, w, a, w), APO_FK_ERROR_NO_DRIVER);
     CHECK_STATUS(apo_fk_release_context(fake_ptr(1)), APO_FK_ERROR_NO_DRIVER);
+    CHECK_STATUS(apo_fk_device_query(nullptr, nullptr, nullptr), APO_FK_ERROR_NO_DRIVER);
     return failures == 0 ? 0 : 1;
 }
 
@@ -411,6 +412,13 @@ int run_fake_driver(const char *fake_path) {
     fake.configure(10, 0, 148, 232448, 8);  // Blackwell: the sm_90a cubins do not run there
     CHECK_STATUS(apo_fk_loss_forward(nullptr, &plan, a, a, a, a, nullptr, w, w, w), APO_FK_ERROR_NO_KERNEL_FOR_ARCH);
 
+    int cc = 0, arch = -1, sms = 0;
+    CHECK_STATUS(apo_fk_device_query(&cc, &arch, &sms), APO_FK_OK);
+    CHECK(cc == 100 && arch == 0 && sms == 148);
+    fake.configure(8, 6, 84, 101376, 9);
+    CHECK_STATUS(apo_fk_device_query(&cc, &arch, nullptr), APO_FK_OK);
+    CHECK(cc == 86 && arch == 80);
+
     check_loss_launches(fake, 9, 0, 1);  // H100/H200: sm_90 cubins
     check_loss_launches(fake, 8, 6, 2);  // RTX 30xx: the sm_80 cubins
     check_lora_launches(fake, 9, 0, 1);
@@ -421,7 +429,7 @@ int run_fake_driver(const char *fake_path) {
     CHECK_STATUS(apo_fk_gated_lora_forward(nullptr, &g, a, a, nullptr, a, a, w, a, a), APO_FK_ERROR_NO_KERNEL_FOR_ARCH);
 
     CHECK(fake.modules() > 0);
-    for (int ctx : {1, 2, 3, 4, 7, 8}) CHECK_STATUS(apo_fk_release_context(fake_ptr(ctx)), APO_FK_OK);
+    for (int ctx : {1, 2, 3, 4, 7, 8, 9}) CHECK_STATUS(apo_fk_release_context(fake_ptr(ctx)), APO_FK_OK);
     CHECK(fake.modules() == 0);
     // After a release the context is registered again on its next launch.
     fake.configure(9, 0, 132, 232448, 1);
@@ -792,13 +800,13 @@ int run_gpu() {
     apo_example::CudaDriver cu;
     if (!cu.loaded()) return 77;
     apo_example::PrimaryContext context(cu);
-    apo_fk_loss_desc probe = sd_loss_desc();
-    apo_fk_loss_plan plan;
-    const apo_fk_status arch = apo_fk_loss_plan_make(&probe, 0, &plan);
-    if (arch != APO_FK_OK) {
-        std::printf("skipped: %s\n", apo_fk_status_string(arch));
+    int cc = 0, arch = 0, sms = 0;
+    CHECK_STATUS(apo_fk_device_query(&cc, &arch, &sms), APO_FK_OK);
+    if (arch == 0) {
+        std::printf("skipped: compute capability %d.%d has no cubins in this library\n", cc / 10, cc % 10);
         return 77;
     }
+    std::printf("device: compute capability %d.%d, %d SMs, sm_%d cubins\n", cc / 10, cc % 10, sms, arch);
     std::mt19937 rng(1234);
     bool ok = true;
     for (apo_fk_dtype t : {APO_FK_DTYPE_FP32, APO_FK_DTYPE_FP16, APO_FK_DTYPE_BF16}) {
