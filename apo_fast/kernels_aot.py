@@ -152,9 +152,14 @@ def _loss_stream_variant(kernel: str, arch: int, dtype: str, mode: int, flag: bo
     f32p = "*fp32:16" if aligned else "*fp32"
     size = "i32:16" if aligned else "i32"
     # chunk is a multiple of GPU_CHUNK_ALIGN (512) in every plan.
-    sizes = dict(
-        sample_numel=size, mask_sample_numel=size, positions=size, repeats="i32", repeat_stride=size, chunk="i32:16"
-    )
+    sizes = {
+        "sample_numel": size,
+        "mask_sample_numel": size,
+        "positions": size,
+        "repeats": "i32",
+        "repeat_stride": size,
+        "chunk": "i32:16",
+    }
     if kernel == "RESIDUAL_SUMS":
         sig = dict(pred_ptr=p, ref_ptr=p, target_ptr=p, mask_ptr=p, partial_ptr=f32p, **sizes, n_chunks="i32")
     else:
@@ -201,9 +206,12 @@ def loss_variants(arch: int) -> list[LibraryVariant]:
     for paired in (False, True):
         for per_term in (False, True):
             for block_chunks, block_terms in LOSS_FINALIZE_TILES:
-                constexprs = dict(
-                    PAIRED=paired, BETA_PER_TERM=per_term, BLOCK_TERMS=block_terms, BLOCK_CHUNKS=block_chunks
-                )
+                constexprs = {
+                    "PAIRED": paired,
+                    "BETA_PER_TERM": per_term,
+                    "BLOCK_TERMS": block_terms,
+                    "BLOCK_CHUNKS": block_chunks,
+                }
                 key = (int(paired), int(per_term), block_chunks)
                 out.append(
                     LibraryVariant("LOSS_FINALIZE", arch, "fp32", key, dict(fin_sig), constexprs, FINALIZE_WARPS, 3)
@@ -226,7 +234,15 @@ def _gated_lora_signature(kernel: str, dtype: str, out_fp32: bool = False) -> di
         sig.update(stride_dym=i16, stride_wn=i16, stride_am=i16, stride_bn=i, stride_gs=i, stride_dxm=i16, stride_um=i)
     elif kernel == "GL_BACKWARD_DADB":
         # u is fp32 (M, rank); h is (M, rank) in the storage dtype.
-        sig = dict(u_ptr=f32p, x_ptr=p, h_ptr=p, dy_ptr=p, gate_ptr=f32p, da_part_ptr=f32p, dbt_part_ptr=f32p)
+        sig = {
+            "u_ptr": f32p,
+            "x_ptr": p,
+            "h_ptr": p,
+            "dy_ptr": p,
+            "gate_ptr": f32p,
+            "da_part_ptr": f32p,
+            "dbt_part_ptr": f32p,
+        }
         sig.update(M=i, N=i16, K=i16, rank=i, tokens_per_sample=i, scaling="fp32", tokens_per_split=i16)
         sig.update(stride_um=i, stride_xm=i16, stride_hm=i, stride_dym=i16, stride_gs=i)
         sig.update(stride_das=i16, stride_dar=i16, stride_dbs=i16, stride_dbr=i16)
@@ -239,10 +255,17 @@ def _gated_lora_signature(kernel: str, dtype: str, out_fp32: bool = False) -> di
     return sig
 
 
+def _gated_lora_variant(kernel: str, arch: int, dtype: str, key: tuple, flags: dict, r_pad: int, config, **sig_opts):
+    constexprs = {**flags, "R_PAD": r_pad, "DOT_PRECISION": "tf32", **config.kwargs}
+    sig = _gated_lora_signature(kernel, dtype, **sig_opts)
+    return LibraryVariant(kernel, arch, dtype, key, sig, constexprs, config.num_warps, config.num_stages)
+
+
 def gated_lora_variants(arch: int) -> list[LibraryVariant]:
     """The gated-LoRA variants for one architecture: every optional term the C
     API exposes (bias on/off) at each padded rank, the gate always read (a
-    (1, r) gate of ones with row stride 0 is a plain LoRA), h and u always stored."""
+    (1, r) gate of ones with row stride 0 is a plain LoRA), h and u always
+    stored, each kernel with its first (default) autotune config."""
     from apo_fast.ops.gated_lora import IN_LOOP_MAX_R_PAD, R_CHUNK, autotune_configs
 
     out = []
@@ -250,28 +273,23 @@ def gated_lora_variants(arch: int) -> list[LibraryVariant]:
         for r_pad in GATED_LORA_RANK_PADS:
             configs = autotune_configs(interpret=False, r_pad=r_pad, fp32=False)
             in_loop = r_pad <= IN_LOOP_MAX_R_PAD
-            common = {"R_PAD": r_pad, "DOT_PRECISION": "tf32"}
-
-            def add(kernel, key, flags, config, sig, dtype=dtype):
-                constexprs = {**flags, **common, **config.kwargs}
-                out.append(
-                    LibraryVariant(kernel, arch, dtype, key, sig, constexprs, config.num_warps, config.num_stages)
-                )
-
             for has_bias in (False, True):
-                flags = dict(HAS_BIAS=has_bias, HAS_GATE=True, H_IN_LOOP=in_loop, STORE_H=in_loop, R_CHUNK=R_CHUNK)
-                add("GL_FORWARD", (r_pad, int(has_bias)), flags, configs["forward"][0],
-                    _gated_lora_signature("GL_FORWARD", dtype))
-            flags = dict(HAS_GATE=True, U_IN_LOOP=in_loop, STORE_U=in_loop, R_CHUNK=R_CHUNK)
-            add("GL_BACKWARD_DX", (r_pad,), flags, configs["backward_dx"][0],
-                _gated_lora_signature("GL_BACKWARD_DX", dtype))
-            flags = dict(HAS_GATE=True, COMPUTE_DA=True, COMPUTE_DB=True)
-            add("GL_BACKWARD_DADB", (r_pad,), flags, configs["backward_dadb"][0],
-                _gated_lora_signature("GL_BACKWARD_DADB", dtype))
+                flags = {"HAS_BIAS": has_bias, "HAS_GATE": True, "H_IN_LOOP": in_loop, "STORE_H": in_loop}
+                flags["R_CHUNK"] = R_CHUNK
+                key = (r_pad, int(has_bias))
+                out.append(_gated_lora_variant("GL_FORWARD", arch, dtype, key, flags, r_pad, configs["forward"][0]))
+            flags = {"HAS_GATE": True, "U_IN_LOOP": in_loop, "STORE_U": in_loop, "R_CHUNK": R_CHUNK}
+            config = configs["backward_dx"][0]
+            out.append(_gated_lora_variant("GL_BACKWARD_DX", arch, dtype, (r_pad,), flags, r_pad, config))
+            flags = {"HAS_GATE": True, "COMPUTE_DA": True, "COMPUTE_DB": True}
+            config = configs["backward_dadb"][0]
+            out.append(_gated_lora_variant("GL_BACKWARD_DADB", arch, dtype, (r_pad,), flags, r_pad, config))
             if not in_loop:
                 for out_fp32 in (False, True):
-                    add("GL_PROJECT", (r_pad, int(out_fp32)), {}, configs["project"][0],
-                        _gated_lora_signature("GL_PROJECT", dtype, out_fp32))
+                    key, config = (r_pad, int(out_fp32)), configs["project"][0]
+                    out.append(
+                        _gated_lora_variant("GL_PROJECT", arch, dtype, key, {}, r_pad, config, out_fp32=out_fp32)
+                    )
     return out
 
 
@@ -311,7 +329,7 @@ class CompiledVariant:
     seconds: float
 
 
-_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)", re.S)
+_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)", re.DOTALL)
 
 
 def _compile_one(variant: LibraryVariant) -> CompiledVariant:
@@ -488,7 +506,7 @@ def _cubins_source(compiled: Sequence[CompiledVariant], kinds: dict[str, dict[st
         key = list(v.key) + [0] * (4 - len(v.key))
         out.append(
             f"    {{APO_FK_KERNEL_{v.kernel}, {v.arch}, APO_FK_DTYPE_{v.dtype.upper()}, "
-            f"{{{', '.join(map(str, key))}}}, \"{v.label}\", \"{c.entry}\", "
+            f'{{{", ".join(map(str, key))}}}, "{v.label}", "{c.entry}", '
             f"(const unsigned char *)cubin_{i}, {len(c.cubin)}u, {c.shared_bytes}u, {v.num_warps}, "
             f"{len(c.params)}, {c.n_scratch}, params_{i}, {{{', '.join(map(str, _tiles(v)))}}}}},"
         )
@@ -505,8 +523,9 @@ def _manifest(compiled: Sequence[CompiledVariant], kinds: dict[str, dict[str, st
         "version": MANIFEST_VERSION,
         "triton_version": triton.__version__,
         "archs": sorted({c.variant.arch for c in compiled}),
-        "kernels": {k: {"function": KERNEL_IDS[k][0], "key_fields": list(KEY_FIELDS[k]), "args": a}
-                    for k, a in kinds.items()},
+        "kernels": {
+            k: {"function": KERNEL_IDS[k][0], "key_fields": list(KEY_FIELDS[k]), "args": a} for k, a in kinds.items()
+        },
         "variants": [
             {
                 "index": i,

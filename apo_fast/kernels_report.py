@@ -107,11 +107,17 @@ def _findings(pairs: Sequence[tuple]) -> list[str]:
             generic_vector = [v.label for v, r in stream if v.key[KEY_ALIGNED[v.kernel]] == 0 and r.count("LDG.E.128")]
             lines.append(
                 f"  - Loss streaming kernels: {len(aligned)} aligned variants, "
-                + ("all with 128-bit loads (LDG.E.128)" if not scalar
-                   else f"**{len(scalar)} without 128-bit loads**: {', '.join(scalar)}")
+                + (
+                    "all with 128-bit loads (LDG.E.128)"
+                    if not scalar
+                    else f"**{len(scalar)} without 128-bit loads**: {', '.join(scalar)}"
+                )
                 + f"; the {len(stream) - len(aligned)} generic variants (no alignment hints) use "
-                + ("scalar loads only, as expected." if not generic_vector
-                   else f"vector loads in {', '.join(generic_vector)}.")
+                + (
+                    "scalar loads only, as expected."
+                    if not generic_vector
+                    else f"vector loads in {', '.join(generic_vector)}."
+                )
             )
         matmuls = [(v, r) for v, r in at if v.kernel in MATMUL_KERNELS]
         if matmuls:
@@ -133,17 +139,21 @@ def render_markdown(pairs: Sequence[tuple], triton_version: str, seconds: float)
     out = [
         "# Compile report: apo_fast_kernels",
         "",
-        "Every kernel variant the C library embeds (`apo_fast.kernels_aot.library_variants()`), compiled by "
-        f"Triton {triton_version} for sm_80 and sm_90 on a machine without a GPU and disassembled with the "
-        "`cuobjdump` Triton ships. Regenerate with "
-        "`python -m apo_fast.kernels_report --out benchmarks/COMPILE_REPORT.md` "
-        f"({len(pairs)} variants, {seconds:.0f} s here).",
+        (
+            "Every kernel variant the C library embeds (`apo_fast.kernels_aot.library_variants()`), compiled by "
+            f"Triton {triton_version} for sm_80 and sm_90 on a machine without a GPU and disassembled with the "
+            "`cuobjdump` Triton ships. Regenerate with "
+            "`python -m apo_fast.kernels_report --out benchmarks/COMPILE_REPORT.md` "
+            f"({len(pairs)} variants, {seconds:.0f} s here)."
+        ),
         "",
-        "Columns: registers per thread; shared memory per program (bytes, dynamic included); spills "
-        "(STL + LDL instructions + local + stack bytes); counts of SASS instructions: tensor-core MMA "
-        "(HMMA; HGMMA = Hopper warpgroup MMA), global loads/stores by width (LDG.128 = 128-bit "
-        "`LDG.E.128`, LDG all = every global load), async global-to-shared copies (LDGSTS), TMA loads "
-        "(UTMALDG), shared-memory matrix loads (LDSM), special-function unit (MUFU: exp/log/rcp).",
+        (
+            "Columns: registers per thread; shared memory per program (bytes, dynamic included); spills "
+            "(STL + LDL instructions + local + stack bytes); counts of SASS instructions: tensor-core MMA "
+            "(HMMA; HGMMA = Hopper warpgroup MMA), global loads/stores by width (LDG.128 = 128-bit "
+            "`LDG.E.128`, LDG all = every global load), async global-to-shared copies (LDGSTS), TMA loads "
+            "(UTMALDG), shared-memory matrix loads (LDSM), special-function unit (MUFU: exp/log/rcp)."
+        ),
         "",
         "## Findings",
         "",
@@ -164,8 +174,7 @@ def render_markdown(pairs: Sequence[tuple], triton_version: str, seconds: float)
             for v, r in rows:
                 if v.arch != arch:
                     continue
-                cells = [_variant_name(v), r.num_warps, r.num_stages, r.registers, r.shared_bytes,
-                         _spills(r)]
+                cells = [_variant_name(v), r.num_warps, r.num_stages, r.registers, r.shared_bytes, _spills(r)]
                 cells += [r.count(op) for _, op in INSTRUCTION_COLUMNS]
                 cells.append(sum(r.instructions.values()))
                 out.append("| " + " | ".join(str(c) for c in cells) + " |")

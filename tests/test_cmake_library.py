@@ -56,12 +56,17 @@ def build_dir(tmp_path_factory) -> Path:
     """Configure and build the library once for this module."""
     build = tmp_path_factory.mktemp("cmake_build")
     configure = [
-        "cmake", "-S", str(ROOT), "-B", str(build),
-        f"-DPython3_EXECUTABLE={sys.executable}", "-DAPO_FAST_KERNELS_WERROR=ON",
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        "-DAPO_FAST_KERNELS_WERROR=ON",
         "-DCMAKE_BUILD_TYPE=Release",
     ]
     for cmd in (configure, ["cmake", "--build", str(build), "-j", "2"]):
-        proc = subprocess.run(cmd, cwd=ROOT, env=_build_env(), capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_build_env(), capture_output=True, text=True, timeout=900, check=False)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return build
 
@@ -69,7 +74,11 @@ def build_dir(tmp_path_factory) -> Path:
 def test_ctest(build_dir):
     proc = subprocess.run(
         ["ctest", "--test-dir", str(build_dir), "--output-on-failure"],
-        env=_build_env(), capture_output=True, text=True, timeout=300,
+        env=_build_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     for name in ("c_api_no_driver", "c_api_fake_driver", "c_api_fake_no_device", "apo_loss_example"):
@@ -83,9 +92,15 @@ def test_ctest(build_dir):
 
 class LossDesc(ctypes.Structure):
     _fields_ = [
-        ("dtype", ctypes.c_int), ("layout", ctypes.c_int), ("n_samples", ctypes.c_int64),
-        ("channels", ctypes.c_int64), ("spatial", ctypes.c_int64), ("mask_channels", ctypes.c_int64),
-        ("lambda_mask", ctypes.c_double), ("lambda_sft", ctypes.c_double), ("beta", ctypes.c_double),
+        ("dtype", ctypes.c_int),
+        ("layout", ctypes.c_int),
+        ("n_samples", ctypes.c_int64),
+        ("channels", ctypes.c_int64),
+        ("spatial", ctypes.c_int64),
+        ("mask_channels", ctypes.c_int64),
+        ("lambda_mask", ctypes.c_double),
+        ("lambda_sft", ctypes.c_double),
+        ("beta", ctypes.c_double),
         ("paired", ctypes.c_int),
     ]
 
@@ -93,34 +108,63 @@ class LossDesc(ctypes.Structure):
 class LossPlan(ctypes.Structure):
     _fields_ = [("desc", LossDesc)] + [
         (name, ctypes.c_int64)
-        for name in ("n_terms", "sample_numel", "positions", "repeats", "repeat_stride", "mask_mode", "mask_div",
-                     "mask_sample_numel", "chunk", "n_chunks", "partials_floats", "stats_floats")
+        for name in (
+            "n_terms",
+            "sample_numel",
+            "positions",
+            "repeats",
+            "repeat_stride",
+            "mask_mode",
+            "mask_div",
+            "mask_sample_numel",
+            "chunk",
+            "n_chunks",
+            "partials_floats",
+            "stats_floats",
+        )
     ]
 
 
 class GatedLoraDesc(ctypes.Structure):
-    _fields_ = [("dtype", ctypes.c_int)] + [
-        (name, ctypes.c_int64)
-        for name in ("tokens", "in_features", "out_features", "rank", "tokens_per_sample", "gate_row_stride")
-    ] + [("scaling", ctypes.c_double)] + [
-        (name, ctypes.c_int64) for name in ("ld_x", "ld_weight", "ld_lora_a", "ld_lora_b", "ld_y")
-    ]
+    _fields_ = (
+        [("dtype", ctypes.c_int)]
+        + [
+            (name, ctypes.c_int64)
+            for name in ("tokens", "in_features", "out_features", "rank", "tokens_per_sample", "gate_row_stride")
+        ]
+        + [("scaling", ctypes.c_double)]
+        + [(name, ctypes.c_int64) for name in ("ld_x", "ld_weight", "ld_lora_a", "ld_lora_b", "ld_y")]
+    )
 
 
 class VariantInfo(ctypes.Structure):
     _fields_ = [
-        ("label", ctypes.c_char_p), ("kernel", ctypes.c_char_p), ("arch", ctypes.c_int), ("dtype", ctypes.c_int),
-        ("cubin", ctypes.c_void_p), ("cubin_size", ctypes.c_size_t), ("shared_bytes", ctypes.c_uint),
-        ("num_warps", ctypes.c_int), ("num_params", ctypes.c_int),
+        ("label", ctypes.c_char_p),
+        ("kernel", ctypes.c_char_p),
+        ("arch", ctypes.c_int),
+        ("dtype", ctypes.c_int),
+        ("cubin", ctypes.c_void_p),
+        ("cubin_size", ctypes.c_size_t),
+        ("shared_bytes", ctypes.c_uint),
+        ("num_warps", ctypes.c_int),
+        ("num_params", ctypes.c_int),
     ]
 
 
 class FakeLaunch(ctypes.Structure):
     _fields_ = [
-        ("function", ctypes.c_char * 128), ("arch", ctypes.c_int), ("image", ctypes.c_void_p),
-        ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
-        ("stream", ctypes.c_void_p), ("context", ctypes.c_void_p), ("n_params", ctypes.c_int),
-        ("offsets", ctypes.c_uint * 64), ("sizes", ctypes.c_uint * 64), ("params", ctypes.c_ubyte * 1024),
+        ("function", ctypes.c_char * 128),
+        ("arch", ctypes.c_int),
+        ("image", ctypes.c_void_p),
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_bytes", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("context", ctypes.c_void_p),
+        ("n_params", ctypes.c_int),
+        ("offsets", ctypes.c_uint * 64),
+        ("sizes", ctypes.c_uint * 64),
+        ("params", ctypes.c_ubyte * 1024),
     ]
 
 
@@ -141,7 +185,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "apo_fk_gated_lora_forward": (i32, [VP, ctypes.POINTER(GatedLoraDesc)] + [VP] * 8),
         "apo_fk_gated_lora_backward_dx": (i32, [VP, ctypes.POINTER(GatedLoraDesc)] + [VP] * 7),
         "apo_fk_gated_lora_dadb_splits": (
-            i32, [ctypes.POINTER(GatedLoraDesc), i32, ctypes.POINTER(i32), ctypes.POINTER(i32)]),
+            i32,
+            [ctypes.POINTER(GatedLoraDesc), i32, ctypes.POINTER(i32), ctypes.POINTER(i32)],
+        ),
         "apo_fk_gated_lora_backward_dadb": (i32, [VP, ctypes.POINTER(GatedLoraDesc), i32, i32] + [VP] * 7),
         "apo_fk_status_string": (ctypes.c_char_p, [i32]),
         "apo_fk_device_query": (i32, [ctypes.POINTER(i32)] * 3),
@@ -238,8 +284,9 @@ class _Recorder:
             values.update({k: v for k, v in kwargs.items() if k in self.arg_names})
             options = {k: v for k, v in kwargs.items() if k not in self.arg_names}
             g = grid({**values, **self.meta}) if callable(grid) else grid
-            self.log.append({"kernel": self.name, "grid": tuple(g) + (1,) * (3 - len(g)), "args": values,
-                             "options": options})
+            self.log.append(
+                {"kernel": self.name, "grid": tuple(g) + (1,) * (3 - len(g)), "args": values, "options": options}
+            )
 
         return launch
 
@@ -307,6 +354,7 @@ LOSS_CASES = {
 @pytest.mark.parametrize("case", list(LOSS_CASES), ids=list(LOSS_CASES))
 def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
     from apo_fast.kernels import apo_loss as kernels
+
     from apo_fast.ops import apo_loss as ops
 
     shape, dtype, channels_last, mask_kind, lambda_mask, paired, beta, sft = LOSS_CASES[case]
@@ -314,7 +362,9 @@ def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
     driver.fake_cuda_configure(9, 0, SM_COUNT, 232448, 1)
     log: list = []
     fake_k = types.SimpleNamespace(
-        MASK_NONE=kernels.MASK_NONE, MASK_DIRECT=kernels.MASK_DIRECT, MASK_DIV=kernels.MASK_DIV,
+        MASK_NONE=kernels.MASK_NONE,
+        MASK_DIRECT=kernels.MASK_DIRECT,
+        MASK_DIV=kernels.MASK_DIV,
         CHUNK_ALIGN=kernels.GPU_CHUNK_ALIGN,
         apo_residual_sums_kernel=_Recorder("sums", kernels.apo_residual_sums_kernel, log),
         apo_loss_finalize_kernel=_Recorder("finalize", kernels.apo_loss_finalize_kernel, log),
@@ -336,15 +386,25 @@ def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
         if mask_kind == "full":
             mask = mask.contiguous(memory_format=memory_format)
     beta_t = torch.rand(B, generator=gen) + 1.0 if beta == "vector" else beta
-    loss, _, _, _ = ops.fused_apo_loss(p, r, t, beta_t, mask=mask, lambda_mask=lambda_mask, paired=paired,
-                                       lambda_sft=sft)
+    loss, _, _, _ = ops.fused_apo_loss(
+        p, r, t, beta_t, mask=mask, lambda_mask=lambda_mask, paired=paired, lambda_sft=sft
+    )
     loss.backward()
     assert [e["kernel"] for e in log] == ["sums", "finalize", "grad"]
     sums, fin, grad = log
 
-    desc = LossDesc(DTYPE_CODES[dtype], int(channels_last), B, C, p[0, 0].numel(),
-                    0 if mask is None else mask.shape[1], lambda_mask, sft, 0.0 if beta == "vector" else beta,
-                    int(paired))
+    desc = LossDesc(
+        DTYPE_CODES[dtype],
+        int(channels_last),
+        B,
+        C,
+        p[0, 0].numel(),
+        0 if mask is None else mask.shape[1],
+        lambda_mask,
+        sft,
+        0.0 if beta == "vector" else beta,
+        int(paired),
+    )
     plan = LossPlan()
     assert lib.apo_fk_loss_plan_make(ctypes.byref(desc), 0, ctypes.byref(plan)) == OK  # SMs of the device
     assert (plan.n_chunks, plan.chunk) == (sums["grid"][1], sums["args"]["chunk"])
@@ -352,26 +412,41 @@ def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
     a = {**sums["args"], **fin["args"]}
     ptr = _python_value
     status = lib.apo_fk_loss_forward(
-        None, ctypes.byref(plan), ptr(a["pred_ptr"]), ptr(a["ref_ptr"]), ptr(a["target_ptr"]),
+        None,
+        ctypes.byref(plan),
+        ptr(a["pred_ptr"]),
+        ptr(a["ref_ptr"]),
+        ptr(a["target_ptr"]),
         ptr(mask) if mask is not None else None,
         ptr(a["beta_ptr"]) if fin["args"]["BETA_PER_TERM"] else None,
-        ptr(a["partial_ptr"]), ptr(a["stats_ptr"]), ptr(a["loss_ptr"]),
+        ptr(a["partial_ptr"]),
+        ptr(a["stats_ptr"]),
+        ptr(a["loss_ptr"]),
     )
     assert status == OK, lib.apo_fk_status_string(status)
     g = grad["args"]
     n = B
     assert ptr(g["coef_ptr"]) == ptr(fin["args"]["stats_ptr"]) + 4 * 2 * n
     status = lib.apo_fk_loss_grad(
-        None, ctypes.byref(plan), ptr(g["pred_ptr"]), ptr(g["target_ptr"]), ptr(mask) if mask is not None else None,
-        ptr(fin["args"]["stats_ptr"]), ptr(g["scale_ptr"]) if g["HAS_SCALE"] else None, ptr(g["grad_ptr"]),
+        None,
+        ctypes.byref(plan),
+        ptr(g["pred_ptr"]),
+        ptr(g["target_ptr"]),
+        ptr(mask) if mask is not None else None,
+        ptr(fin["args"]["stats_ptr"]),
+        ptr(g["scale_ptr"]) if g["HAS_SCALE"] else None,
+        ptr(g["grad_ptr"]),
     )
     assert status == OK, lib.apo_fk_status_string(status)
     c_sums, c_fin, c_grad = _c_launches(lib, driver, manifest)
     _assert_same_launch(c_sums, sums, ("MASK_MODE", "MASK_DIV"))
     _assert_same_launch(c_fin, fin, ("PAIRED", "BETA_PER_TERM"))
     _assert_same_launch(c_grad, grad, ("MASK_MODE", "MASK_DIV", "HAS_SCALE"))
-    aligned = all(x.data_ptr() % 16 == 0 for x in (p, r, t)) and plan.sample_numel % 16 == 0 and (
-        plan.positions % 16 == 0 and plan.mask_sample_numel % 16 == 0 and plan.repeat_stride % 16 == 0)
+    aligned = (
+        all(x.data_ptr() % 16 == 0 for x in (p, r, t))
+        and plan.sample_numel % 16 == 0
+        and (plan.positions % 16 == 0 and plan.mask_sample_numel % 16 == 0 and plan.repeat_stride % 16 == 0)
+    )
     assert c_sums["entry"]["key"]["aligned"] == int(aligned)
 
 
@@ -381,6 +456,7 @@ def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
 @pytest.mark.parametrize("rank,bias", [(4, True), (16, False), (40, True), (64, False)])
 def test_gated_lora_launches_match_python(rank, bias, fake, manifest, monkeypatch):
     from apo_fast.kernels import gated_lora as kernels
+
     from apo_fast.ops import gated_lora as ops
 
     lib, driver = fake
@@ -409,7 +485,7 @@ def test_gated_lora_launches_match_python(rank, bias, fake, manifest, monkeypatc
     weight, b = torch.randn(N, K, generator=gen).half(), torch.randn(N, generator=gen).half()
     lora_a, lora_b = torch.randn(rank, K, generator=gen).half(), torch.randn(N, rank, generator=gen).half()
     gate = torch.rand(S, rank, generator=gen)
-    y, h = ops.gated_lora_forward(x, weight, b if bias else None, lora_a, lora_b, gate, scaling, T, True)
+    _, h = ops.gated_lora_forward(x, weight, b if bias else None, lora_a, lora_b, gate, scaling, T, True)
     dy = torch.randn(M, N, generator=gen).half()
     ops.gated_lora_backward(dy, x, weight, lora_a, lora_b, gate, h, scaling, T, True, True, True, False)
 
@@ -421,33 +497,71 @@ def test_gated_lora_launches_match_python(rank, bias, fake, manifest, monkeypatc
     ptr = _python_value
     driver.fake_cuda_reset_launches()
     status = lib.apo_fk_gated_lora_forward(
-        None, ctypes.byref(desc), ptr(x), ptr(weight), ptr(b) if bias else None, ptr(lora_a), ptr(lora_b),
-        ptr(gate), ptr(fwd["args"]["y_ptr"]), ptr(fwd["args"]["h_ptr"]))
+        None,
+        ctypes.byref(desc),
+        ptr(x),
+        ptr(weight),
+        ptr(b) if bias else None,
+        ptr(lora_a),
+        ptr(lora_b),
+        ptr(gate),
+        ptr(fwd["args"]["y_ptr"]),
+        ptr(fwd["args"]["h_ptr"]),
+    )
     assert status == OK, lib.apo_fk_status_string(status)
     status = lib.apo_fk_gated_lora_backward_dx(
-        None, ctypes.byref(desc), ptr(dy), ptr(weight), ptr(lora_a), ptr(lora_b), ptr(gate),
-        ptr(dx["args"]["dx_ptr"]), ptr(dx["args"]["u_ptr"]))
+        None,
+        ctypes.byref(desc),
+        ptr(dy),
+        ptr(weight),
+        ptr(lora_a),
+        ptr(lora_b),
+        ptr(gate),
+        ptr(dx["args"]["dx_ptr"]),
+        ptr(dx["args"]["u_ptr"]),
+    )
     assert status == OK, lib.apo_fk_status_string(status)
     splits, per_split = ctypes.c_int(), ctypes.c_int()
     assert lib.apo_fk_gated_lora_dadb_splits(ctypes.byref(desc), 0, ctypes.byref(splits), ctypes.byref(per_split)) == OK
     assert (splits.value, per_split.value) == (dadb["grid"][1], dadb["args"]["tokens_per_split"])
     status = lib.apo_fk_gated_lora_backward_dadb(
-        None, ctypes.byref(desc), splits, per_split, ptr(x), ptr(h), ptr(dy), ptr(dadb["args"]["u_ptr"]), ptr(gate),
-        ptr(dadb["args"]["da_part_ptr"]), ptr(dadb["args"]["dbt_part_ptr"]))
+        None,
+        ctypes.byref(desc),
+        splits,
+        per_split,
+        ptr(x),
+        ptr(h),
+        ptr(dy),
+        ptr(dadb["args"]["u_ptr"]),
+        ptr(gate),
+        ptr(dadb["args"]["da_part_ptr"]),
+        ptr(dadb["args"]["dbt_part_ptr"]),
+    )
     assert status == OK, lib.apo_fk_status_string(status)
 
     c_launches = _c_launches(lib, driver, manifest)
-    names = {"gated_lora_forward_kernel": "forward", "gated_lora_backward_dx_kernel": "dx",
-             "gated_lora_backward_dadb_kernel": "dadb", "lowrank_project_kernel": "project"}
+    names = {
+        "gated_lora_forward_kernel": "forward",
+        "gated_lora_backward_dx_kernel": "dx",
+        "gated_lora_backward_dadb_kernel": "dadb",
+        "lowrank_project_kernel": "project",
+    }
     assert [names[c["entry"]["entry"]] for c in c_launches] == [e["kernel"] for e in log]
-    flags = {"forward": ("HAS_BIAS", "H_IN_LOOP", "R_PAD", "R_CHUNK", "DOT_PRECISION"),
-             "dx": ("U_IN_LOOP", "R_PAD", "R_CHUNK", "DOT_PRECISION"), "dadb": ("R_PAD", "DOT_PRECISION"),
-             "project": ("R_PAD", "DOT_PRECISION")}
+    flags = {
+        "forward": ("HAS_BIAS", "H_IN_LOOP", "R_PAD", "R_CHUNK", "DOT_PRECISION"),
+        "dx": ("U_IN_LOOP", "R_PAD", "R_CHUNK", "DOT_PRECISION"),
+        "dadb": ("R_PAD", "DOT_PRECISION"),
+        "project": ("R_PAD", "DOT_PRECISION"),
+    }
     for c, py in zip(c_launches, log, strict=True):
         _assert_same_launch(c, py, flags[py["kernel"]])
         tiles = {k: v for k, v in c["entry"]["constexprs"].items() if k.startswith(("BLOCK_", "GROUP_"))}
-        assert tiles == {k: v for k, v in configs[{"dx": "backward_dx", "dadb": "backward_dadb"}.get(
-            py["kernel"], py["kernel"])][0].kwargs.items()}
+        assert tiles == {
+            k: v
+            for k, v in configs[{"dx": "backward_dx", "dadb": "backward_dadb"}.get(py["kernel"], py["kernel"])][
+                0
+            ].kwargs.items()
+        }
 
 
 def test_gated_lora_rejects_what_it_was_not_compiled_for(fake):
@@ -457,8 +571,21 @@ def test_gated_lora_rejects_what_it_was_not_compiled_for(fake):
     ptrs = [p] * 8
 
     def forward(**changes):
-        fields = dict(dtype=1, tokens=154, in_features=64, out_features=96, rank=4, tokens_per_sample=77,
-                      gate_row_stride=4, scaling=1.0, ld_x=0, ld_weight=0, ld_lora_a=0, ld_lora_b=0, ld_y=0)
+        fields = {
+            "dtype": 1,
+            "tokens": 154,
+            "in_features": 64,
+            "out_features": 96,
+            "rank": 4,
+            "tokens_per_sample": 77,
+            "gate_row_stride": 4,
+            "scaling": 1.0,
+            "ld_x": 0,
+            "ld_weight": 0,
+            "ld_lora_a": 0,
+            "ld_lora_b": 0,
+            "ld_y": 0,
+        }
         fields.update(changes)
         return lib.apo_fk_gated_lora_forward(None, ctypes.byref(GatedLoraDesc(**fields)), *ptrs)
 
@@ -506,12 +633,14 @@ def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
     r = (t.float() + 0.7 * torch.randn(shape, device=dev, generator=gen)).to(dtype)
     mask = (torch.rand((shape[0], 1, *shape[2:]), device=dev, generator=gen) > 0.7).to(dtype)
     beta, lambda_mask, sft = 4.0, 2.0, 0.1
-    loss, e_theta, e_ref, metrics = fused_apo_loss(p, r, t, beta, mask=mask, lambda_mask=lambda_mask,
-                                                   paired=paired, lambda_sft=sft, grad_in_forward=True)
+    loss, e_theta, e_ref, metrics = fused_apo_loss(
+        p, r, t, beta, mask=mask, lambda_mask=lambda_mask, paired=paired, lambda_sft=sft, grad_in_forward=True
+    )
     loss.backward()
 
-    desc = LossDesc(DTYPE_CODES[dtype], 0, shape[0], shape[1], shape[2] * shape[3], 1, lambda_mask, sft, beta,
-                    int(paired))
+    desc = LossDesc(
+        DTYPE_CODES[dtype], 0, shape[0], shape[1], shape[2] * shape[3], 1, lambda_mask, sft, beta, int(paired)
+    )
     plan = LossPlan()
     assert lib.apo_fk_loss_plan_make(ctypes.byref(desc), 0, ctypes.byref(plan)) == OK
     partials = torch.full((plan.partials_floats,), float("nan"), device=dev)
@@ -520,11 +649,34 @@ def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
     c_grad = torch.full_like(p, float("nan"))
     stream = torch.cuda.current_stream().cuda_stream
     pd = p.detach()
-    assert lib.apo_fk_loss_forward(stream, ctypes.byref(plan), pd.data_ptr(), r.data_ptr(), t.data_ptr(),
-                                   mask.data_ptr(), None, partials.data_ptr(), stats.data_ptr(),
-                                   c_loss.data_ptr()) == OK
-    assert lib.apo_fk_loss_grad(stream, ctypes.byref(plan), pd.data_ptr(), t.data_ptr(), mask.data_ptr(),
-                                stats.data_ptr(), None, c_grad.data_ptr()) == OK
+    assert (
+        lib.apo_fk_loss_forward(
+            stream,
+            ctypes.byref(plan),
+            pd.data_ptr(),
+            r.data_ptr(),
+            t.data_ptr(),
+            mask.data_ptr(),
+            None,
+            partials.data_ptr(),
+            stats.data_ptr(),
+            c_loss.data_ptr(),
+        )
+        == OK
+    )
+    assert (
+        lib.apo_fk_loss_grad(
+            stream,
+            ctypes.byref(plan),
+            pd.data_ptr(),
+            t.data_ptr(),
+            mask.data_ptr(),
+            stats.data_ptr(),
+            None,
+            c_grad.data_ptr(),
+        )
+        == OK
+    )
     torch.cuda.synchronize()
     n = shape[0]
     # Same kernels; the block sizes may differ from the autotuner's pick (summation order).
@@ -571,15 +723,51 @@ def test_gpu_gated_lora_matches_python_path(build_dir, dtype, rank):
     dbt_part = torch.full((splits.value, rank, N), float("nan"), device=dev)
     stream = torch.cuda.current_stream().cuda_stream
     xd = x.detach()
-    assert lib.apo_fk_gated_lora_forward(stream, ctypes.byref(desc), xd.data_ptr(), weight.data_ptr(),
-                                         bias.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), gate.data_ptr(),
-                                         c_y.data_ptr(), h.data_ptr()) == OK
-    assert lib.apo_fk_gated_lora_backward_dx(stream, ctypes.byref(desc), dy.data_ptr(), weight.data_ptr(),
-                                             lora_a.data_ptr(), lora_b.data_ptr(), gate.data_ptr(),
-                                             c_dx.data_ptr(), u.data_ptr()) == OK
-    assert lib.apo_fk_gated_lora_backward_dadb(stream, ctypes.byref(desc), splits, per_split, xd.data_ptr(),
-                                               h.data_ptr(), dy.data_ptr(), u.data_ptr(), gate.data_ptr(),
-                                               da_part.data_ptr(), dbt_part.data_ptr()) == OK
+    assert (
+        lib.apo_fk_gated_lora_forward(
+            stream,
+            ctypes.byref(desc),
+            xd.data_ptr(),
+            weight.data_ptr(),
+            bias.data_ptr(),
+            lora_a.data_ptr(),
+            lora_b.data_ptr(),
+            gate.data_ptr(),
+            c_y.data_ptr(),
+            h.data_ptr(),
+        )
+        == OK
+    )
+    assert (
+        lib.apo_fk_gated_lora_backward_dx(
+            stream,
+            ctypes.byref(desc),
+            dy.data_ptr(),
+            weight.data_ptr(),
+            lora_a.data_ptr(),
+            lora_b.data_ptr(),
+            gate.data_ptr(),
+            c_dx.data_ptr(),
+            u.data_ptr(),
+        )
+        == OK
+    )
+    assert (
+        lib.apo_fk_gated_lora_backward_dadb(
+            stream,
+            ctypes.byref(desc),
+            splits,
+            per_split,
+            xd.data_ptr(),
+            h.data_ptr(),
+            dy.data_ptr(),
+            u.data_ptr(),
+            gate.data_ptr(),
+            da_part.data_ptr(),
+            dbt_part.data_ptr(),
+        )
+        == OK
+    )
     torch.cuda.synchronize()
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
 
