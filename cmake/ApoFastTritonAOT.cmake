@@ -13,9 +13,10 @@ find_package(Python3 REQUIRED COMPONENTS Interpreter)
 function(_apo_fast_check_python)
   execute_process(
     COMMAND "${Python3_EXECUTABLE}" -c
-      "import os; os.environ['TRITON_INTERPRET'] = '0'; import triton, apo_fast.kernels_aot; print(triton.__version__)"
+      "import os; os.environ['TRITON_INTERPRET'] = '0'; import triton, apo_fast.kernels_aot, apo_fast.kernels.apo_loss as k; print(triton.__version__ + ';' + os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))))"
+    WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
     RESULT_VARIABLE result
-    OUTPUT_VARIABLE triton_version
+    OUTPUT_VARIABLE probe
     ERROR_VARIABLE error
     OUTPUT_STRIP_TRAILING_WHITESPACE)
   if(NOT result EQUAL 0)
@@ -24,7 +25,15 @@ function(_apo_fast_check_python)
       "Install the project into that interpreter (pip install -e .) or point CMake at one that has it "
       "with -DPython3_EXECUTABLE=/path/to/venv/bin/python.\n${error}")
   endif()
+  list(GET probe 0 triton_version)
+  list(GET probe 1 kernels_root)
   message(STATUS "apo_fast_kernels: Triton ${triton_version} via ${Python3_EXECUTABLE}")
+  get_filename_component(source_root "${PROJECT_SOURCE_DIR}" REALPATH)
+  if(NOT kernels_root STREQUAL source_root)
+    message(WARNING "apo_fast_kernels: ${Python3_EXECUTABLE} imports the kernels from ${kernels_root}, "
+      "not from this source tree (${source_root}); the library gets those. Use an editable install "
+      "(pip install -e .) of this tree.")
+  endif()
 endfunction()
 
 function(apo_fast_triton_aot)
@@ -65,7 +74,7 @@ function(apo_fast_triton_aot)
       "${src}/apo_fast/kernels_aot.py"
       "${src}/apo_fast/ops/apo_loss.py"
       "${src}/apo_fast/ops/gated_lora.py"
-    WORKING_DIRECTORY "${src}"
+    WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
     COMMENT "Compiling the Triton kernels ahead of time for archs ${archs} (python -m apo_fast.kernels_aot)"
     VERBATIM)
   # The header too, so every source of the target waits for the generator.
