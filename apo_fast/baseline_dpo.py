@@ -33,6 +33,7 @@ Example::
     out = baseline.step(pixel_values, encoder_hidden_states)   # (B, 2*3, H, W), (B, L, D)
     out.logs  # {"loss": ..., "raw_model_loss": ..., "ref_loss": ..., "implicit_acc": ..., "lr": ...}
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -101,8 +102,15 @@ class BaselineDPOConfig:
             low = 0 if name == "lr_warmup_steps" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"BaselineDPOConfig.{name} must be an int >= {low}, got {value!r}")
-        for name in ("beta_dpo", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                     "max_grad_norm"):
+        for name in (
+            "beta_dpo",
+            "learning_rate",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_weight_decay",
+            "adam_epsilon",
+            "max_grad_norm",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"BaselineDPOConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -112,8 +120,12 @@ class BaselineDPOConfig:
             raise ValueError(
                 f"BaselineDPOConfig.mixed_precision must be one of {tuple(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
             )
-        for name in ("gradient_checkpointing", "enable_xformers_memory_efficient_attention", "use_8bit_adam",
-                     "allow_tf32"):
+        for name in (
+            "gradient_checkpointing",
+            "enable_xformers_memory_efficient_attention",
+            "use_8bit_adam",
+            "allow_tf32",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"BaselineDPOConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -148,8 +160,9 @@ class BaselineStepOutput:
     target: torch.Tensor | None = None
 
 
-def dpo_loss_terms(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta_dpo: float,
-                   loss_type: str = "sigmoid") -> dict[str, torch.Tensor]:
+def dpo_loss_terms(
+    model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta_dpo: float, loss_type: str = "sigmoid"
+) -> dict[str, torch.Tensor]:
     """The script's eager Diffusion-DPO loss on precomputed predictions (winners first half).
 
     Args:
@@ -201,8 +214,12 @@ def _final_loss(model_diff, raw_model_loss, ref_diff, raw_ref_loss, beta_dpo, lo
         loss = torch.relu(1 - beta_dpo * logits).mean()
     n = logits.size(0)
     implicit_acc = (logits > 0).sum().float() / n + 0.5 * (logits == 0).sum().float() / n
-    return {"loss": loss, "raw_model_loss": raw_model_loss.detach(), "raw_ref_loss": raw_ref_loss.detach(),
-            "implicit_acc": implicit_acc.detach()}
+    return {
+        "loss": loss,
+        "raw_model_loss": raw_model_loss.detach(),
+        "raw_ref_loss": raw_ref_loss.detach(),
+        "implicit_acc": implicit_acc.detach(),
+    }
 
 
 class _NoTimer:
@@ -229,8 +246,14 @@ class DiffusionDPOBaseline:
         unet, vae, optimizer, lr_scheduler, params_to_optimize, weight_dtype.
     """
 
-    def __init__(self, unet, noise_scheduler, vae=None, config: BaselineDPOConfig | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        unet,
+        noise_scheduler,
+        vae=None,
+        config: BaselineDPOConfig | None = None,
+        device: str | torch.device = "cpu",
+    ):
         from peft import LoraConfig
 
         config = BaselineDPOConfig() if config is None else config
@@ -254,8 +277,14 @@ class DiffusionDPOBaseline:
         if vae is not None:
             vae.requires_grad_(False)
             vae.to(self.device, dtype=self.weight_dtype)
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
-                                    target_modules=list(DIFFUSERS_DPO_TARGET_MODULES)))
+        unet.add_adapter(
+            LoraConfig(
+                r=config.rank,
+                lora_alpha=config.rank,
+                init_lora_weights="gaussian",
+                target_modules=list(DIFFUSERS_DPO_TARGET_MODULES),
+            )
+        )
         if config.mixed_precision == "fp16":
             for param in unet.parameters():  # only the trainable LoRA weights back to float32
                 if param.requires_grad:
@@ -269,9 +298,12 @@ class DiffusionDPOBaseline:
         self.optimizer = self._build_optimizer()
         from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=self.optimizer,
-                                          num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.max_train_steps)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
+        )
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
         unet.train()
 
@@ -283,8 +315,13 @@ class DiffusionDPOBaseline:
             optimizer_class = bnb.optim.AdamW8bit
         else:
             optimizer_class = torch.optim.AdamW
-        return optimizer_class(self.params_to_optimize, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                               weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
+        return optimizer_class(
+            self.params_to_optimize,
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            weight_decay=c.adam_weight_decay,
+            eps=c.adam_epsilon,
+        )
 
     # ------------------------------------------------------------------ forward passes
 
@@ -315,15 +352,24 @@ class DiffusionDPOBaseline:
         if self.vae is None:
             return feed_pixel_values
         n = self.config.vae_encode_batch_size
-        latents = [self.vae.encode(feed_pixel_values[i : i + n]).latent_dist.sample()
-                   for i in range(0, feed_pixel_values.shape[0], n)]
+        latents = [
+            self.vae.encode(feed_pixel_values[i : i + n]).latent_dist.sample()
+            for i in range(0, feed_pixel_values.shape[0], n)
+        ]
         return torch.cat(latents, dim=0) * self.vae.config.scaling_factor
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, pixel_values: torch.Tensor, encoder_hidden_states: torch.Tensor, *,
-             noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None, timer=None,
-             return_predictions: bool = False) -> BaselineStepOutput:
+    def step(
+        self,
+        pixel_values: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        timer=None,
+        return_predictions: bool = False,
+    ) -> BaselineStepOutput:
         """One optimisation step on a batch of B preference pairs.
 
         Args:
@@ -352,11 +398,13 @@ class DiffusionDPOBaseline:
             raise ValueError(f"noise must have shape {(bsz, *latents.shape[1:])}, got {tuple(noise.shape)}")
         noise = noise.to(latents.device, latents.dtype).repeat(2, 1, 1, 1)
         if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,),
-                                      device=latents.device, dtype=torch.long)
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device, dtype=torch.long
+            )
         elif tuple(timesteps.shape) != (bsz,) or timesteps.dtype.is_floating_point:
-            raise ValueError(f"timesteps must be an integer tensor of shape ({bsz},), got {timesteps.dtype} "
-                             f"{tuple(timesteps.shape)}")
+            raise ValueError(
+                f"timesteps must be an integer tensor of shape ({bsz},), got {timesteps.dtype} {tuple(timesteps.shape)}"
+            )
         timesteps = timesteps.to(latents.device, torch.long).repeat(2)
         noisy_model_input = self.noise_scheduler.add_noise(latents, noise, timesteps)
         encoder_hidden_states = encoder_hidden_states.to(self.device, self.weight_dtype).repeat(2, 1, 1)
@@ -381,8 +429,9 @@ class DiffusionDPOBaseline:
                 ref_diff, raw_ref_loss = _reference_terms(ref_pred, target)
         finally:
             self.unet.enable_adapters()
-        terms = _final_loss(model_diff, raw_model_loss, ref_diff, raw_ref_loss, self.config.beta_dpo,
-                            self.config.loss_type)
+        terms = _final_loss(
+            model_diff, raw_model_loss, ref_diff, raw_ref_loss, self.config.beta_dpo, self.config.loss_type
+        )
         loss = terms["loss"]
 
         timer.phase("backward")
@@ -421,10 +470,16 @@ class DiffusionDPOBaseline:
             raise ValueError(f"pixel_values must be a (B, 2*C, H, W) tensor (winner then loser channels), got {shape}")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
-        if (not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3
-                or encoder_hidden_states.shape[0] != pixel_values.shape[0]):
-            shape = (tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor)
-                     else type(encoder_hidden_states).__name__)
+        if (
+            not isinstance(encoder_hidden_states, torch.Tensor)
+            or encoder_hidden_states.dim() != 3
+            or encoder_hidden_states.shape[0] != pixel_values.shape[0]
+        ):
+            shape = (
+                tuple(encoder_hidden_states.shape)
+                if isinstance(encoder_hidden_states, torch.Tensor)
+                else type(encoder_hidden_states).__name__
+            )
             raise ValueError(f"encoder_hidden_states must have shape ({pixel_values.shape[0]}, L, D), got {shape}")
 
     def trainable_parameters(self) -> int:
@@ -433,5 +488,9 @@ class DiffusionDPOBaseline:
 
     def describe(self) -> dict:
         """The configuration as a plain dict, for reports."""
-        return {**dataclasses.asdict(self.config), "trainable_parameters": self.trainable_parameters(),
-                "vae": self.vae is not None, "device": str(self.device)}
+        return {
+            **dataclasses.asdict(self.config),
+            "trainable_parameters": self.trainable_parameters(),
+            "vae": self.vae is not None,
+            "device": str(self.device),
+        }

@@ -29,12 +29,13 @@ folder; apo-fast's setup encodes the demo images with it once (its latent
 cache) and the baseline encodes pixels with the same VAE every step, so the
 baseline pays the real VAE cost.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import gc
-import json
+import itertools
 import logging
 import math
 import os
@@ -227,7 +228,7 @@ class PhaseTimer:
         wall = time.perf_counter() - self._t0
         phases: dict[str, float] = {}
         bounds = self._marks + [("_end", end)]
-        for (name, a), (_, b) in zip(bounds[:-1], bounds[1:]):
+        for (name, a), (_, b) in itertools.pairwise(bounds):
             seconds = a.elapsed_time(b) / 1e3 if self.cuda else b - a
             phases[name] = phases.get(name, 0.0) + seconds
         return wall, phases
@@ -288,13 +289,32 @@ def apo_config_for(cfg: StepBenchConfig, device: torch.device, workdir: Path, va
         },
         "data": {"root": "builtin:demo", "category": "brick", "image_size": cfg.pixel_size, "augment": False},
         "adapter": {"rank": cfg.rank, "alpha": float(cfg.rank), "gate": {"kind": cfg.gate}},
-        "loss": {"mode": "paired", "beta": cfg.beta_dpo, "beta_schedule": "constant", "lambda_mask": 1.0,
-                 "lambda_sft": 0.0, "backend": "auto"},
-        "optim": {"name": "adamw8bit" if cfg.use_8bit_adam else "adamw", "lr": cfg.learning_rate,
-                  "weight_decay": 1e-2, "max_grad_norm": 1.0, "warmup_steps": 0},
-        "train": {"steps": 1, "batch_size": cfg.batch, "seed": cfg.seed,
-                  "mixed_precision": cfg.mixed_precision(device), "gradient_checkpointing": cfg.gradient_checkpointing,
-                  "attention": cfg.attention, "allow_tf32": False, "device": str(device), "progress": False},
+        "loss": {
+            "mode": "paired",
+            "beta": cfg.beta_dpo,
+            "beta_schedule": "constant",
+            "lambda_mask": 1.0,
+            "lambda_sft": 0.0,
+            "backend": "auto",
+        },
+        "optim": {
+            "name": "adamw8bit" if cfg.use_8bit_adam else "adamw",
+            "lr": cfg.learning_rate,
+            "weight_decay": 1e-2,
+            "max_grad_norm": 1.0,
+            "warmup_steps": 0,
+        },
+        "train": {
+            "steps": 1,
+            "batch_size": cfg.batch,
+            "seed": cfg.seed,
+            "mixed_precision": cfg.mixed_precision(device),
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "attention": cfg.attention,
+            "allow_tf32": False,
+            "device": str(device),
+            "progress": False,
+        },
     }
     return config_from_dict(data)
 
@@ -365,8 +385,10 @@ class BaselineSide:
         model_cfg = apo.apo_cfg.model
         data = apo.data
         torch.manual_seed(cfg.seed)
-        unet = _build_unet_on(device, lambda: build_unet(model_cfg, in_channels=data.anomalies.shape[1],
-                                                         sample_size=data.anomalies.shape[-1]))
+        unet = _build_unet_on(
+            device,
+            lambda: build_unet(model_cfg, in_channels=data.anomalies.shape[1], sample_size=data.anomalies.shape[-1]),
+        )
         if cfg.attention == "sdpa":
             from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -377,9 +399,13 @@ class BaselineSide:
 
             vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
         bcfg = BaselineDPOConfig(
-            rank=cfg.rank, beta_dpo=cfg.beta_dpo, learning_rate=cfg.learning_rate,
-            mixed_precision=apo.apo_cfg.train.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-            enable_xformers_memory_efficient_attention=cfg.attention == "xformers", use_8bit_adam=cfg.use_8bit_adam,
+            rank=cfg.rank,
+            beta_dpo=cfg.beta_dpo,
+            learning_rate=cfg.learning_rate,
+            mixed_precision=apo.apo_cfg.train.mixed_precision,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            enable_xformers_memory_efficient_attention=cfg.attention == "xformers",
+            use_8bit_adam=cfg.use_8bit_adam,
             lr_warmup_steps=0,
         )
         self.baseline = DiffusionDPOBaseline(unet, build_scheduler(model_cfg, "ddpm"), vae, bcfg, device)
@@ -409,15 +435,22 @@ class BaselineSide:
         return out.logs["loss"]
 
     def describe(self) -> dict:
-        return {**self.baseline.describe(), "engine": "plain torch optimizer (accelerate-style)",
-                "attention": "xformers" if self.baseline.config.enable_xformers_memory_efficient_attention else "sdpa"}
+        return {
+            **self.baseline.describe(),
+            "engine": "plain torch optimizer (accelerate-style)",
+            "attention": "xformers" if self.baseline.config.enable_xformers_memory_efficient_attention else "sdpa",
+        }
 
 
 def _build_unet_on(device: torch.device, build):
     """Build a module with its parameters created on ``device`` (fast random init on a GPU)."""
     if device.type != "cuda":
         return build()
-    with torch.device(device):
+    try:
+        with torch.device(device):
+            return build()
+    except (RuntimeError, TypeError, NotImplementedError) as exc:  # a constructor that insists on the CPU
+        log.warning("building on %s failed (%s: %s); building on the CPU", device, type(exc).__name__, exc)
         return build()
 
 
@@ -452,7 +485,9 @@ def _summarize_side(records: list[dict], images_per_step: int, tel_records: list
     if cuda:
         out["peak_memory_mib"] = max(r["peak_own_bytes"] for r in records) / MIB
         out["peak_memory_total_mib"] = max(r["peak_total_bytes"] for r in records) / MIB
-        out["peak_memory_kind"] = "torch.cuda.max_memory_allocated during this side's steps, minus the other side's resident memory"
+        out["peak_memory_kind"] = (
+            "torch.cuda.max_memory_allocated during this side's steps, minus the other side's resident memory"
+        )
     else:
         rss = [t["rss_mib"] for t in side_tel if "rss_mib" in t]
         out["peak_memory_mib"] = max(rss) if rss else None
@@ -465,6 +500,13 @@ def _summarize_side(records: list[dict], images_per_step: int, tel_records: list
     return out
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def _machine(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
@@ -474,10 +516,7 @@ def _machine(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
-    try:
-        info["load_avg_1_5_15"] = list(os.getloadavg())
-    except OSError:
-        pass
+    info["load_avg_1_5_15"] = _load_average()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -485,24 +524,34 @@ def _machine(device: torch.device) -> dict:
     for name in ("triton", "diffusers", "peft", "deepspeed"):
         try:
             info[name] = __import__(name).__version__
-        except Exception:  # a missing optional package is just not reported
-            pass
+        except Exception as exc:  # noqa: BLE001 - a missing optional package is reported as such
+            info[name] = f"missing ({type(exc).__name__})"
     info["APO_FAST_BACKEND"] = os.environ.get("APO_FAST_BACKEND", "auto")
     return info
 
 
 def _notes(cfg: StepBenchConfig, device: torch.device) -> list[str]:
     notes = [
-        "baseline: apo_fast.baseline_dpo, a re-implementation of the diffusers train_diffusion_dpo.py step "
-        "(peft LoRA on to_k/to_q/to_v/to_out.0, eager loss, disable_adapters() reference under no_grad, "
-        "autocast + frozen weights cast to the weight dtype, plain torch optimizer step)",
-        f"apo-fast: APOTrainer.micro_step on its DeepSpeed engine, paired mode, constant beta_t = beta_dpo "
-        f"(the Diffusion-DPO objective), gate {cfg.gate!r}",
-        f"same UNet config ({cfg.model}, random weights, seed {cfg.seed}), batch {cfg.batch} pairs "
-        f"({2 * cfg.batch} images per UNet pass), rank {cfg.rank}, {cfg.pixel_size} px, {cfg.tokens} condition tokens",
+        (
+            "baseline: apo_fast.baseline_dpo, a re-implementation of the diffusers train_diffusion_dpo.py step "
+            "(peft LoRA on to_k/to_q/to_v/to_out.0, eager loss, disable_adapters() reference under no_grad, "
+            "autocast + frozen weights cast to the weight dtype, plain torch optimizer step)"
+        ),
+        (
+            f"apo-fast: APOTrainer.micro_step on its DeepSpeed engine, paired mode, constant beta_t = beta_dpo "
+            f"(the Diffusion-DPO objective), gate {cfg.gate!r}, trainable condition embeddings"
+        ),
+        (
+            f"same UNet config ({cfg.model}, random weights, seed {cfg.seed}), batch {cfg.batch} pairs "
+            f"({2 * cfg.batch} images per UNet pass), rank {cfg.rank}, {cfg.pixel_size} px, "
+            f"{cfg.tokens} condition tokens"
+        ),
         "steps interleaved A B B A ...; samples/s counts UNet images (2 per pair)",
-        "text encoder left out on both sides: fixed condition embeddings stand in for the baseline's prompt "
-        "embeddings (the script recomputes them with CLIP every step); no image decoding or augmentation on either side",
+        (
+            "text encoder left out on both sides: fixed condition embeddings stand in for the baseline's prompt "
+            "embeddings (the script recomputes them with CLIP every step); no image decoding or augmentation "
+            "on either side"
+        ),
     ]
     if cfg.latent:
         notes.append(
@@ -513,11 +562,15 @@ def _notes(cfg: StepBenchConfig, device: torch.device) -> list[str]:
     else:
         notes.append("pixel-space tiny UNet: no VAE on either side")
     if cfg.model == "sdxl":
-        notes.append("SDXL: addition_embed_type 'text_time' removed from the UNet config on both sides "
-                     "(apo-fast's APOModel passes no added_cond_kwargs)")
+        notes.append(
+            "SDXL: addition_embed_type 'text_time' removed from the UNet config on both sides "
+            "(apo-fast's APOModel passes no added_cond_kwargs)"
+        )
     if device.type != "cuda":
-        notes.append("CPU: peak memory is the process RSS with both sides resident, not a per-side figure; "
-                     "the memory ratio is not reported")
+        notes.append(
+            "CPU: peak memory is the process RSS with both sides resident, not a per-side figure; "
+            "the memory ratio is not reported"
+        )
     return notes
 
 
@@ -542,6 +595,7 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
     workdir.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
     t_build = time.perf_counter()
+    load_start = _load_average()
     try:
         vae_dir = save_random_vae(cfg.model, workdir / "random_vae", cfg.seed) if cfg.latent else None
         m0 = _cuda_allocated(device) if cuda else 0
@@ -566,10 +620,10 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
         with Telemetry(device if cuda else "cpu", period_s=cfg.telemetry_period_s) as tel:
             steps_done = 0
             for i in range(cfg.steps):
-                if (cfg.time_budget_s is not None and i >= 2
-                        and time.perf_counter() - t_build > cfg.time_budget_s):
-                    log.warning("step benchmark: time budget of %.0f s reached after %d steps per side",
-                                cfg.time_budget_s, i)
+                if cfg.time_budget_s is not None and i >= 2 and time.perf_counter() - t_build > cfg.time_budget_s:
+                    log.warning(
+                        "step benchmark: time budget of %.0f s reached after %d steps per side", cfg.time_budget_s, i
+                    )
                     break
                 steps_done = i + 1
                 order = SIDES if i % 2 == 0 else SIDES[::-1]
@@ -588,29 +642,41 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
                         rec["peak_own_bytes"] = peak - resident[other]
                     records[name].append(rec)
                 if progress:
-                    print(f"step {i + 1}/{cfg.steps}: apo-fast {records['apo_fast'][-1]['wall_s'] * 1e3:.1f} ms, "
-                          f"baseline {records['baseline'][-1]['wall_s'] * 1e3:.1f} ms", flush=True)
+                    print(
+                        f"step {i + 1}/{cfg.steps}: apo-fast {records['apo_fast'][-1]['wall_s'] * 1e3:.1f} ms, "
+                        f"baseline {records['baseline'][-1]['wall_s'] * 1e3:.1f} ms",
+                        flush=True,
+                    )
             tel_records = tel.records
             tel_summary = tel.summary()
         images = 2 * cfg.batch
         result: dict[str, Any] = {
             "schema": SCHEMA,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": {**dataclasses.asdict(cfg), "device": str(device), "mixed_precision": cfg.mixed_precision(device),
-                       "pixel_size": cfg.pixel_size, "cond_tokens": cfg.tokens, "images_per_step": images,
-                       "steps_done": steps_done},
-            "machine": _machine(device),
+            "config": {
+                **dataclasses.asdict(cfg),
+                "device": str(device),
+                "mixed_precision": cfg.mixed_precision(device),
+                "pixel_size": cfg.pixel_size,
+                "cond_tokens": cfg.tokens,
+                "images_per_step": images,
+                "steps_done": steps_done,
+            },
+            "machine": {**_machine(device), "load_avg_at_start": load_start},
             "notes": _notes(cfg, device),
             "build_and_warmup_s": build_s,
             "apo_fast": {**_summarize_side(records["apo_fast"], images, tel_records, cuda), "setup": apo.describe()},
             "baseline": {**_summarize_side(records["baseline"], images, tel_records, cuda), "setup": base.describe()},
             "telemetry": tel_summary,
-            "per_step": {name: [{k: v for k, v in r.items() if k not in ("t0", "t1")} for r in recs]
-                         for name, recs in records.items()},
+            "per_step": {
+                name: [{k: v for k, v in r.items() if k not in ("t0", "t1")} for r in recs]
+                for name, recs in records.items()
+            },
         }
         if cuda:
             result["resident_mib"] = {k: v / MIB for k, v in resident.items()}
         result["ratios"] = _ratios(result["apo_fast"], result["baseline"], cuda)
+        result["ratios"]["step_time_paired"] = _paired_ratios(records["apo_fast"], records["baseline"])
         return result
     finally:
         if cfg.threads is not None:
@@ -623,6 +689,16 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def _paired_ratios(apo: list[dict], base: list[dict]) -> dict:
+    """Per-round ratios apo-fast / baseline of the step times of the same round (adjacent in
+    time, so a drifting machine cancels out): median and quartiles."""
+    ratios = sorted(a["wall_s"] / b["wall_s"] for a, b in zip(apo, base))
+    if len(ratios) < 2:
+        return {"median": ratios[0], "p25": ratios[0], "p75": ratios[0], "rounds": len(ratios)}
+    p25, _, p75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": statistics.median(ratios), "p25": p25, "p75": p75, "rounds": len(ratios)}
 
 
 def _ratios(apo: dict, base: dict, cuda: bool) -> dict:
@@ -653,28 +729,51 @@ def to_markdown(result: dict) -> str:
     c, m = result["config"], result["machine"]
     a, b, r = result["apo_fast"], result["baseline"], result["ratios"]
     where = m.get("gpu") or f"{m.get('cpu_count')}-core CPU ({m.get('platform')})"
+    load = ""
+    if m.get("load_avg_at_start") and m.get("load_avg_1_5_15"):
+        load = f"; load average {m['load_avg_at_start'][0]:.1f} at start, {m['load_avg_1_5_15'][0]:.1f} at end"
+    sa, sb = a["step_time_s"], b["step_time_s"]
     lines = [
-        f"### Step benchmark: {c['model']}, {c['pixel_size']} px, batch {c['batch']} pairs, rank {c['rank']}, "
-        f"{c['mixed_precision']}",
+        (
+            f"### Step benchmark: {c['model']}, {c['pixel_size']} px, batch {c['batch']} pairs, rank {c['rank']}, "
+            f"{c['mixed_precision']}"
+        ),
         "",
-        f"- {result['date']} on {where}; torch {m.get('torch')}, {c.get('steps_done', c['steps'])} timed steps per side after "
-        f"{c['warmup']} warmup, interleaved",
+        (
+            f"- {result['date']} on {where}; torch {m.get('torch')}, {c.get('steps_done', c['steps'])} timed steps "
+            f"per side after {c['warmup']} warmup, interleaved; torch threads {m.get('torch_threads')}{load}"
+        ),
         "",
         "| metric | apo-fast | baseline | apo-fast / baseline |",
         "|---|---:|---:|---:|",
-        f"| samples/s (images) | {_fmt(a['samples_per_s'])} | {_fmt(b['samples_per_s'])} | "
-        f"**{_fmt(r['samples_per_s'])}** |",
-        f"| step time median (ms) | {_fmt(a['step_time_s']['median'] * 1e3)} | "
-        f"{_fmt(b['step_time_s']['median'] * 1e3)} | {_fmt(r['step_time_median'])} |",
-        f"| step time mean +- sd (ms) | {_fmt(a['step_time_s']['mean'] * 1e3)} +- {_fmt(a['step_time_s']['stdev'] * 1e3, '.2g')} | "
-        f"{_fmt(b['step_time_s']['mean'] * 1e3)} +- {_fmt(b['step_time_s']['stdev'] * 1e3, '.2g')} | "
-        f"{_fmt(r['step_time_mean'])} |",
+        (
+            f"| samples/s (images) | {_fmt(a['samples_per_s'])} | {_fmt(b['samples_per_s'])} | "
+            f"**{_fmt(r['samples_per_s'])}** |"
+        ),
+        (
+            f"| step time median (ms) | {_fmt(sa['median'] * 1e3)} | {_fmt(sb['median'] * 1e3)} | "
+            f"{_fmt(r['step_time_median'])} |"
+        ),
+        (
+            f"| step time mean +- sd (ms) | {_fmt(sa['mean'] * 1e3)} +- {_fmt(sa['stdev'] * 1e3, '.2g')} | "
+            f"{_fmt(sb['mean'] * 1e3)} +- {_fmt(sb['stdev'] * 1e3, '.2g')} | {_fmt(r['step_time_mean'])} |"
+        ),
     ]
+    pr = r.get("step_time_paired")
+    if pr:
+        lines.append(
+            f"| step time, per-round ratio median [quartiles] | | | {_fmt(pr['median'])} "
+            f"[{_fmt(pr['p25'])}, {_fmt(pr['p75'])}] |"
+        )
     for p in PHASES:
-        lines.append(f"| - {p} (ms) | {_fmt(a['breakdown_s'][p] * 1e3)} | {_fmt(b['breakdown_s'][p] * 1e3)} | "
-                     f"{_fmt(r['breakdown'][p])} |")
-    lines.append(f"| peak memory (MiB) | {_fmt(a['peak_memory_mib'], '.1f')} | {_fmt(b['peak_memory_mib'], '.1f')} | "
-                 f"{_fmt(r['peak_memory'])} |")
+        lines.append(
+            f"| - {p} (ms) | {_fmt(a['breakdown_s'][p] * 1e3)} | {_fmt(b['breakdown_s'][p] * 1e3)} | "
+            f"{_fmt(r['breakdown'][p])} |"
+        )
+    lines.append(
+        f"| peak memory (MiB) | {_fmt(a['peak_memory_mib'], '.1f')} | {_fmt(b['peak_memory_mib'], '.1f')} | "
+        f"{_fmt(r['peak_memory'])} |"
+    )
     for key, label in (("telemetry_util_pct_mean", "GPU util (%)"), ("telemetry_power_w_mean", "power (W)")):
         if key in a or key in b:
             lines.append(f"| {label} | {_fmt(a.get(key))} | {_fmt(b.get(key))} | |")
@@ -710,8 +809,11 @@ def plot_result(result: dict, path: str | Path) -> Path:
     ax.bar(labels, mem, color=["C0", "C7"])
     ax.set_title("peak memory (MiB)" + ("" if result["ratios"]["peak_memory"] is not None else ", process RSS"))
     c = result["config"]
-    fig.suptitle(f"{c['model']} {c['pixel_size']}px, batch {c['batch']} pairs, rank {c['rank']}, {c['mixed_precision']}, "
-                 f"{result['machine'].get('gpu') or 'CPU'}", fontsize=10)
+    fig.suptitle(
+        f"{c['model']} {c['pixel_size']}px, batch {c['batch']} pairs, rank {c['rank']}, {c['mixed_precision']}, "
+        f"{result['machine'].get('gpu') or 'CPU'}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -749,15 +851,19 @@ def measure_training_memory(apo_cfg, steps: int = 3, workdir: str | Path | None 
     from apo_fast.train import APOTrainer
 
     trainer = APOTrainer(apo_cfg, resume=False).setup()
-    device = trainer.engine.device if isinstance(trainer.engine.device, torch.device) else torch.device(trainer.engine.device)
+    device = (
+        trainer.engine.device
+        if isinstance(trainer.engine.device, torch.device)
+        else torch.device(trainer.engine.device)
+    )
     cuda = device.type == "cuda"
-    trainer.micro_step(0, 0).metrics
+    _ = trainer.micro_step(0, 0).metrics  # reading the metrics waits for the step
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(steps):
-        trainer.micro_step(i + 1, 0).metrics
+        _ = trainer.micro_step(i + 1, 0).metrics
     if cuda:
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - t0) / steps

@@ -36,6 +36,7 @@ results), ``SUMMARY.md`` (the tables), ``suite.log`` (the parts' output),
 ``step_sd15.png``, ``step_sdxl.png``, ``loss_kernels.json``,
 ``gated_lora_kernels.json``. A short table is printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -68,7 +70,7 @@ def ensure_apo_fast_importable() -> None:
     made here by loading the folder under that name.
     """
     try:
-        import apo_fast.kernels  # noqa: F401
+        import apo_fast.kernels
 
         return
     except ImportError:
@@ -152,38 +154,58 @@ def _time_call(fn: Callable[[], object], device, reps: int = 5, warmup: int = 2)
 # --------------------------------------------------------------------------- parts
 
 
+def _copy_gbps(device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time_call(lambda: dst.copy_(src), device, reps=10) / 1e9
+
+
+def _matmul_tflops(device, n: int, dtype) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _time_call(lambda: a @ b, device, reps=5) / 1e12
+
+
 def part_env(ctx: PartContext) -> dict:
     """Versions, the device, its copy bandwidth and bf16 matmul rate."""
     import platform
 
     import torch
 
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "device": str(ctx.device), "dry_run": ctx.dry_run}
+    out: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(ctx.device),
+        "dry_run": ctx.dry_run,
+    }
     for name in ("triton", "diffusers", "peft", "deepspeed", "bitsandbytes", "xformers", "pynvml"):
         try:
             module = __import__(name)
             out[name] = getattr(module, "__version__", "present")
-        except Exception as exc:  # report what is missing; the parts that need it fail on their own
+        except Exception as exc:  # noqa: BLE001 - report what is missing; the parts that need it fail on their own
             out[name] = f"missing ({type(exc).__name__})"
     n_copy, n_mm = (1 << 30, 8192) if ctx.cuda else (16 << 20, 256)
     if ctx.cuda:
         props = torch.cuda.get_device_properties(ctx.device)
-        out.update(gpu=props.name, gpu_memory_gib=props.total_memory / GIB, sms=props.multi_processor_count,
-                   cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
-    src = torch.empty(n_copy, dtype=torch.uint8, device=ctx.device)
-    dst = torch.empty_like(src)
-    seconds = _time_call(lambda: dst.copy_(src), ctx.device, reps=10)
-    out["copy_gbps"] = 2 * n_copy / seconds / 1e9
-    del src, dst
+        out.update(
+            gpu=props.name,
+            gpu_memory_gib=props.total_memory / GIB,
+            sms=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            capability=f"{props.major}.{props.minor}",
+        )
+    out["copy_gbps"] = _copy_gbps(ctx.device, n_copy)
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    a = torch.randn(n_mm, n_mm, device=ctx.device, dtype=dtype)
-    b = torch.randn(n_mm, n_mm, device=ctx.device, dtype=dtype)
-    seconds = _time_call(lambda: a @ b, ctx.device, reps=5)
-    out["matmul_tflops"] = 2 * n_mm**3 / seconds / 1e12
+    out["matmul_tflops"] = _matmul_tflops(ctx.device, n_mm, dtype)
     out["matmul"] = f"{n_mm}^3 {str(dtype).replace('torch.', '')}"
-    out["headline"] = (f"{out.get('gpu', 'cpu')}: copy {out['copy_gbps']:.0f} GB/s, "
-                       f"matmul {out['matmul_tflops']:.0f} TFLOP/s")
+    out["headline"] = (
+        f"{out.get('gpu', 'cpu')}: copy {out['copy_gbps']:.0f} GB/s, matmul {out['matmul_tflops']:.0f} TFLOP/s"
+    )
     return out
 
 
@@ -205,19 +227,28 @@ def _loss_check(shape, dtype, paired: bool, masked: bool, backend: str, device) 
     mask = (torch.rand((shape[0], 1, *shape[2:]), generator=g) > 0.7).to(device, dtype) if masked else None
     n_terms = shape[0] // 2 if paired else shape[0]
     beta = (torch.rand(n_terms, generator=g) * 50 + 1).to(device) if not paired else 30.0
-    kwargs = dict(mask=mask, lambda_mask=2.0 if masked else 1.0, paired=paired)
+    kwargs = {"mask": mask, "lambda_mask": 2.0 if masked else 1.0, "paired": paired}
     p = pred.detach().clone().requires_grad_(True)
     out = apo_loss(p, ref, target, beta, backend=backend, **kwargs)
     out.loss.backward()
     p64 = pred.detach().double().requires_grad_(True)
     beta64 = beta_per_term(beta.double() if isinstance(beta, torch.Tensor) else beta, shape[0], paired, device)
     loss64, e_theta64, e_ref64, _ = apo_loss_reference(
-        p64, ref.double(), target.double(), beta64, mask.double() if masked else None,
-        kwargs["lambda_mask"], paired, 0.0,
+        p64,
+        ref.double(),
+        target.double(),
+        beta64,
+        mask.double() if masked else None,
+        kwargs["lambda_mask"],
+        paired,
+        0.0,
     )
     loss64.backward()
     return {
-        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "paired": paired, "masked": masked,
+        "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "paired": paired,
+        "masked": masked,
         "backend": backend,
         "loss_rel_err": abs(out.loss.item() - loss64.item()) / max(abs(loss64.item()), 1e-30),
         "e_theta_rel_err": _rel_err(out.e_theta, e_theta64),
@@ -253,9 +284,14 @@ def _gated_lora_check(batch, tokens, fin, fout, rank, dtype, backend: str, devic
     yr = gated_lora_linear_reference(xr, wr, br, ar, brr, gate.to(device).double(), 2.0)
     yr.backward(dy.to(device, dtype).double())
     return {
-        "shape": f"{batch}x{tokens}x{fin}->{fout}", "rank": rank, "dtype": str(dtype).replace("torch.", ""),
-        "backend": backend, "y_rel_err": _rel_err(y, yr), "dx_rel_err": _rel_err(xs.grad, xr.grad),
-        "dA_rel_err": _rel_err(as_.grad, ar.grad), "dB_rel_err": _rel_err(bb.grad, brr.grad),
+        "shape": f"{batch}x{tokens}x{fin}->{fout}",
+        "rank": rank,
+        "dtype": str(dtype).replace("torch.", ""),
+        "backend": backend,
+        "y_rel_err": _rel_err(y, yr),
+        "dx_rel_err": _rel_err(xs.grad, xr.grad),
+        "dA_rel_err": _rel_err(as_.grad, ar.grad),
+        "dB_rel_err": _rel_err(bb.grad, brr.grad),
     }
 
 
@@ -293,9 +329,12 @@ def _unet_adapter_check(device, dry_run: bool) -> dict:
     other = "torch" if dry_run else "triton"
     y_ref, g_ref = results["torch"]
     y_fast, g_fast = results[other]
-    return {"backend": other, "dtype": str(dtype).replace("torch.", ""),
-            "y_rel_err": _rel_err(y_fast, y_ref),
-            "grad_rel_err_max": max(_rel_err(a, b) for a, b in zip(g_fast, g_ref))}
+    return {
+        "backend": other,
+        "dtype": str(dtype).replace("torch.", ""),
+        "y_rel_err": _rel_err(y_fast, y_ref),
+        "grad_rel_err_max": max(_rel_err(a, b) for a, b in zip(g_fast, g_ref)),
+    }
 
 
 def part_correctness(ctx: PartContext) -> dict:
@@ -304,11 +343,19 @@ def part_correctness(ctx: PartContext) -> dict:
 
     backend = "torch" if ctx.dry_run or not ctx.cuda else "triton"
     if ctx.cuda and not ctx.dry_run:
-        loss_cases = [((16, 4, 64, 64), torch.bfloat16, False, True), ((16, 4, 64, 64), torch.bfloat16, True, False),
-                      ((8, 4, 128, 128), torch.bfloat16, False, True), ((6, 4, 37, 29), torch.float32, True, True),
-                      ((5, 3, 33, 17), torch.float16, False, True)]
-        lora_cases = [(8, 1024, 640, 640, 16, torch.bfloat16), (8, 77, 768, 320, 16, torch.bfloat16),
-                      (3, 50, 96, 72, 5, torch.float16), (2, 33, 40, 24, 64, torch.float32)]
+        loss_cases = [
+            ((16, 4, 64, 64), torch.bfloat16, False, True),
+            ((16, 4, 64, 64), torch.bfloat16, True, False),
+            ((8, 4, 128, 128), torch.bfloat16, False, True),
+            ((6, 4, 37, 29), torch.float32, True, True),
+            ((5, 3, 33, 17), torch.float16, False, True),
+        ]
+        lora_cases = [
+            (8, 1024, 640, 640, 16, torch.bfloat16),
+            (8, 77, 768, 320, 16, torch.bfloat16),
+            (3, 50, 96, 72, 5, torch.float16),
+            (2, 33, 40, 24, 64, torch.float32),
+        ]
     else:
         loss_cases = [((4, 4, 8, 8), torch.float32, False, True), ((4, 4, 8, 8), torch.float32, True, False)]
         lora_cases = [(2, 10, 16, 12, 4, torch.float32)]
@@ -332,37 +379,60 @@ def part_correctness(ctx: PartContext) -> dict:
     if not unet["pass"]:
         failures.append("unet adapters")
     n = len(loss) + len(lora) + 1
-    headline = f"{n - len(failures)}/{n} checks pass ({backend})" + (f"; FAIL: {', '.join(failures)}" if failures else "")
-    return {"backend": backend, "loss": loss, "gated_lora": lora, "unet": unet, "failures": failures,
-            "headline": headline}
+    headline = f"{n - len(failures)}/{n} checks pass ({backend})" + (
+        f"; FAIL: {', '.join(failures)}" if failures else ""
+    )
+    return {
+        "backend": backend,
+        "loss": loss,
+        "gated_lora": lora,
+        "unet": unet,
+        "failures": failures,
+        "headline": headline,
+    }
 
 
 def _step_part(ctx: PartContext, stem: str, spec: dict) -> dict:
     from apo_fast.bench import StepBenchConfig, run_step_benchmark, to_markdown, write_reports
 
     if ctx.dry_run or not ctx.cuda:  # the same code path on the tiny UNet, as short as it gets
-        spec = dict(model="tiny", batch=2, rank=4, resolution=16, precision="auto",
-                    steps=2 if stem == "step_sd15" else 1, warmup=1 if stem == "step_sd15" else 0)
+        spec = {
+            "model": "tiny",
+            "batch": 2,
+            "rank": 4,
+            "resolution": 16,
+            "precision": "auto",
+            "steps": 2 if stem == "step_sd15" else 1,
+            "warmup": 1 if stem == "step_sd15" else 0,
+        }
     budget = max(ctx.seconds_left() - 15.0, 10.0)
     cfg = StepBenchConfig(device=str(ctx.device), time_budget_s=budget, **spec)
     result = run_step_benchmark(cfg, workdir=ctx.scratch / stem, progress=True)
     files = write_reports(result, ctx.scratch, stem=stem)
     r = result["ratios"]
     mem = f", memory x{r['peak_memory']:.2f}" if r["peak_memory"] is not None else ""
-    headline = (f"apo-fast {result['apo_fast']['samples_per_s']:.3g} vs baseline "
-                f"{result['baseline']['samples_per_s']:.3g} samples/s: x{r['samples_per_s']:.2f}{mem}")
-    return {"result": result, "markdown": to_markdown(result), "copy": {files["png"]: f"{stem}.png"},
-            "headline": headline}
+    headline = (
+        f"apo-fast {result['apo_fast']['samples_per_s']:.3g} vs baseline "
+        f"{result['baseline']['samples_per_s']:.3g} samples/s: x{r['samples_per_s']:.2f}{mem}"
+    )
+    return {
+        "result": result,
+        "markdown": to_markdown(result),
+        "copy": {files["png"]: f"{stem}.png"},
+        "headline": headline,
+    }
 
 
 def part_step_sd15(ctx: PartContext) -> dict:
     """SD 1.5 UNet, 512 px (64x64 latents), batch 8 pairs, rank 16, bf16: the issue's main target."""
-    return _step_part(ctx, "step_sd15", dict(model="sd15", batch=8, rank=16, precision="bf16", steps=10, warmup=2))
+    spec = {"model": "sd15", "batch": 8, "rank": 16, "precision": "bf16", "steps": 10, "warmup": 2}
+    return _step_part(ctx, "step_sd15", spec)
 
 
 def part_step_sdxl(ctx: PartContext) -> dict:
     """SDXL UNet, 1024 px (128x128 latents), batch 1 pair, rank 16, bf16."""
-    return _step_part(ctx, "step_sdxl", dict(model="sdxl", batch=1, rank=16, precision="bf16", steps=8, warmup=2))
+    spec = {"model": "sdxl", "batch": 1, "rank": 16, "precision": "bf16", "steps": 8, "warmup": 2}
+    return _step_part(ctx, "step_sdxl", spec)
 
 
 def _issue5_config(model: str, vae_dir, device, dry_run: bool, optimizer: str):
@@ -370,13 +440,26 @@ def _issue5_config(model: str, vae_dir, device, dry_run: bool, optimizer: str):
     from apo_fast.config import load_config
 
     overrides = [
-        "model.pretrained=null", f"model.preset={model}", "data.root=builtin:demo", "data.category=brick",
-        "train.progress=false", f"train.device={device}", f"optim.name={optimizer}", "optim.warmup_steps=0",
+        "model.pretrained=null",
+        f"model.preset={model}",
+        "data.root=builtin:demo",
+        "data.category=brick",
+        "train.progress=false",
+        f"train.device={device}",
+        f"optim.name={optimizer}",
+        "optim.warmup_steps=0",
     ]
     if dry_run:
-        overrides += ["model.latent=false", "model.vae=null", "data.image_size=32", "train.batch_size=2",
-                      "adapter.rank=4", "train.mixed_precision='no'", "train.gradient_checkpointing=true",
-                      "model.noise_schedule=squaredcos_cap_v2"]
+        overrides += [
+            "model.latent=false",
+            "model.vae=null",
+            "data.image_size=32",
+            "train.batch_size=2",
+            "adapter.rank=4",
+            "train.mixed_precision='no'",
+            "train.gradient_checkpointing=true",
+            "model.noise_schedule=squaredcos_cap_v2",
+        ]
     else:
         size, batch = (512, 4) if model == "sd15" else (1024, 1)
         overrides += [f"model.vae={vae_dir}", f"data.image_size={size}", f"train.batch_size={batch}"]
@@ -395,7 +478,7 @@ def part_memory(ctx: PartContext) -> dict:
         import bitsandbytes  # noqa: F401
 
         optimizer = "adamw8bit"
-    except Exception:  # not carried to this machine: the 8-bit state is a few MiB of a multi-GiB peak
+    except Exception:  # noqa: BLE001 - not carried to this machine: the 8-bit state is a few MiB of a multi-GiB peak
         optimizer = "adamw"
     dry = ctx.dry_run or not ctx.cuda
     # (name, preset, pixels, batch, target GiB from issue 5, minimum seconds to try)
@@ -415,10 +498,15 @@ def part_memory(ctx: PartContext) -> dict:
             unet_cfg = dict(UNET_PRESETS[model])
             unet_cfg.update(cfg.model.unet)
             plan_cfg = {
-                "unet": unet_cfg, "batch_size": cfg.train.batch_size, "paired": cfg.loss.mode == "paired",
-                "condition_tokens": cfg.model.cond_tokens, "rank": cfg.adapter.rank,
-                "precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
-                "attention": "sdpa", "optimizer": optimizer,
+                "unet": unet_cfg,
+                "batch_size": cfg.train.batch_size,
+                "paired": cfg.loss.mode == "paired",
+                "condition_tokens": cfg.model.cond_tokens,
+                "rank": cfg.adapter.rank,
+                "precision": cfg.train.mixed_precision,
+                "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                "attention": "sdpa",
+                "optimizer": optimizer,
                 "extra_trainable_params": measured["condition_parameters"],
             }
             if dry:
@@ -427,9 +515,15 @@ def part_memory(ctx: PartContext) -> dict:
             else:
                 plan_cfg["resolution"] = size
             plan = plan_memory(plan_cfg)
-            rec = {"case": name, "status": "ok", "optimizer": optimizer, "measured": measured,
-                   "plan_allocated_mib": plan.allocated / MIB, "plan_total_mib": plan.total / MIB,
-                   "plan_breakdown_mib": {k: v / MIB for k, v in plan.breakdown().items()}}
+            rec = {
+                "case": name,
+                "status": "ok",
+                "optimizer": optimizer,
+                "measured": measured,
+                "plan_allocated_mib": plan.allocated / MIB,
+                "plan_total_mib": plan.total / MIB,
+                "plan_breakdown_mib": {k: v / MIB for k, v in plan.breakdown().items()},
+            }
             if "max_allocated_mib" in measured:
                 got = measured["max_allocated_mib"]
                 rec["plan_error_pct"] = 100.0 * (rec["plan_allocated_mib"] - got) / got
@@ -439,18 +533,23 @@ def part_memory(ctx: PartContext) -> dict:
                     rec["meets_target_allocated"] = got / 1024 < target_gib
                     rec["meets_target_reserved"] = measured["max_reserved_mib"] / 1024 < target_gib
             records.append(rec)
-        except Exception as exc:  # one failing case must not lose the other
-            records.append({"case": name, "status": f"error: {type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc()})
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the other
+            records.append(
+                {"case": name, "status": f"error: {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            )
     parts = []
     for rec in records:
         if rec["status"] != "ok":
             parts.append(f"{rec['case']}: {rec['status'][:60]}")
         elif "plan_error_pct" in rec:
-            parts.append(f"{rec['case']}: {rec['measured']['max_allocated_mib'] / 1024:.2f} GiB "
-                         f"(plan {rec['plan_error_pct']:+.0f}%)")
+            parts.append(
+                f"{rec['case']}: {rec['measured']['max_allocated_mib'] / 1024:.2f} GiB "
+                f"(plan {rec['plan_error_pct']:+.0f}%)"
+            )
         else:
-            parts.append(f"{rec['case']}: rss {rec['measured']['rss_mib']:.0f} MiB, plan {rec['plan_allocated_mib']:.0f} MiB")
+            parts.append(
+                f"{rec['case']}: rss {rec['measured']['rss_mib']:.0f} MiB, plan {rec['plan_allocated_mib']:.0f} MiB"
+            )
     return {"cases": records, "headline": "; ".join(parts)}
 
 
@@ -466,8 +565,11 @@ def _kernel_part(ctx: PartContext, module_name: str, function: str, stem: str) -
     guard = torch._dynamo.config.patch(disable=True) if ctx.dry_run else contextlib.nullcontext()
     with guard:
         records = run(ctx.device, out_json, **kwargs)
-    return {"records": records, "copy": {str(out_json): f"{stem}.json"} if out_json.is_file() else {},
-            "headline": _kernel_headline(stem, records)}
+    return {
+        "records": records,
+        "copy": {str(out_json): f"{stem}.json"} if out_json.is_file() else {},
+        "headline": _kernel_headline(stem, records),
+    }
 
 
 def _kernel_headline(stem: str, records: list[dict]) -> str:
@@ -478,15 +580,19 @@ def _kernel_headline(stem: str, records: list[dict]) -> str:
             if not fused:
                 return f"{len(records)} records (no fused version on this device)"
             return "fused speed-up vs best baseline: " + ", ".join(
-                f"{r['case']} x{r.get('speedup_vs_best_baseline', float('nan')):.2f}" for r in fused)
-        fused = [r for r in records if r.get("impl") == "fused" and r.get("rank") == 16
-                 and r.get("mode") == "forward_backward"]
+                f"{r['case']} x{r.get('speedup_vs_best_baseline', float('nan')):.2f}" for r in fused
+            )
+        fused = [
+            r
+            for r in records
+            if r.get("impl") == "fused" and r.get("rank") == 16 and r.get("mode") == "forward_backward"
+        ]
         if not fused:
             return f"{len(records)} records (no fused version on this device)"
         worst_base = max(r["time_vs_base"] for r in fused)
         best_peft = min(1 / r["time_vs_peft"] for r in fused)
         return f"rank 16 fwd+bwd: fused <= x{worst_base:.2f} of base linear, >= x{best_peft:.2f} faster than peft"
-    except Exception as exc:  # a headline must never fail the part
+    except Exception as exc:  # noqa: BLE001 - a headline must never fail the part
         return f"{len(records)} records ({type(exc).__name__} summarising them)"
 
 
@@ -541,7 +647,7 @@ def _jsonable(obj):
         return obj
     try:
         return float(obj)
-    except Exception:
+    except (TypeError, ValueError, RuntimeError):
         return str(obj)
 
 
@@ -556,7 +662,7 @@ def run_part(name: str, scratch: Path, seconds: float, dry_run: bool) -> dict:
         ctx = PartContext(_resolve_device(dry_run), dry_run, scratch, start + seconds)
         result = part.fn(ctx)
         record = {"status": "ok", "result": result}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the part's failure is its result
         traceback.print_exc()
         record = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     record["seconds"] = time.monotonic() - start
@@ -566,26 +672,40 @@ def run_part(name: str, scratch: Path, seconds: float, dry_run: bool) -> dict:
 
 
 def _run_part_isolated(name: str, scratch: Path, seconds: float, dry_run: bool, log_file) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--scratch", str(scratch),
-           "--part-seconds", f"{seconds:.1f}"] + (["--dry-run"] if dry_run else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        name,
+        "--scratch",
+        str(scratch),
+        "--part-seconds",
+        f"{seconds:.1f}",
+    ] + (["--dry-run"] if dry_run else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.monotonic()
     result_file = scratch / f"{name}.result.json"
     result_file.unlink(missing_ok=True)
     try:
-        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=seconds + 10)
+        proc = subprocess.run(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=seconds + 10, check=False
+        )
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         rc = None
     if result_file.is_file():
         return json.loads(result_file.read_text())
     status = "timeout" if rc is None else "crashed"
-    return {"status": status, "error": f"{status} (exit code {rc}) after {time.monotonic() - start:.0f} s; see suite.log",
-            "seconds": time.monotonic() - start}
+    return {
+        "status": status,
+        "error": f"{status} (exit code {rc}) after {time.monotonic() - start:.0f} s; see suite.log",
+        "seconds": time.monotonic() - start,
+    }
 
 
-def run_suite(out: Path, budget_s: float, dry_run: bool, only: tuple[str, ...] | None = None,
-              in_process: bool = False) -> dict:
+def run_suite(
+    out: Path, budget_s: float, dry_run: bool, only: tuple[str, ...] | None = None, in_process: bool = False
+) -> dict:
     """Run the parts in order within ``budget_s`` seconds; write the suite's files into ``out``."""
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -594,7 +714,9 @@ def run_suite(out: Path, budget_s: float, dry_run: bool, only: tuple[str, ...] |
     suite: dict[str, Any] = {
         "schema": "apo-fast-gpu-suite/1",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dry_run": dry_run, "budget_s": budget_s, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "dry_run": dry_run,
+        "budget_s": budget_s,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "parts": {},
     }
     try:
@@ -604,8 +726,11 @@ def run_suite(out: Path, budget_s: float, dry_run: bool, only: tuple[str, ...] |
                     continue
                 left = budget_s - (time.monotonic() - start)
                 if left < part.min_s:
-                    rec = {"status": "skipped", "error": f"{left:.0f} s of the suite's budget left, "
-                                                         f"the part needs at least {part.min_s:.0f} s", "seconds": 0.0}
+                    rec = {
+                        "status": "skipped",
+                        "error": f"{left:.0f} s of the suite's budget left, the part needs at least {part.min_s:.0f} s",
+                        "seconds": 0.0,
+                    }
                 else:
                     seconds = min(part.budget_s, left)
                     print(f"[suite] {part.name}: up to {seconds:.0f} s ...", flush=True)
@@ -621,8 +746,11 @@ def run_suite(out: Path, budget_s: float, dry_run: bool, only: tuple[str, ...] |
                     if Path(src).is_file():
                         shutil.copyfile(src, out / dst)
                 suite["parts"][part.name] = rec
-                print(f"[suite] {part.name}: {rec['status']} in {rec.get('seconds', 0):.0f} s"
-                      + (f" ({rec['error'][:200]})" if rec.get("error") else ""), flush=True)
+                print(
+                    f"[suite] {part.name}: {rec['status']} in {rec.get('seconds', 0):.0f} s"
+                    + (f" ({rec['error'][:200]})" if rec.get("error") else ""),
+                    flush=True,
+                )
                 _write_outputs(suite, out, start)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -642,14 +770,23 @@ def short_table(suite: dict) -> str:
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     total = suite.get("total_s")
     title = f"== apo-fast GPU suite{' (dry run)' if suite['dry_run'] else ''}" + (
-        f": {total:.0f} s of {suite['budget_s']:.0f} ==" if total is not None else " ==")
+        f": {total:.0f} s of {suite['budget_s']:.0f} ==" if total is not None else " =="
+    )
     return "\n".join([title, *lines])
 
 
 def summary_markdown(suite: dict) -> str:
     """SUMMARY.md: the short table, then each part's tables."""
-    lines = [f"# apo-fast GPU suite, {suite['date']}{' (dry run)' if suite['dry_run'] else ''}", "",
-             f"Command: `{suite['command']}`", "", "```", short_table(suite), "```", ""]
+    lines = [
+        f"# apo-fast GPU suite, {suite['date']}{' (dry run)' if suite['dry_run'] else ''}",
+        "",
+        f"Command: `{suite['command']}`",
+        "",
+        "```",
+        short_table(suite),
+        "```",
+        "",
+    ]
     env = (suite["parts"].get("env") or {}).get("result")
     if env:
         lines += ["## Machine", "", "| key | value |", "|---|---|"]
@@ -657,37 +794,55 @@ def summary_markdown(suite: dict) -> str:
         lines.append("")
     corr = (suite["parts"].get("correctness") or {}).get("result")
     if corr:
-        lines += ["## Correctness (max |fast - ref| / max |ref|, float64 reference)", "",
-                  "| op | shape | dtype | errors | pass |", "|---|---|---|---|---|"]
+        lines += [
+            "## Correctness (max |fast - ref| / max |ref|, float64 reference)",
+            "",
+            "| op | shape | dtype | errors | pass |",
+            "|---|---|---|---|---|",
+        ]
         for r in corr["loss"]:
-            lines.append(f"| apo_loss {'paired' if r['paired'] else 'unpaired'}{' mask' if r['masked'] else ''} | "
-                         f"{r['shape']} | {r['dtype']} | loss {r['loss_rel_err']:.1e}, e {r['e_theta_rel_err']:.1e}, "
-                         f"grad {r['grad_rel_err']:.1e} | {r['pass']} |")
+            lines.append(
+                f"| apo_loss {'paired' if r['paired'] else 'unpaired'}{' mask' if r['masked'] else ''} | "
+                f"{r['shape']} | {r['dtype']} | loss {r['loss_rel_err']:.1e}, e {r['e_theta_rel_err']:.1e}, "
+                f"grad {r['grad_rel_err']:.1e} | {r['pass']} |"
+            )
         for r in corr["gated_lora"]:
-            lines.append(f"| gated_lora r{r['rank']} | {r['shape']} | {r['dtype']} | y {r['y_rel_err']:.1e}, "
-                         f"dx {r['dx_rel_err']:.1e}, dA {r['dA_rel_err']:.1e}, dB {r['dB_rel_err']:.1e} | {r['pass']} |")
+            lines.append(
+                f"| gated_lora r{r['rank']} | {r['shape']} | {r['dtype']} | y {r['y_rel_err']:.1e}, "
+                f"dx {r['dx_rel_err']:.1e}, dA {r['dA_rel_err']:.1e}, dB {r['dB_rel_err']:.1e} | {r['pass']} |"
+            )
         u = corr["unet"]
-        lines += [f"| tiny UNet adapters ({u['backend']} vs torch) | 4x4x32x32 | {u['dtype']} | y {u['y_rel_err']:.1e}, "
-                  f"grads {u['grad_rel_err_max']:.1e} | {u['pass']} |", ""]
+        lines += [
+            (
+                f"| tiny UNet adapters ({u['backend']} vs torch) | 4x4x32x32 | {u['dtype']} | "
+                f"y {u['y_rel_err']:.1e}, grads {u['grad_rel_err_max']:.1e} | {u['pass']} |"
+            ),
+            "",
+        ]
     for name in ("step_sd15", "step_sdxl"):
         res = (suite["parts"].get(name) or {}).get("result")
         if res and res.get("markdown"):
             lines += [f"## {name}", "", res["markdown"], ""]
     mem = (suite["parts"].get("memory") or {}).get("result")
     if mem:
-        lines += ["## Memory (issue 5 configs) vs plan_memory", "",
-                  "| case | max allocated (MiB) | max reserved (MiB) | plan allocated (MiB) | plan error | target |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "## Memory (issue 5 configs) vs plan_memory",
+            "",
+            "| case | max allocated (MiB) | max reserved (MiB) | plan allocated (MiB) | plan error | target |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for r in mem["cases"]:
             if r.get("status") != "ok":
                 lines.append(f"| {r['case']} | {r['status']} | | | | |")
                 continue
             m = r["measured"]
+            target = f"< {r['target_gib']:g} GiB: {r['meets_target_allocated']}" if "target_gib" in r else "n/a"
             lines.append(
                 f"| {r['case']} ({r['optimizer']}) | {m.get('max_allocated_mib', float('nan')):.0f} | "
                 f"{m.get('max_reserved_mib', float('nan')):.0f} | {r['plan_allocated_mib']:.0f} | "
                 f"{r.get('plan_error_pct', float('nan')):+.1f}% | "
-                f"{'< %g GiB: %s' % (r['target_gib'], r['meets_target_allocated']) if 'target_gib' in r else 'n/a'} |")
+                f"{target} |"
+            )
         lines.append("")
     for name in ("loss_kernels", "gated_lora_kernels"):
         res = (suite["parts"].get(name) or {}).get("result")

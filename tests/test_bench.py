@@ -1,4 +1,5 @@
 """The Diffusion-DPO baseline, the step benchmark and the GPU suite's CPU dry run."""
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,9 @@ def tiny_unet(channels: int = 3, seed: int = 0):
     from apo_fast.unet_presets import UNET_PRESETS
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**dict(UNET_PRESETS["tiny"], in_channels=channels, out_channels=channels,
-                                       sample_size=16))
+    return UNet2DConditionModel(
+        **dict(UNET_PRESETS["tiny"], in_channels=channels, out_channels=channels, sample_size=16)
+    )
 
 
 def scheduler(prediction_type: str = "epsilon"):
@@ -65,8 +67,11 @@ def test_dpo_loss_terms_match_float64_formula_and_diffusion_dpo_loss(loss_type):
     e = (p64 - target.double()).pow(2).mean(dim=(1, 2, 3))
     e_ref = (ref.double() - target.double()).pow(2).mean(dim=(1, 2, 3))
     logits = (e_ref[:3] - e_ref[3:]) - (e[:3] - e[3:])
-    loss64 = -torch.nn.functional.logsigmoid(40.0 * logits).mean() if loss_type == "sigmoid" else \
-        torch.relu(1 - 40.0 * logits).mean()
+    loss64 = (
+        -torch.nn.functional.logsigmoid(40.0 * logits).mean()
+        if loss_type == "sigmoid"
+        else torch.relu(1 - 40.0 * logits).mean()
+    )
     loss64.backward()
     assert terms["loss"].item() == pytest.approx(loss64.item(), rel=1e-5, abs=1e-7)
     torch.testing.assert_close(pred.grad.double(), p64.grad, rtol=1e-4, atol=1e-8)
@@ -137,12 +142,19 @@ def test_baseline_with_vae_encodes_every_step_and_bf16_autocast_runs():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
     unet = tiny_unet(channels=4)
-    baseline = DiffusionDPOBaseline(unet, scheduler(), vae,
-                                    BaselineDPOConfig(rank=4, mixed_precision="bf16", vae_encode_batch_size=3), "cpu")
+    baseline = DiffusionDPOBaseline(
+        unet, scheduler(), vae, BaselineDPOConfig(rank=4, mixed_precision="bf16", vae_encode_batch_size=3), "cpu"
+    )
     assert next(vae.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in baseline.params_to_optimize)  # peft follows the base (script)
     calls = []
@@ -155,8 +167,9 @@ def test_baseline_with_vae_encodes_every_step_and_bf16_autocast_runs():
 
 
 def test_baseline_fp16_keeps_lora_in_float32():
-    baseline = DiffusionDPOBaseline(tiny_unet(), scheduler(), None, BaselineDPOConfig(rank=2, mixed_precision="fp16"),
-                                    "cpu")
+    baseline = DiffusionDPOBaseline(
+        tiny_unet(), scheduler(), None, BaselineDPOConfig(rank=2, mixed_precision="fp16"), "cpu"
+    )
     assert all(p.dtype == torch.float32 for p in baseline.params_to_optimize)
     assert baseline.scaler is not None
 
@@ -190,9 +203,15 @@ def test_baseline_rejects_bad_inputs():
 def test_step_bench_config_validation():
     from apo_fast.bench import StepBenchConfig
 
-    for kwargs, words in [({"model": "sd3"}, "model"), ({"batch": 0}, "batch"), ({"precision": "int8"}, "precision"),
-                          ({"resolution": 30}, "multiple of 8"), ({"gate": "x"}, "gate"),
-                          ({"attention": "flash"}, "attention"), ({"time_budget_s": -1}, "time_budget_s")]:
+    for kwargs, words in [
+        ({"model": "sd3"}, "model"),
+        ({"batch": 0}, "batch"),
+        ({"precision": "int8"}, "precision"),
+        ({"resolution": 30}, "multiple of 8"),
+        ({"gate": "x"}, "gate"),
+        ({"attention": "flash"}, "attention"),
+        ({"time_budget_s": -1}, "time_budget_s"),
+    ]:
         with pytest.raises(ValueError, match=words):
             StepBenchConfig(**kwargs)
 
@@ -220,17 +239,55 @@ def test_bench_cli_tiny_writes_json_markdown_and_png(tmp_path):
 
     out = tmp_path / "bench"
     # the subcommand's own function: cli.main would also tear down the process group other tests share
-    args = build_parser().parse_args(["bench", "--model", "tiny", "--steps", "2", "--warmup", "1", "--batch", "1",
-                                      "--rank", "4", "--resolution", "16", "--output-dir", str(out), "--no-progress"])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "1",
+            "--rank",
+            "4",
+            "--resolution",
+            "16",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert args.fn(args) == 0
     result = json.loads((out / "bench.json").read_text())
-    for key in ("schema", "date", "config", "machine", "notes", "apo_fast", "baseline", "ratios", "telemetry",
-                "per_step", "files", "build_and_warmup_s"):
+    for key in (
+        "schema",
+        "date",
+        "config",
+        "machine",
+        "notes",
+        "apo_fast",
+        "baseline",
+        "ratios",
+        "telemetry",
+        "per_step",
+        "files",
+        "build_and_warmup_s",
+    ):
         assert key in result, key
     for side in ("apo_fast", "baseline"):
         s = result[side]
-        for key in ("samples_per_s", "pairs_per_s", "step_time_s", "breakdown_s", "peak_memory_mib",
-                    "peak_memory_kind", "setup", "loss_last"):
+        for key in (
+            "samples_per_s",
+            "pairs_per_s",
+            "step_time_s",
+            "breakdown_s",
+            "peak_memory_mib",
+            "peak_memory_kind",
+            "setup",
+            "loss_last",
+        ):
             assert key in s, (side, key)
         assert set(s["breakdown_s"]) == set(PHASES)
         assert s["samples_per_s"] > 0 and s["steps"] == 2 and len(result["per_step"][side]) == 2
@@ -238,7 +295,8 @@ def test_bench_cli_tiny_writes_json_markdown_and_png(tmp_path):
         assert all(s["breakdown_s"][p] > 0 for p in ("policy_forward", "reference_forward", "backward", "optimizer"))
     assert result["apo_fast"]["setup"]["engine"] == "deepspeed"
     assert result["ratios"]["samples_per_s"] == pytest.approx(
-        result["apo_fast"]["samples_per_s"] / result["baseline"]["samples_per_s"])
+        result["apo_fast"]["samples_per_s"] / result["baseline"]["samples_per_s"]
+    )
     assert result["ratios"]["peak_memory"] is None  # CPU: process RSS only
     assert result["telemetry"]["kind"] == "rss"
     md = (out / "bench.md").read_text()
@@ -267,8 +325,17 @@ def test_gpu_suite_dry_run_on_cpu_completes_and_writes_its_files(tmp_path, capsy
     assert list(data["parts"]) == list(suite.PART_NAMES)
     assert {name: rec["status"] for name, rec in data["parts"].items()} == {n: "ok" for n in suite.PART_NAMES}
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["suite.json", "SUMMARY.md", "suite.log", "step_sd15.png", "step_sdxl.png",
-                            "loss_kernels.json", "gated_lora_kernels.json"])
+    assert files == sorted(
+        [
+            "suite.json",
+            "SUMMARY.md",
+            "suite.log",
+            "step_sd15.png",
+            "step_sdxl.png",
+            "loss_kernels.json",
+            "gated_lora_kernels.json",
+        ]
+    )
     assert len(files) <= 8  # what the device tool brings back
     assert not data["parts"]["correctness"]["result"]["failures"]
     step = data["parts"]["step_sd15"]["result"]["result"]
