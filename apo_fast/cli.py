@@ -95,6 +95,9 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apo-fast", description="Anomaly Preference Optimization: train and sample")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes --local_rank=N before the subcommand (the rank is read from LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole job on the bundled demo dataset (CPU, minutes)")
@@ -150,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_bench)
+
+    from apo_fast.planner_cli import add_plan_memory_parser
+
+    add_plan_memory_parser(sub, _add_config_args)
     return parser
 
 

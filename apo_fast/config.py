@@ -116,6 +116,9 @@ class TrainConfig:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Extra DeepSpeed config entries merged over the generated ones (e.g. zero_optimization:
+    # {stage3_param_persistence_threshold: 0, reduce_bucket_size: 5e7}); see docs/distributed.md.
+    deepspeed: dict = field(default_factory=dict)
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

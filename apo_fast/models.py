@@ -107,31 +107,53 @@ def build_vae(cfg: ModelConfig):
         raise FileNotFoundError(f"no VAE found locally at {source!r} (subfolder {sub!r}): {exc}") from exc
 
 
-def set_attention(unet, kind: str, device: torch.device) -> str:
-    """Choose the attention kernel: ``xformers`` (CUDA only), ``sdpa`` or ``auto``.
+def check_attention(kind: str, device: torch.device) -> None:
+    """Refuse an attention setting that cannot run on ``device`` (cheap; no model needed).
 
-    Returns the name of the kernel in use. ``auto`` takes xformers on CUDA when it
-    loads and runs a probe, otherwise PyTorch SDPA. Asking for xformers where it
-    cannot run raises a clear error.
+    Raises:
+        ValueError: ``kind`` is not auto, xformers or sdpa, or is xformers on a
+            non-CUDA device (xformers has no CPU kernels).
+    """
+    if kind not in ("auto", "xformers", "sdpa"):
+        raise ValueError(f"train.attention must be auto, xformers or sdpa; got {kind!r}")
+    if kind == "xformers" and device.type != "cuda":
+        raise ValueError(
+            f"train.attention is 'xformers' but it cannot run here (xformers has no kernels for device {device}); "
+            "use 'sdpa' or 'auto'"
+        )
+
+
+def set_attention(unet, kind: str, device: torch.device) -> str:
+    """Choose the attention kernel of ``unet``: ``xformers`` (CUDA only), ``sdpa`` or ``auto``.
+
+    ``auto`` takes xformers on CUDA when it imports and passes diffusers' probe
+    (a small attention call), otherwise PyTorch SDPA (``AttnProcessor2_0``, whose
+    fused kernels are memory-efficient too). Logs the choice once (INFO) and
+    returns its name, ``"xformers"`` or ``"sdpa"``.
+
+    Raises:
+        ValueError: ``kind`` is not one of the three, or ``kind == "xformers"``
+            where xformers cannot run (no CUDA device, not installed, probe failed);
+            the message says why.
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    if kind not in ("auto", "xformers", "sdpa"):
-        raise ValueError(f"attention must be auto, xformers or sdpa; got {kind!r}")
+    check_attention(kind, device)
+    reason = None
     if kind in ("auto", "xformers"):
-        reason = None
         if device.type != "cuda":
-            reason = "xformers has no kernels for device " + str(device)
+            reason = f"xformers has no kernels for device {device}"
         else:
             try:
                 unet.enable_xformers_memory_efficient_attention()
+                log.info("attention: xformers (memory-efficient attention)")
                 return "xformers"
             except Exception as exc:  # ImportError, ValueError, or a failing probe
                 reason = f"{type(exc).__name__}: {exc}"
         if kind == "xformers":
-            raise RuntimeError(f"train.attention is 'xformers' but it cannot run here ({reason}); use 'sdpa' or 'auto'")
-        log.info("attention: xformers unavailable (%s); using PyTorch SDPA", reason)
+            raise ValueError(f"train.attention is 'xformers' but it cannot run here ({reason}); use 'sdpa' or 'auto'")
     unet.set_attn_processor(AttnProcessor2_0())
+    log.info("attention: PyTorch SDPA%s", f" (xformers unavailable: {reason})" if reason else "")
     return "sdpa"
 
 

@@ -10,7 +10,12 @@ One optimisation step, per micro-batch (APO_SPEC "Loss"):
 Every random draw of step ``k`` comes from generators seeded by ``(seed, k)``, and
 the data order of epoch ``e`` from ``(seed, e)``: a run resumed from the
 checkpoint of step ``k`` continues with exactly the batches, timesteps and
-noise an uninterrupted run would have drawn.
+noise an uninterrupted run would have drawn. The global batch of a step is drawn
+whole and each rank takes its slice, so it does not depend on the number of ranks.
+
+Distributed training (ZeRO stages 0-3, offload, 8-bit optimizers, launchers) is
+described in ``docs/distributed.md``; the DeepSpeed plumbing is in
+:mod:`apo_fast.distributed`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +36,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from apo_fast.config import APOConfig, save_config
-from apo_fast.io_utils import atomic_directory, atomic_write_json, atomic_write_text
+from apo_fast.distributed import (
+    UNetOutputKeeper,
+    average_over_ranks,
+    check_precision_supported,
+    export_parameters,
+    gathered,
+    merge_deepspeed_overrides,
+    rank_slice,
+    register_adapter_params_for_zero3,
+)
+from apo_fast.io_utils import atomic_write_json, atomic_write_text
 from apo_fast.models import (
     ConditionEmbedding,
     build_scheduler,
     build_unet,
     build_vae,
+    check_attention,
     encode_images,
     resolve_device,
     set_attention,
@@ -235,7 +252,25 @@ def ensure_distributed_env() -> bool:
     return True
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index means this rank's GPU (``LOCAL_RANK`` of the launcher)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
 def deepspeed_config(cfg: APOConfig, micro_batch: int) -> dict:
+    """The DeepSpeed config of a run: ZeRO stage, offload, precision and batch from
+    ``cfg.train``, then ``cfg.train.deepspeed`` merged over it (bucket sizes, ZeRO-3
+    prefetch/persistence, loss-scale settings...; entries that ``train.*`` fields
+    own are refused with a ValueError naming the field).
+
+    The optimizer is always the client optimizer of :func:`build_optimizer`; with
+    ZeRO, bitsandbytes' 8-bit optimizers are "untested" to DeepSpeed and need
+    ``zero_allow_untested_optimizer``, and a client optimizer other than
+    DeepSpeedCPUAdam under ZeRO-Offload needs ``zero_force_ds_cpu_optimizer: false``.
+    """
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage >= 2:
@@ -246,18 +281,20 @@ def deepspeed_config(cfg: APOConfig, micro_batch: int) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
-    return {
+    base = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": t.mixed_precision == "bf16"},
+        # fp16: dynamic loss scaling (loss_scale 0), starting at 2**12.
         "fp16": {"enabled": t.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 12},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    return merge_deepspeed_overrides(base, t.deepspeed)
 
 
 def build_optimizer(cfg: APOConfig, model: APOModel):
@@ -306,19 +343,65 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk (so a rename publishes complete files)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) -> Path:
-    """DeepSpeed checkpoint of ``step`` written into a temporary folder, then moved into place."""
+    """DeepSpeed checkpoint of ``step``, published atomically; call on every rank.
+
+    Every rank writes its shards (ZeRO partitions of the optimizer, and of the
+    parameters under stage 3) into one temporary folder ``checkpoints/.step-N.tmp``;
+    after a barrier rank 0 adds ``client_state.json``, flushes the files and renames
+    the folder to ``checkpoints/step-N``, then updates ``latest`` and keeps the last
+    ``keep`` checkpoints. A kill at any moment leaves either no ``step-N`` or a
+    complete one; :func:`list_checkpoints` only lists folders with ``client_state.json``.
+    With several nodes ``output_dir`` must be on a filesystem every node sees.
+    """
     root = Path(out_dir) / CHECKPOINT_DIR
     final = root / f"step-{step:06d}"
-    with atomic_directory(final) as tmp:
-        engine.save_checkpoint(str(tmp), tag="state", client_state={"step": step})
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+    tmp = root / f".{final.name}.tmp"
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a killed run
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag="state", client_state={"step": step})
+    _barrier()
+    if is_main:
         atomic_write_json(tmp / "client_state.json", {"step": step, **extra})
-    atomic_write_text(root / LATEST_FILE, final.name + "\n")
-    for _, old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        if final.exists():  # rewritten after a resume from an earlier step
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST_FILE, final.name + "\n")
+        for _, stale in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     return final
+
+
+def remove_stale_checkpoint_files(out_dir: Path) -> list[Path]:
+    """Delete temporary checkpoint folders a killed run left behind (call on rank 0, before
+    training); returns what was removed."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    stale = sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.old")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 # --------------------------------------------------------------------------- training
@@ -368,19 +451,26 @@ class APOTrainer:
         self.out = Path(cfg.output_dir)
         self.resume = resume
         self.device = resolve_device(cfg.train.device)
+        self._output_keeper = None
 
     # ---- setup
     def setup(self):
         import deepspeed
 
         from apo_fast.adapters import freeze_base, inject_adapters
-
         from apo_fast.data import default_augment
 
         cfg = self.cfg
+        # Everything that can be refused is refused before data, models or ranks are touched.
+        check_precision_supported(cfg.train.mixed_precision, self.device)
+        check_attention(cfg.train.attention, self.device)
+        self.micro_batch = cfg.train.batch_size * (2 if cfg.loss.mode == "paired" else 1)
+        ds_config = deepspeed_config(cfg, self.micro_batch)
+        self.device = rank_device(self.device)
         torch.manual_seed(cfg.train.seed)
         self.augment_mode = default_augment(cfg.data.category) if cfg.data.augment else "none"
         if self.device.type == "cuda" and cfg.train.allow_tf32:
+            # TF32 matmuls/convolutions on Ampere+ (fp32 runs only; a no-op before Ampere).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         vae = build_vae(cfg.model)
@@ -401,60 +491,88 @@ class APOTrainer:
             cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim
         )
         model = APOModel(unet, conditions)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        # channels_last: the inputs are made channels_last in micro_step and convolutions
+        # propagate the layout (cuDNN picks NHWC kernels for a channels_last input). The
+        # parameters stay contiguous: DeepSpeed broadcasts and flattens them as byte views.
         self.scheduler = build_scheduler(cfg.model, "ddpm")
         optimizer = build_optimizer(cfg, model)
         warm = cfg.optim.warmup_steps
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.micro_batch = cfg.train.batch_size * (2 if cfg.loss.mode == "paired" else 1)
         self._own_dist = ensure_distributed_env()
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=model,
+            model=model,  # the whole model: ZeRO-3 partitions the frozen base too
             optimizer=optimizer,
             lr_scheduler=lr_sched,
-            config=deepspeed_config(cfg, self.micro_batch),
+            config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
+        if cfg.train.zero_stage == 3:
+            register_adapter_params_for_zero3(self.engine.module.unet)
+        # ZeRO-3 replaces module outputs; the time gate must still see its forward pending
+        # during a gradient-checkpointing recompute (see UNetOutputKeeper).
+        self._output_keeper = UNetOutputKeeper.attach(self.engine.module.unet) if cfg.train.zero_stage == 3 else None
         self.rank = self.engine.global_rank
         self.world = self.engine.world_size
         self.alphas_cumprod = _sched_tensors(self.scheduler, self.engine.device)
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+        if self.rank == 0:
+            log.info(
+                "DeepSpeed: ZeRO stage %d on %d rank(s), %s, optimizer %s%s%s, attention %s%s",
+                cfg.train.zero_stage, self.world, str(self.model_dtype).replace("torch.", ""), cfg.optim.name,
+                " (state offloaded to CPU)" if cfg.train.offload_optimizer else "",
+                ", parameters offloaded to CPU" if cfg.train.offload_params else "", self.attention,
+                ", gradient checkpointing" if cfg.train.gradient_checkpointing else "",
+            )
         return self
 
     # ---- one step
     def batch_for_step(self, step: int, micro: int):
-        """Inputs of micro-batch ``micro`` of optimisation step ``step`` (deterministic)."""
+        """This rank's share of micro-batch ``micro`` of optimisation step ``step``.
+
+        The global micro-batch (``batch_size * world`` samples: data items,
+        augmentations, t and noise) is drawn from generators seeded by
+        ``(seed, step, micro)`` alone, and rank ``r`` takes rows ``r*b .. (r+1)*b``.
+        So the global batch of a step does not depend on the world size: 2 ranks of
+        batch ``b`` train on exactly the samples 1 rank of batch ``2b`` does.
+
+        Returns ``(x0, masks, conds, t, noise)``; in paired mode winners then losers
+        (a pair shares condition, t and noise).
+        """
         cfg, d = self.cfg, self.data
-        b = cfg.train.batch_size
-        global_micro = (step * cfg.train.grad_accum + micro) * self.world + self.rank
-        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + global_micro)
-        idx = stream_indices(d.anomalies.shape[0], cfg.train.seed, global_micro * b, b)
+        b, world, rank = cfg.train.batch_size, self.world, self.rank
+        gb = b * world
+        k = step * cfg.train.grad_accum + micro  # global micro-batch index
+        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + k)
+        idx = stream_indices(d.anomalies.shape[0], cfg.train.seed, k * gb, gb)
         x0 = d.anomalies[idx]
         masks = d.anomaly_masks[idx]
         conds = d.anomaly_conds[idx]
         if self.augment_mode != "none":
             x0, masks = augment(x0, masks, g, self.augment_mode)
+        xn = None
         if cfg.loss.mode == "paired":
-            nidx = stream_indices(d.normals.shape[0], cfg.train.seed + 1, global_micro * b, b)
+            nidx = stream_indices(d.normals.shape[0], cfg.train.seed + 1, k * gb, gb)
             xn = d.normals[nidx]
             if self.augment_mode != "none":
                 xn, _ = augment(xn, None, g, self.augment_mode)
-            x0 = torch.cat([x0, xn])
+        t = torch.randint(0, cfg.model.num_train_timesteps, (gb,), generator=g)
+        noise = torch.randn((gb, *x0.shape[1:]), generator=g)
+        x0, masks, conds, t, noise = (rank_slice(v, rank, world) for v in (x0, masks, conds, t, noise))
+        if xn is not None:
+            x0 = torch.cat([x0, rank_slice(xn, rank, world)])
             masks = torch.cat([masks, torch.zeros_like(masks)])
             conds = torch.cat([conds, conds])  # a pair shares the condition
-        n_draw = b
-        t = torch.randint(0, cfg.model.num_train_timesteps, (n_draw,), generator=g)
-        noise = torch.randn((n_draw, *x0.shape[1:]), generator=g)
-        if cfg.loss.mode == "paired":
             t, noise = torch.cat([t, t]), torch.cat([noise, noise])
         return x0, masks, conds, t, noise
 
     def micro_step(self, step: int, micro: int):
-        from apo_fast.loss import apo_loss, beta_schedule
-
+        """Forward, loss, ``engine.backward`` and ``engine.step`` of one micro-batch
+        (DeepSpeed applies the update at the gradient-accumulation boundary)."""
         cfg = self.cfg
         dev = self.engine.device
+        # The global RNG (LoRA dropout, anything stochastic inside the model) restarts from
+        # (seed, step, micro, rank) too, so a resumed run draws what an uninterrupted one does.
+        torch.manual_seed((cfg.train.seed * 1_000_003 + step * cfg.train.grad_accum + micro) * 4099 + self.rank)
         x0, masks, conds, t, noise = self.batch_for_step(step, micro)
         x0, masks, conds, t, noise = (v.to(dev) for v in (x0, masks, conds, t, noise))
         z, target = noisy_inputs(x0, noise, t, self.alphas_cumprod, cfg.model.prediction_type)
@@ -466,9 +584,18 @@ class APOTrainer:
             masks = F.adaptive_max_pool2d(masks, pred.shape[-2:])  # keep thin defects at latent size
         if cfg.loss.mode == "diffusion":
             out = diffusion_loss(pred, target.to(pred.dtype), masks.to(pred.dtype), cfg.loss.lambda_mask)
-            self.engine.backward(out.loss)
-            self.engine.step()
-            return out
+        else:
+            out = self._apo_loss(step, z, t, conds, pred, target, masks)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        if self._output_keeper is not None:
+            self._output_keeper.clear()
+        return out
+
+    def _apo_loss(self, step, z, t, conds, pred, target, masks):
+        from apo_fast.loss import apo_loss, beta_schedule
+
+        cfg = self.cfg
         with torch.no_grad():
             ref = self.engine(z, t, conds, reference=True)
         n_beta = t.shape[0] // 2 if cfg.loss.mode == "paired" else t.shape[0]
@@ -486,8 +613,6 @@ class APOTrainer:
         )
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"step {step}: the APO loss is {out.loss.item()} (inputs or weights hold NaN/Inf)")
-        self.engine.backward(out.loss)
-        self.engine.step()
         return out
 
     # ---- the loop
@@ -509,11 +634,14 @@ class APOTrainer:
         if is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            for path in remove_stale_checkpoint_files(self.out):
+                log.info("removed %s (an unfinished checkpoint of an interrupted run)", path)
         log_path = self.out / "train_log.jsonl"
         records = _read_log(log_path, upto=start) if is_main else []
         if is_main:
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="APO", disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="APO", disable=not (cfg.train.progress and is_main),
+                   dynamic_ncols=True)
         t_last = time.perf_counter()
         samples_since = 0
         with Telemetry(self.device) as tel, open(log_path, "a") if is_main else _nullfile() as fh:
@@ -523,6 +651,7 @@ class APOTrainer:
                     out = self.micro_step(step, micro)
                     for k, v in out.metrics.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                metrics = average_over_ranks(metrics)  # the global batch's values, logged by rank 0
                 samples_since += cfg.train.batch_size * cfg.train.grad_accum * self.world
                 rec = {"step": step + 1, **metrics, "lr": self.lr_scheduler.get_last_lr()[0]}
                 if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
@@ -533,10 +662,12 @@ class APOTrainer:
                 if is_main:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
-                bar.set_postfix_str(f"loss {metrics['loss']:.4f} acc {metrics.get('implicit_acc', float('nan')):.2f} {tel.postfix()}")
+                acc = metrics.get("implicit_acc", float("nan"))
+                bar.set_postfix_str(f"loss {metrics['loss']:.4f} acc {acc:.2f} {tel.postfix()}")
                 bar.update(1)
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
-                    save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints, {"telemetry": tel.summary()})
+                    save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints,
+                                    {"telemetry": tel.summary()})
             telemetry = tel.summary()
         bar.close()
         self.export(self.out / "adapters")
@@ -549,13 +680,16 @@ class APOTrainer:
         return summary
 
     def export(self, path: Path) -> None:
-        """Write the adapters (peft/diffusers file) and condition embeddings, gathering ZeRO-3 shards."""
+        """Write the adapters (peft/diffusers file) and condition embeddings from rank 0.
+
+        Under ZeRO-3 only what the export reads (adapter weights, a learned gate,
+        condition embeddings: :func:`apo_fast.distributed.export_parameters`) is
+        gathered from the partitions, never the frozen base UNet.
+        """
         from apo_fast.adapters import save_adapters
 
         model = self.engine.module
-        params = list(model.parameters())
-        ctx = _gathered(params) if self.cfg.train.zero_stage == 3 else _nullctx()
-        with ctx:
+        with gathered(export_parameters(model), self.cfg.train.zero_stage):
             if self.rank == 0:
                 meta = {"condition_names": json.dumps(self.data.condition_names)}
                 save_adapters(model.unet, path, metadata=meta)
@@ -571,16 +705,20 @@ class APOTrainer:
 
 
 def shutdown_distributed() -> None:
-    """Tear down the process group (two-rank gloo runs can abort at exit otherwise)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    """Tear down the process group at the end of a program (two-rank gloo runs can abort at
+    interpreter exit otherwise).
+
+    Goes through DeepSpeed when it set the group up, so DeepSpeed also drops its cached
+    groups and a later trainer in the same process starts cleanly on a new group.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         torch.distributed.destroy_process_group()
-
-
-def _gathered(params):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class _nullctx:
@@ -633,7 +771,8 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple
     data = load_train_data(cfg)
     unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1]).to(device)
     set_attention(unet, "sdpa", device)
-    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim).to(device)
+    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim)
+    conds = conds.to(device)
     sched = build_scheduler(cfg.model, "ddpm")
     ac = sched.alphas_cumprod.to(device=device, dtype=torch.float64)
     params = list(unet.parameters()) + list(conds.parameters())
