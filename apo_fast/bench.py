@@ -850,6 +850,7 @@ def measure_training_memory(apo_cfg, steps: int = 3, workdir: str | Path | None 
     from apo_fast.telemetry import read_rss_bytes
     from apo_fast.train import APOTrainer
 
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
     trainer = APOTrainer(apo_cfg, resume=False).setup()
     device = (
         trainer.engine.device
@@ -869,6 +870,7 @@ def measure_training_memory(apo_cfg, steps: int = 3, workdir: str | Path | None 
     seconds = (time.perf_counter() - t0) / steps
     out: dict[str, Any] = {"steps": steps, "step_s": seconds, "device": str(device)}
     if cuda:
+        out["allocated_before_setup_mib"] = before / MIB  # anything else already on the GPU (counted in the peak)
         out["max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
         out["max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
     else:

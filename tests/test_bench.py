@@ -340,7 +340,7 @@ def test_gpu_suite_dry_run_on_cpu_completes_and_writes_its_files(tmp_path, capsy
     assert not data["parts"]["correctness"]["result"]["failures"]
     step = data["parts"]["step_sd15"]["result"]["result"]
     assert step["config"]["model"] == "tiny" and step["ratios"]["samples_per_s"] > 0
-    mem = data["parts"]["memory"]["result"]["cases"][0]
+    mem = data["parts"]["memory_sd15"]["result"]["cases"][0]
     assert mem["status"] == "ok" and mem["plan_allocated_mib"] > 0
     # the short table comes last
     assert printed.strip().splitlines()[0].startswith("[suite]")
