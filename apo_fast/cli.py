@@ -167,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from apo_fast.config import ConfigError
 
+    import torch.distributed as dist
+
+    group_before = dist.is_available() and dist.is_initialized()
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"apo-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if "torch.distributed" in sys.modules:
+        if not group_before:  # end only the process group this command started
             from apo_fast.train import shutdown_distributed
 
             shutdown_distributed()

@@ -5,8 +5,14 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("APO_FAST_BACKEND", "auto")
 
+# Tiny models run several times faster on one thread than on two contending ones,
+# and subprocess tests (torchrun ranks, CLI runs) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
