@@ -1,7 +1,8 @@
 """DeepSpeed plumbing of the training loop: the engine config, ZeRO-3 parameter access,
 per-rank data slices, metrics averaged over ranks, and the optimizer inside the engine.
 
-Nothing here holds state: every function takes what it works on.
+No module-level state: functions take what they work on, and the one stateful helper
+(:class:`UNetOutputKeeper`) belongs to a trainer.
 
 ZeRO-3 and the adapter layers
 -----------------------------
@@ -16,7 +17,8 @@ the layer's own pre-forward (and pre-backward) hook and releases them after:
 the fused path stays one op, and the frozen base weights stay partitioned
 between uses (DeepSpeed partitions every parameter of the model it is given,
 trainable or not). The reference pass (adapters disabled) calls
-``base_layer`` itself and uses the same gathered weights.
+``base_layer`` itself and uses the same gathered weights. Gradient checkpointing
+under ZeRO-3 needs :class:`UNetOutputKeeper` (see there).
 """
 from __future__ import annotations
 

@@ -124,9 +124,11 @@ def subprocess_env(**extra: str) -> dict:
 
 
 def run(cmd: list[str], log: Path, **env: str) -> int:
+    """Run ``cmd`` in the log's folder (not the repository root, whose ``kernels/`` folder would
+    shadow the ``kernels`` package bitsandbytes probes for); returns the exit code."""
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(**env),
-                              timeout=RUN_TIMEOUT_S, cwd=Path(__file__).resolve().parents[1])
+                              timeout=RUN_TIMEOUT_S, cwd=log.parent)
     return proc.returncode
 
 
@@ -193,7 +195,7 @@ def _launch_train(cfg: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "apo_fast.cli", "train", "--config", str(cfg), "--no-progress"],
-            stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=Path(__file__).resolve().parents[1],
+            stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=log.parent,
         )
 
 

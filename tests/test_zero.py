@@ -225,26 +225,63 @@ def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage
 
     from apo_fast.adapters import gated_layers
     from apo_fast.distributed import export_parameters
+    from apo_fast.train import APOTrainer
 
-    trainer, _ = run_train(tiny_cfg(tmp_path, "train.zero_stage=3", "train.gradient_checkpointing=true", NO_PERSIST))
-    assert_same_run(tmp_path, stage0_run)
+    trainer = APOTrainer(tiny_cfg(tmp_path, "train.zero_stage=3", "train.gradient_checkpointing=true", NO_PERSIST))
+    trainer.setup()
     model = trainer.engine.module
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    assert frozen and all(hasattr(p, "ds_id") for p in model.parameters())  # the whole model is ZeRO-3's
-    assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.data.numel() == 0 for p in frozen)
-    assert sum(p.ds_numel for p in frozen) > 900_000  # the base UNet, held as partitions between uses
-    # The adapter layers' parameters are declared (never discovered on access: no other module has any).
     layers = dict(gated_layers(model.unet))
+
+    def externals():
+        return {m: set(m._external_params) for m in model.modules() if getattr(m, "_external_params", None)}
+
+    # Declared at setup, before any forward (DeepSpeed would otherwise discover them on first
+    # access inside its forward, one synchronous gather at a time).
+    declared = externals()
+    assert set(declared) == set(layers.values())
     for path, layer in layers.items():
         expected = {id(layer.base_layer.weight), id(layer.lora_A["default"].weight), id(layer.lora_B["default"].weight)}
         if layer.base_layer.bias is not None:
             expected.add(id(layer.base_layer.bias))
-        assert set(layer._external_params) == expected, path
-    owners = {m for m in model.modules() if getattr(m, "_external_params", None)}
-    assert owners == set(layers.values())
+        assert declared[layer] == expected, path
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert_same_run(tmp_path, stage0_run)
+    assert externals() == declared  # nothing else had to be discovered during training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(hasattr(p, "ds_id") for p in model.parameters())  # the whole model is ZeRO-3's
+    assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.data.numel() == 0 for p in frozen)
+    assert sum(p.ds_numel for p in frozen) > 900_000  # the base UNet, held as partitions between uses
     # Export gathered only what it reads.
     exported = {id(p) for p in export_parameters(model)}
     assert exported.isdisjoint(id(p) for p in frozen) and len(exported) == 2 * len(layers) + 1
+
+
+@pytest.mark.slow
+def test_zero3_with_a_learned_gate_and_paired_checkpointed_training(tmp_path):
+    """The learned gate's MLP (read for its device before its forward) is registered too, and a
+    checkpointing recompute under ZeRO-3 still finds its forward's gates (paired: 2x batch)."""
+    from apo_fast.adapters.state import GATE_MODULE_NAME
+
+    cfg = tiny_cfg(tmp_path, "train.zero_stage=3", "adapter.gate.kind=learned", "loss.mode=paired",
+                   "train.batch_size=2", "train.gradient_checkpointing=true", "train.steps=2", NO_PERSIST)
+    from apo_fast.train import APOTrainer
+
+    trainer = APOTrainer(cfg).setup()
+    gate = getattr(trainer.engine.module.unet, GATE_MODULE_NAME)
+    assert set(gate._external_params) == {id(p) for p in gate.parameters()}  # declared before any forward
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    assert summary["final"]["step"] == 2 and math.isfinite(summary["final"]["loss"])
+    from safetensors.torch import load_file
+
+    saved_gate = load_file(str(tmp_path / "adapters" / "taca_gate.safetensors"))
+    assert saved_gate and all(v.numel() > 0 for v in saved_gate.values())  # gathered, not empty shards
+    assert any(v.abs().sum() > 0 for k, v in saved_gate.items() if "mlp.2" in k)  # zero-init layer trained
 
 
 def _uint8_moments(optimizer, moments: tuple[str, ...]) -> int:
