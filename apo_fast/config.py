@@ -8,6 +8,7 @@ naming the offending key (``train.batch_size``) and what was expected.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -323,7 +324,7 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> A
     ``overrides`` are ``section.key=value`` strings (value parsed as YAML), as the
     CLI's ``--set`` takes them.
     """
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))  # overrides write into nested sections
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 
 from apo_fast.config import APOConfig, load_config
 from apo_fast.io_utils import atomic_write_json
-from apo_fast.models import build_scheduler, build_unet, build_vae, encode_images, resolve_device, set_attention
+from apo_fast.models import (
+    build_scheduler,
+    build_unet,
+    build_vae,
+    encode_images,
+    pooled_dim,
+    resolve_device,
+    set_attention,
+)
 from apo_fast.sampling import hierarchical_sample, overlay, save_grid, save_images
 
 
@@ -46,7 +54,7 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     unet = build_unet(cfg.model, in_channels=3 if not cfg.model.latent else 4, sample_size=None)
     set_attention(unet, "sdpa" if dev.type != "cuda" else cfg.train.attention, dev)
     load_adapters(unet, adapters)
-    conds = load_conditions(cond_file, names, cfg.model.cond_tokens, unet.config.cross_attention_dim)
+    conds = load_conditions(cond_file, names, cfg.model.cond_tokens, unet.config.cross_attention_dim, pooled_dim(unet))
     unet.to(dev).eval()
     conds.to(dev).eval()
     return LoadedRun(cfg, unet, conds, names, build_vae(cfg.model), dev)

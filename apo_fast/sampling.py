@@ -110,6 +110,7 @@ def hierarchical_sample(
     from tqdm.auto import tqdm
 
     from apo_fast.adapters import adapters_disabled
+    from apo_fast.models import cat_unet_kwargs
 
     if cond_ids.dim() != 1:
         raise ValueError(f"cond_ids must be (B,), got shape {tuple(cond_ids.shape)}")
@@ -125,9 +126,9 @@ def hierarchical_sample(
             raise ValueError(f"known_mask must have shape {(b, 1, *shape[1:])}, got {tuple(known_mask.shape)}")
         known, known_mask = known.to(device, torch.float32), known_mask.to(device, torch.float32)
     cond_ids = cond_ids.to(device)
-    enc_c = conditions(cond_ids).to(dtype)
-    enc_u = conditions.null(b).to(dtype)
-    enc_ref = torch.cat([enc_u, enc_c])
+    pixel_size = image_size or shape[-1] * (8 if vae is not None else 1)
+    kw_c = conditions.unet_kwargs(cond_ids, dtype, pixel_size)
+    kw_ref = cat_unet_kwargs(conditions.unet_kwargs(torch.full_like(cond_ids, -1), dtype, pixel_size), kw_c)
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     z = torch.randn((b, *shape), generator=generator, device="cpu").to(device) * scheduler.init_noise_sigma
@@ -138,9 +139,9 @@ def hierarchical_sample(
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
         zin = scheduler.scale_model_input(z, t).to(dtype)
         with adapters_disabled(unet):
-            e_ref = unet(torch.cat([zin, zin]), torch.cat([tb, tb]), encoder_hidden_states=enc_ref).sample.float()
+            e_ref = unet(torch.cat([zin, zin]), torch.cat([tb, tb]), **kw_ref).sample.float()
         e_u, e_c = e_ref.chunk(2)
-        e_p = unet(zin, tb, encoder_hidden_states=enc_c).sample.float()
+        e_p = unet(zin, tb, **kw_c).sample.float()
         st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
         eps = e_u + st * (e_c - e_u) + sa * (e_p - e_c)
         w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0

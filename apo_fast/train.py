@@ -49,6 +49,7 @@ from apo_fast.distributed import (
 from apo_fast.io_utils import atomic_write_json, atomic_write_text
 from apo_fast.models import (
     ConditionEmbedding,
+    pooled_dim,
     build_scheduler,
     build_unet,
     build_vae,
@@ -159,19 +160,20 @@ class APOModel(nn.Module):
     with its adapters disabled (APO's reference), the condition taken without grad.
     """
 
-    def __init__(self, unet: nn.Module, conditions: ConditionEmbedding):
+    def __init__(self, unet: nn.Module, conditions: ConditionEmbedding, pixel_size: int):
         super().__init__()
         self.unet = unet
         self.conditions = conditions
+        self.pixel_size = pixel_size
 
     def forward(self, z, t, cond_ids, reference: bool = False):
         from apo_fast.adapters import adapters_disabled
 
-        enc = self.conditions(cond_ids).to(z.dtype)
+        cond = self.conditions.unet_kwargs(cond_ids, z.dtype, self.pixel_size, detach=reference)
         if reference:
             with adapters_disabled(self.unet):
-                return self.unet(z, t, encoder_hidden_states=enc.detach()).sample
-        return self.unet(z, t, encoder_hidden_states=enc).sample
+                return self.unet(z, t, **cond).sample
+        return self.unet(z, t, **cond).sample
 
 
 def adapter_config(cfg: APOConfig):
@@ -196,35 +198,34 @@ def adapter_config(cfg: APOConfig):
     )
 
 
-def load_conditions(path: Path, names: list[str], tokens: int, dim: int) -> ConditionEmbedding:
+def load_conditions(path: Path | None, names: list[str], tokens: int, dim: int, pooled: int | None = None) -> ConditionEmbedding:
     """Condition embeddings for ``names``; rows found by name in ``path`` are copied, new
     defect rows start from the product's ``good`` row (textual-inversion style init)."""
     from safetensors.torch import load_file
 
-    emb = ConditionEmbedding(len(names), tokens, dim)
+    emb = ConditionEmbedding(len(names), tokens, dim, pooled_dim=pooled)
     if path is None:
         return emb
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"condition embeddings file {path} does not exist")
     saved = load_file(str(path))
+    good = next((n for n in names if n.endswith("/good")), None)
+    tables = [("", emb.weight, (tokens, dim))]
+    if emb.pooled is not None:
+        tables.append(("pooled/", emb.pooled, (pooled,)))
     with torch.no_grad():
-        if "null" in saved:
-            emb.weight[0].copy_(_check_cond(saved["null"], tokens, dim, path, "null"))
-        good = next((n for n in names if n.endswith("/good")), None)
-        for i, name in enumerate(names):
-            src = saved.get(name)
-            if src is None and good in saved:
-                src = saved[good]
-            if src is not None:
-                emb.weight[i + 1].copy_(_check_cond(src, tokens, dim, path, name))
+        for prefix, table, shape in tables:
+            for row, name in enumerate(["null", *names]):
+                src = saved.get(prefix + name)
+                if src is None and name != "null":
+                    src = saved.get(prefix + good) if good else None
+                if src is None:
+                    continue
+                if tuple(src.shape) != shape:
+                    raise ValueError(f"{path}: condition {prefix + name!r} has shape {tuple(src.shape)}, expected {shape}")
+                table[row].copy_(src)
     return emb
-
-
-def _check_cond(t: torch.Tensor, tokens: int, dim: int, path: Path, name: str) -> torch.Tensor:
-    if tuple(t.shape) != (tokens, dim):
-        raise ValueError(f"{path}: condition {name!r} has shape {tuple(t.shape)}, expected ({tokens}, {dim})")
-    return t
 
 
 def save_conditions(emb: ConditionEmbedding, names: list[str], path: Path) -> None:
@@ -232,9 +233,12 @@ def save_conditions(emb: ConditionEmbedding, names: list[str], path: Path) -> No
 
     from apo_fast.io_utils import atomic_save
 
-    tensors = {"null": emb.weight[0].detach().float().cpu().contiguous()}
-    for i, name in enumerate(names):
-        tensors[name] = emb.weight[i + 1].detach().float().cpu().contiguous()
+    tensors = {}
+    for prefix, table in (("", emb.weight), ("pooled/", emb.pooled)):
+        if table is None:
+            continue
+        for row, name in enumerate(["null", *names]):
+            tensors[prefix + name] = table[row].detach().float().cpu().contiguous()
     atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"names": json.dumps(names)}))
 
 
@@ -488,9 +492,10 @@ class APOTrainer:
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         conditions = load_conditions(
-            cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim
+            cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
+            pooled_dim(unet),
         )
-        model = APOModel(unet, conditions)
+        model = APOModel(unet, conditions, cfg.data.image_size)
         # channels_last: the inputs are made channels_last in micro_step and convolutions
         # propagate the layout (cuDNN picks NHWC kernels for a channels_last input). The
         # parameters stay contiguous: DeepSpeed broadcasts and flattens them as byte views.
@@ -771,7 +776,9 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple
     data = load_train_data(cfg)
     unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1]).to(device)
     set_attention(unet, "sdpa", device)
-    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim)
+    conds = ConditionEmbedding(
+        len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim, pooled_dim(unet)
+    )
     conds = conds.to(device)
     sched = build_scheduler(cfg.model, "ddpm")
     ac = sched.alphas_cumprod.to(device=device, dtype=torch.float64)
@@ -792,7 +799,7 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple
             ids[torch.rand(p.batch_size, generator=g) < p.uncond_prob] = -1
             x0, t, noise, ids = x0.to(device), t.to(device), noise.to(device), ids.to(device)
             z, target = noisy_inputs(x0, noise, t, ac, cfg.model.prediction_type)
-            pred = unet(z, t, encoder_hidden_states=conds(ids)).sample
+            pred = unet(z, t, **conds.unet_kwargs(ids, z.dtype, cfg.data.image_size)).sample
             loss = F.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()

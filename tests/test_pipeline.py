@@ -218,3 +218,20 @@ def test_plain_diffusion_baseline_mode_trains(tmp_path):
     run_train(tiny_cfg(out, "train.steps=2", "loss.mode=diffusion", "adapter.gate.kind=constant"))
     rec = read_log(out)[-1]
     assert rec["loss"] == pytest.approx(rec["e_theta"]) and rec["loss"] > 0
+
+
+@pytest.mark.slow
+def test_sdxl_style_unet_trains_and_samples_with_pooled_conditions(tmp_path):
+    """UNets with addition_embed_type='text_time' (SDXL) get a learned pooled vector and time_ids."""
+    from safetensors.torch import load_file
+
+    from apo_fast.generate import generate_for_defect, load_run
+
+    out = tmp_path / "xl"
+    unet = '{"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80}'
+    run_train(tiny_cfg(out, "train.steps=2", f"model.unet={unet}"))
+    saved = load_file(str(out / "adapters" / "conditions.safetensors"))
+    assert saved["pooled/brick/hole"].shape == (80 - 6 * 8,)
+    run = load_run(out, device="cpu")
+    imgs, masks, _ = generate_for_defect(run, "hole", 1)
+    assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
