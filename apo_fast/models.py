@@ -96,7 +96,9 @@ def build_scheduler(cfg: ModelConfig, kind: str = "ddpm"):
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.noise_schedule,
         prediction_type=cfg.prediction_type,
-        clip_sample=False,
+        # Pixel-space models clip the predicted x0 to the image range; without it the
+        # first DDIM step (abar ~ 1e-9 at t = T-1) amplifies prediction errors ~1e4x.
+        clip_sample=not cfg.latent,
     )
     if cfg.noise_schedule == "scaled_linear":
         common.update(beta_start=0.00085, beta_end=0.012)
