@@ -14,6 +14,8 @@ Data (``apo_fast.data``)
 Training and sampling
     ``APOConfig``, ``load_config``, ``APOTrainer``, ``hierarchical_sample``,
     ``load_run``, ``sample_run``
+Evaluation
+    ``evaluate`` (``apo_fast.evaluate``), metrics in ``apo_fast.eval``
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ _EXPORTS = {
     "hierarchical_sample": "apo_fast.sampling",
     "load_run": "apo_fast.generate",
     "sample_run": "apo_fast.generate",
+    "evaluate": "apo_fast.evaluate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
