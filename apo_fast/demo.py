@@ -25,8 +25,8 @@ DEMO_CONFIG: dict = {
     "adapter": {"rank": 8, "alpha": 8.0, "gate": {"kind": "rank_prefix"}},
     "loss": {"mode": "unpaired", "beta": 5000.0, "beta_schedule": "dlogsnr", "lambda_mask": 2.0, "lambda_sft": 0.0},
     "optim": {"name": "adamw", "lr": 1e-3, "cond_lr": 1e-2},
-    "train": {"steps": 300, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},
-    "pretrain": {"steps": 800, "batch_size": 16, "lr": 2e-3},
+    "train": {"steps": 200, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},
+    "pretrain": {"steps": 300, "batch_size": 16, "lr": 2e-3},
     "sample": {"num_inference_steps": 25, "s_text": 3.0, "s_align": 2.0, "num_per_defect": 8, "batch_size": 8},
 }
 
