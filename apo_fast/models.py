@@ -31,7 +31,7 @@ class ConditionEmbedding(nn.Module):
         dim: the UNet's ``cross_attention_dim``.
         pooled_dim: size of the pooled vector, or None (SD 1.x/2.x, small UNets).
 
-    ``forward(ids)``: ids (B,) int64 with -1 meaning null -> (B, tokens, dim).
+    ``forward(ids)``: ids (B,) int64 with -1 meaning null -> (tokens (B, tokens, dim), pooled or None).
     """
 
     def __init__(self, num_conditions: int, tokens: int, dim: int, pooled_dim: int | None = None, init_std: float = 1.0):
@@ -51,21 +51,20 @@ class ConditionEmbedding(nn.Module):
             raise ValueError(f"condition ids must be in [-1, {self.num_conditions}); got {ids.tolist()}")
         return ids.long() + 1
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[self._rows(ids)]
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids (B,) -> (token embeddings (B, tokens, dim), pooled vectors (B, pooled_dim) or None).
 
-    def null(self, batch: int) -> torch.Tensor:
-        return self.weight[:1].expand(batch, -1, -1)
+        The tables are read only here, so ZeRO-3's module hooks gather them."""
+        rows = self._rows(ids)
+        return self.weight[rows], (self.pooled[rows] if self.pooled is not None else None)
 
     def unet_kwargs(self, ids: torch.Tensor, dtype: torch.dtype, pixel_size: int, detach: bool = False) -> dict:
         """The condition part of a UNet call for ids (B,) (-1 = null): ``encoder_hidden_states``
         and, for SDXL-style UNets, ``added_cond_kwargs`` (pooled vector and the
         size/crop ``time_ids`` of an uncropped ``pixel_size`` square image)."""
-        rows = self._rows(ids)
-        enc = self.weight[rows]
+        enc, pooled = self(ids)
         kwargs = {"encoder_hidden_states": (enc.detach() if detach else enc).to(dtype)}
-        if self.pooled is not None:
-            pooled = self.pooled[rows]
+        if pooled is not None:
             s = float(pixel_size)
             time_ids = torch.tensor([s, s, 0.0, 0.0, s, s], device=enc.device, dtype=dtype).expand(ids.shape[0], -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": (pooled.detach() if detach else pooled).to(dtype), "time_ids": time_ids}
