@@ -19,3 +19,26 @@ torch.set_num_threads(1)
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def make_tiny_unet():
+    """Builder of the small seeded cross-attention UNet the adapter tests share (4 channels, 16 px)."""
+    import diffusers
+
+    def build():
+        torch.manual_seed(1234)
+        return diffusers.UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=8,
+        )
+
+    return build

@@ -38,25 +38,9 @@ peft = pytest.importorskip("peft")
 F64 = torch.float64
 
 
-def tiny_unet() -> "diffusers.UNet2DConditionModel":
-    torch.manual_seed(1234)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-    )
-
-
 @pytest.fixture(scope="module")
-def base_unet():
-    return tiny_unet().eval()
+def base_unet(make_tiny_unet):
+    return make_tiny_unet().eval()
 
 
 def randomize_lora_B(model, std=0.5):

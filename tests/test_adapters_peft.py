@@ -27,26 +27,10 @@ F64 = torch.float64
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # as in diffusers' train_diffusion_dpo.py
 
 
-def tiny_unet():
-    torch.manual_seed(1234)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-    )
-
-
 @pytest.fixture(scope="module")
-def peft_unet_f64():
+def peft_unet_f64(make_tiny_unet):
     """A UNet with peft LoRA added the way train_diffusion_dpo.py does, B made non-zero."""
-    unet = tiny_unet().to(F64)
+    unet = make_tiny_unet().to(F64)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS))
     torch.manual_seed(7)
@@ -184,8 +168,8 @@ def test_saving_paths_give_the_same_file(peft_unet_f64, tmp_path):
     assert all(torch.equal(ours[f"unet.{k}"], v) for k, v in sd_plain.items())
 
 
-def test_lora_dropout_and_two_active_adapters_match_peft():
-    unet = tiny_unet().to(F64)
+def test_lora_dropout_and_two_active_adapters_match_peft(make_tiny_unet):
+    unet = make_tiny_unet().to(F64)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=0.25, target_modules=["to_q", "to_v"]), "a")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_k"]), "b")
@@ -263,9 +247,9 @@ def test_peft_model_disable_adapter_context():
     assert not any(isinstance(m, GatedLoRALinear) for m in merged.modules())
 
 
-def test_conversion_errors(peft_unet_f64):
+def test_conversion_errors(peft_unet_f64, make_tiny_unet):
     with pytest.raises(ValueError, match="no peft LoRA"):
-        convert_peft_to_gated(tiny_unet())
+        convert_peft_to_gated(make_tiny_unet())
     _, fused = pair(peft_unet_f64)
     with pytest.raises(ValueError, match="already has time-gated"):
         convert_peft_to_gated(fused)
