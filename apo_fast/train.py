@@ -427,11 +427,6 @@ def diffusion_loss(pred, target, mask, lambda_mask: float):
     return APOLossOutput(loss, e.detach(), torch.full_like(e, float("nan")), values, ("loss", "e_theta"))
 
 
-def _sched_tensors(scheduler, device):
-    ac = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
-    return ac
-
-
 def noisy_inputs(x0, noise, t, alphas_cumprod, prediction_type):
     """z_t and the regression target for ``prediction_type`` (float32 math)."""
     a = alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
@@ -518,7 +513,7 @@ class APOTrainer:
         self._output_keeper = UNetOutputKeeper.attach(self.engine.module.unet) if cfg.train.zero_stage == 3 else None
         self.rank = self.engine.global_rank
         self.world = self.engine.world_size
-        self.alphas_cumprod = _sched_tensors(self.scheduler, self.engine.device)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device=self.engine.device, dtype=torch.float64)
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
         if self.rank == 0:
             log.info(
@@ -649,7 +644,7 @@ class APOTrainer:
                    dynamic_ncols=True)
         t_last = time.perf_counter()
         samples_since = 0
-        with Telemetry(self.device) as tel, open(log_path, "a") if is_main else _nullfile() as fh:
+        with Telemetry(self.device) as tel, open(log_path if is_main else os.devnull, "a") as fh:
             for step in range(start, cfg.train.steps):
                 metrics: dict[str, float] = {}
                 for micro in range(cfg.train.grad_accum):
@@ -724,22 +719,6 @@ def shutdown_distributed() -> None:
         ds_comm.destroy_process_group()
     else:
         torch.distributed.destroy_process_group()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-class _nullfile(_nullctx):
-    def write(self, _):
-        return 0
-
-    def flush(self):
-        pass
 
 
 def _read_log(path: Path, upto: int | None = None) -> list[dict]:
