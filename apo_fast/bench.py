@@ -256,7 +256,9 @@ class _TimedEngine:
 
     def backward(self, loss, *args, **kwargs):
         self._phase("backward")
-        return self._engine.backward(loss, *args, **kwargs)
+        out = self._engine.backward(loss, *args, **kwargs)
+        self._phase("optimizer")  # gradient clipping (the trainer's own at ZeRO 0 in fp32) onwards
+        return out
 
     def step(self, *args, **kwargs):
         self._phase("optimizer")

@@ -264,6 +264,19 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
+def clips_outside_deepspeed(cfg: APOConfig) -> bool:
+    """Whether the trainer clips the gradient norm itself rather than DeepSpeed.
+
+    At ZeRO stage 0 in fp32, DeepSpeed clips with a Python loop over every module
+    parameter (the frozen base UNet included); the trainer then clips the
+    trainable parameters with torch's foreach ``clip_grad_norm_`` instead (the
+    same rule: scale by ``max_norm / (norm + 1e-6)`` when the norm exceeds
+    ``max_norm``). ZeRO 1-3 and the bf16/fp16 optimizers keep DeepSpeed's
+    clipping: there the gradients are partitioned or held by DeepSpeed.
+    """
+    return cfg.train.zero_stage == 0 and cfg.train.mixed_precision == "no" and cfg.optim.max_grad_norm > 0
+
+
 def deepspeed_config(cfg: APOConfig, micro_batch: int) -> dict:
     """The DeepSpeed config of a run: ZeRO stage, offload, precision and batch from
     ``cfg.train``, then ``cfg.train.deepspeed`` merged over it (bucket sizes, ZeRO-3
@@ -288,7 +301,7 @@ def deepspeed_config(cfg: APOConfig, micro_batch: int) -> dict:
     base = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else 0.0,
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(cfg) else max(cfg.optim.max_grad_norm, 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": t.mixed_precision == "bf16"},
         # fp16: dynamic loss scaling (loss_scale 0), starting at 2**12.
@@ -506,6 +519,13 @@ class APOTrainer:
             config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
+        if cfg.train.zero_stage == 0 and self.engine.world_size == 1:
+            # Nothing to all-reduce on one rank; DeepSpeed would still flatten every
+            # gradient into a bucket and copy it back each step.
+            self.engine.enable_backward_allreduce = False
+        self._clip_params = (
+            [p for p in self.engine.module.parameters() if p.requires_grad] if clips_outside_deepspeed(cfg) else None
+        )
         if cfg.train.zero_stage == 3:
             register_adapter_params_for_zero3(self.engine.module.unet)
         # ZeRO-3 replaces module outputs; the time gate must still see its forward pending
@@ -587,6 +607,8 @@ class APOTrainer:
         else:
             out = self._apo_loss(step, z, t, conds, pred, target, masks)
         self.engine.backward(out.loss)
+        if self._clip_params is not None and self.engine.is_gradient_accumulation_boundary():
+            torch.nn.utils.clip_grad_norm_(self._clip_params, cfg.optim.max_grad_norm, foreach=True)
         self.engine.step()
         if self._output_keeper is not None:
             self._output_keeper.clear()

@@ -218,6 +218,28 @@ def test_zero_stages_train_like_stage_0(tmp_path, stage0_run, overrides, weight_
 
 
 @pytest.mark.slow
+def test_stage0_clips_in_the_trainer_like_deepspeed_clips_at_stage_1(tmp_path):
+    """ZeRO-0 in fp32 clips the trainable gradients itself (foreach) and skips the
+    one-rank all-reduce; ZeRO-1 leaves clipping to DeepSpeed. A max norm far below
+    the gradient norm makes clipping decide every update, so equal runs mean equal
+    clipping, and an unclipped run must differ."""
+    from apo_fast.train import deepspeed_config
+
+    clip = "optim.max_grad_norm=0.001"
+    assert deepspeed_config(tiny_cfg(tmp_path, clip, "train.zero_stage=0"), 4)["gradient_clipping"] == 0.0
+    assert deepspeed_config(tiny_cfg(tmp_path, clip, "train.zero_stage=1"), 4)["gradient_clipping"] == 0.001
+    assert deepspeed_config(tiny_cfg(tmp_path, clip, "train.mixed_precision=bf16"), 4)["gradient_clipping"] == 0.001
+    runs = {name: tmp_path / name for name in ("zero0", "zero1", "unclipped")}
+    trainer, _ = run_train(tiny_cfg(runs["zero0"], clip, "train.zero_stage=0"))
+    assert trainer._clip_params and not trainer.engine.enable_backward_allreduce
+    run_train(tiny_cfg(runs["zero1"], clip, "train.zero_stage=1"))
+    run_train(tiny_cfg(runs["unclipped"], "optim.max_grad_norm=0", "train.zero_stage=0"))
+    assert_same_run(runs["zero0"], runs["zero1"])
+    a, b = read_export(runs["zero0"]), read_export(runs["unclipped"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a if "lora_B" in k) > 1e-4
+
+
+@pytest.mark.slow
 def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage_0(tmp_path, stage0_run):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0), gradient checkpointing
     (recompute gathers again) and the fused adapter layer reading its submodules' weights."""

@@ -19,9 +19,11 @@ by every token, or ``None`` (all ones: a plain LoRA). A 2-D ``x`` of shape
 
 Dispatch
 --------
-:func:`gated_lora_linear` runs the PyTorch reference or the fused Triton path
-(chosen by :func:`apo_fast.backend.use_triton`: Triton for CUDA tensors). The
-reference path is also used when ``weight`` or ``bias`` requires grad (the
+:func:`gated_lora_linear` runs the fused Triton path or the PyTorch path
+(chosen by :func:`apo_fast.backend.use_triton`: Triton for CUDA tensors); the
+PyTorch path is :func:`gated_lora_linear_eager`, the reference's value with the
+scaling folded into the gate and ``addmm`` accumulating into the base output.
+The PyTorch path is also used when ``weight`` or ``bias`` requires grad (the
 kernels assume a frozen base layer), for float64, and for ranks above 128.
 
 Triton path (kernels in ``apo_fast.kernels.gated_lora``)
@@ -54,6 +56,7 @@ from apo_fast.backend import use_triton
 __all__ = [
     "gated_lora_linear",
     "gated_lora_linear_reference",
+    "gated_lora_linear_eager",
     "gated_lora_forward",
     "gated_lora_backward",
     "GatedLoRALinearFunction",
@@ -86,6 +89,35 @@ def gated_lora_linear_reference(
         gated = h.reshape(groups, -1, r) * gate.to(h.dtype).unsqueeze(1)
         h = gated.reshape(h.shape)
     return y + F.linear(h, lora_B) * scaling
+
+
+def gated_lora_linear_eager(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    gate: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """The PyTorch (non-Triton) path: the reference's value in fewer passes.
+
+    ``scaling`` is folded into the small ``(S, r)`` gate (or into ``addmm``'s
+    ``alpha``), the gate multiplies the ``(tokens, r)`` product, and the
+    up-projection accumulates straight into the base output with ``addmm``. A
+    peft-style ``base(x) + B(A(x)) * scaling`` makes two extra passes over the
+    ``(tokens, out)`` output, forward and backward; this makes none. Same
+    shapes and gradients as :func:`gated_lora_linear_reference` (rounding aside).
+    """
+    y = F.linear(x, weight, bias)
+    h = F.linear(x, lora_A)
+    rank, out_features = h.shape[-1], y.shape[-1]
+    y2d, h2d = y.reshape(-1, out_features), h.reshape(-1, rank)
+    if gate is None:
+        return torch.addmm(y2d, h2d, lora_B.t(), alpha=scaling).reshape(y.shape)
+    g = gate.to(h.dtype) * scaling  # (S, r): the scaling costs S*r multiplies here
+    h2d = (h.reshape(g.shape[0], -1, rank) * g.unsqueeze(1)).reshape(h2d.shape)
+    return torch.addmm(y2d, h2d, lora_B.t()).reshape(y.shape)
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, gate, scaling, autocasting: bool) -> None:
@@ -220,7 +252,7 @@ def gated_lora_linear(
     with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
         if _wants_triton(x, weight, bias, lora_A, backend):
             return _gated_lora_linear_triton(x, weight, bias, lora_A, lora_B, gate, scaling)
-        return gated_lora_linear_reference(x, weight, bias, lora_A, lora_B, gate, scaling)
+        return gated_lora_linear_eager(x, weight, bias, lora_A, lora_B, gate, scaling)
 
 
 # --------------------------------------------------------------------------------------
