@@ -325,7 +325,8 @@ def build_optimizer(cfg: APOConfig, model: APOModel):
         groups.append({"params": cond_params, "lr": o.cond_lr if o.cond_lr is not None else o.lr})
     kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        # torch's fused AdamW (one kernel over all tensors, CPU and CUDA): same update as the loop.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     if o.name == "ds_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -412,12 +413,19 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) ->
 
 
 def remove_stale_checkpoint_files(out_dir: Path) -> list[Path]:
-    """Delete temporary checkpoint folders a killed run left behind (call on rank 0, before
-    training); returns what was removed."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    stale = sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.old")) if root.is_dir() else []
+    """Delete what a killed run left half-written (call on rank 0, before training):
+    temporary checkpoint folders (``.step-N.tmp``, ``.step-N.old``) and temporary
+    files of atomic writes (``.latest.XXXX.tmp`` in ``checkpoints/``, ``.<name>.XXXX.tmp``
+    beside the run's logs); returns what was removed."""
+    out_dir = Path(out_dir)
+    root = out_dir / CHECKPOINT_DIR
+    stale = sorted(root.glob(".*.tmp")) + sorted(root.glob(".step-*.old")) if root.is_dir() else []
+    stale += sorted(p for p in out_dir.glob(".*.tmp") if p.is_file()) if out_dir.is_dir() else []
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 

@@ -188,6 +188,28 @@ def test_average_over_ranks_is_identity_on_one_rank():
         rank_slice(x, 0, 4)
 
 
+def test_leftovers_of_a_killed_run_are_removed_and_complete_files_kept(tmp_path):
+    from apo_fast.train import remove_stale_checkpoint_files
+
+    ck = tmp_path / "checkpoints"
+    (ck / "step-000002").mkdir(parents=True)
+    (ck / "step-000002" / "client_state.json").write_text("{}")
+    (ck / "latest").write_text("step-000002\n")
+    (tmp_path / "train_log.jsonl").write_text("{}\n")
+    left = [ck / ".step-000004.tmp", ck / ".step-000002.old"]
+    for d in left:
+        d.mkdir()
+        (d / "shard.pt").write_bytes(b"x")
+    left += [ck / ".latest.k2j_x9.tmp", tmp_path / ".train_log.jsonl.a1b2.tmp"]
+    for f in left[2:]:
+        f.write_text("half")
+    removed = remove_stale_checkpoint_files(tmp_path)
+    assert sorted(removed) == sorted(left) and not any(p.exists() for p in left)
+    assert (ck / "step-000002" / "client_state.json").exists() and (ck / "latest").exists()
+    assert (tmp_path / "train_log.jsonl").exists()
+    assert remove_stale_checkpoint_files(tmp_path / "missing") == []
+
+
 # --------------------------------------------------------------------------- training runs
 
 
