@@ -95,7 +95,7 @@ class LossConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | lion8bit | ds_cpu_adam
     lr: float = 1e-3
-    cond_lr: float | None = None  # learning rate of the condition embeddings (default: lr)
+    cond_lr: float | None = None  # learning rate of the condition embeddings (default: lr; 0 freezes them)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

@@ -511,6 +511,8 @@ class APOTrainer:
             cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
             pooled_dim(unet),
         )
+        if cfg.optim.cond_lr == 0:  # frozen conditions: no gradient through the context projections
+            conditions.requires_grad_(False)
         model = APOModel(unet, conditions, cfg.data.image_size)
         # channels_last: the inputs are made channels_last in micro_step and convolutions
         # propagate the layout (cuDNN picks NHWC kernels for a channels_last input). The

@@ -220,6 +220,26 @@ def test_plain_diffusion_baseline_mode_trains(tmp_path):
     assert rec["loss"] == pytest.approx(rec["e_theta"]) and rec["loss"] > 0
 
 
+def test_cond_lr_zero_freezes_the_condition_embeddings(tmp_path):
+    from safetensors.torch import load_file
+
+    from apo_fast.train import APOTrainer
+
+    out = tmp_path / "frozen_cond"
+    trainer = APOTrainer(tiny_cfg(out, "train.steps=2", "optim.cond_lr=0")).setup()
+    try:
+        conditions = trainer.engine.module.conditions
+        before = {k: v.detach().clone() for k, v in conditions.state_dict().items()}
+        assert not any(p.requires_grad for p in conditions.parameters())
+        trainer.train()
+    finally:
+        trainer.close()
+    after = conditions.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lora = load_file(str(out / "adapters" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if ".lora_B." in k)  # the adapters did train
+
+
 @pytest.mark.slow
 def test_sdxl_style_unet_trains_and_samples_with_pooled_conditions(tmp_path):
     """UNets with addition_embed_type='text_time' (SDXL) get a learned pooled vector and time_ids."""
