@@ -57,6 +57,8 @@ def run_demo(cfg: APOConfig, progress: bool = True) -> dict:
     cfg.model.subfolder = ""
     cfg.model.conditions = str(base_dir / "base_conditions.safetensors")
     t1 = time.perf_counter()
+    if not progress:
+        cfg.train.progress = False
     trainer = APOTrainer(cfg)
     try:
         summary = trainer.train()

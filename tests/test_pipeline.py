@@ -255,3 +255,24 @@ def test_sdxl_style_unet_trains_and_samples_with_pooled_conditions(tmp_path):
     run = load_run(out, device="cpu")
     imgs, masks, _ = generate_for_defect(run, "hole", 1)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
+
+
+def test_demo_without_progress_silences_the_training_bar(tmp_path, monkeypatch):
+    import apo_fast.train as train
+    from apo_fast.demo import run_demo
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class RecordingTrainer:
+        def __init__(self, cfg, resume=True):
+            seen["progress"] = cfg.train.progress
+            raise Stop
+
+    monkeypatch.setattr(train, "pretrain_base", lambda cfg, out, progress=True: seen.setdefault("pre", progress))
+    monkeypatch.setattr(train, "APOTrainer", RecordingTrainer)
+    with pytest.raises(Stop):
+        run_demo(demo_config(str(tmp_path / "demo")), progress=False)
+    assert seen == {"pre": False, "progress": False}
