@@ -718,6 +718,11 @@ def _ratios(apo: dict, base: dict, cuda: bool) -> dict:
 # --------------------------------------------------------------------------- reports
 
 
+def _precision_label(mixed_precision: str) -> str:
+    """``no`` (the trainers' setting) reads as ``fp32`` in reports."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
 def _fmt(value, spec: str = ".3g") -> str:
     if value is None:
         return "n/a"
@@ -738,7 +743,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         (
             f"### Step benchmark: {c['model']}, {c['pixel_size']} px, batch {c['batch']} pairs, rank {c['rank']}, "
-            f"{c['mixed_precision']}"
+            f"{_precision_label(c['mixed_precision'])}"
         ),
         "",
         (
@@ -812,7 +817,8 @@ def plot_result(result: dict, path: str | Path) -> Path:
     ax.set_title("peak memory (MiB)" + ("" if result["ratios"]["peak_memory"] is not None else ", process RSS"))
     c = result["config"]
     fig.suptitle(
-        f"{c['model']} {c['pixel_size']}px, batch {c['batch']} pairs, rank {c['rank']}, {c['mixed_precision']}, "
+        f"{c['model']} {c['pixel_size']}px, batch {c['batch']} pairs, rank {c['rank']}, "
+        f"{_precision_label(c['mixed_precision'])}, "
         f"{result['machine'].get('gpu') or 'CPU'}",
         fontsize=10,
     )
