@@ -45,6 +45,12 @@ class ModelConfig:
     prediction_type: str = "epsilon"  # or "v_prediction"
     cond_tokens: int = 4  # tokens per learned condition embedding
     conditions: str | None = None  # safetensors file to initialise condition embeddings from
+    # CLIP prompt conditioning (SD checkpoints): with a template, each condition row starts
+    # from the text encoder's encoding of its prompt, computed once before training
+    # (apo_fast.text_conditions); rows found in `conditions` still take precedence.
+    prompt_template: str | None = None  # e.g. "a photo of a {product} with {defect}"
+    good_prompt_template: str = "a photo of a {product}"
+    text_encoder: str | None = None  # diffusers folder with tokenizer/ + text_encoder/ (default: pretrained)
     local_files_only: bool = True
 
 
@@ -396,6 +402,17 @@ def validate_config(cfg: APOConfig) -> None:
         from apo_fast.unet_presets import UNET_PRESETS
 
         _choice("model.preset", m.preset, tuple(UNET_PRESETS))
+    if m.prompt_template is not None:
+        from apo_fast.text_conditions import check_template
+
+        for key, template in (("model.prompt_template", m.prompt_template),
+                              ("model.good_prompt_template", m.good_prompt_template)):
+            try:
+                check_template(key, template)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if not (m.text_encoder or m.pretrained):
+            raise ConfigError("model.prompt_template needs a text encoder: set model.text_encoder or model.pretrained")
     if m.latent and not (m.pretrained or m.vae):
         raise ConfigError("model.latent is true but neither model.pretrained nor model.vae names a VAE")
     _positive("data.image_size", d.image_size)

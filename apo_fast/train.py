@@ -198,12 +198,20 @@ def adapter_config(cfg: APOConfig):
     )
 
 
-def load_conditions(path: Path | None, names: list[str], tokens: int, dim: int, pooled: int | None = None) -> ConditionEmbedding:
-    """Condition embeddings for ``names``; rows found by name in ``path`` are copied, new
-    defect rows start from the product's ``good`` row (textual-inversion style init)."""
+def load_conditions(path: Path | None, names: list[str], tokens: int, dim: int, pooled: int | None = None,
+                    init: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> ConditionEmbedding:
+    """Condition embeddings for ``names``; ``init`` (rows ``(len(names) + 1, tokens, dim)``
+    and pooled rows, e.g. CLIP prompt encodings) fills the tables first; then rows found
+    by name in ``path`` are copied, and without ``init`` new defect rows start from the
+    product's ``good`` row (textual-inversion style init)."""
     from safetensors.torch import load_file
 
     emb = ConditionEmbedding(len(names), tokens, dim, pooled_dim=pooled)
+    if init is not None:
+        with torch.no_grad():
+            emb.weight.copy_(init[0])
+            if emb.pooled is not None:
+                emb.pooled.copy_(init[1])
     if path is None:
         return emb
     path = Path(path)
@@ -218,7 +226,7 @@ def load_conditions(path: Path | None, names: list[str], tokens: int, dim: int, 
         for prefix, table, shape in tables:
             for row, name in enumerate(["null", *names]):
                 src = saved.get(prefix + name)
-                if src is None and name != "null":
+                if src is None and name != "null" and init is None:
                     src = saved.get(prefix + good) if good else None
                 if src is None:
                     continue
@@ -507,9 +515,20 @@ class APOTrainer:
         freeze_base(unet)  # everything but the adapters (and a learned gate)
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        init = None
+        if cfg.model.prompt_template is not None:
+            from apo_fast.text_conditions import prompt_condition_table
+
+            table, pooled_table, prompts = prompt_condition_table(
+                cfg.model, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
+                pooled_dim(unet), self.device,
+            )
+            init = (table, pooled_table)
+            log.info("condition embeddings start from the CLIP encodings of %d prompts, e.g. %r", len(prompts) - 1,
+                     prompts[-1])
         conditions = load_conditions(
             cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
-            pooled_dim(unet),
+            pooled_dim(unet), init=init,
         )
         if cfg.optim.cond_lr == 0:  # frozen conditions: no gradient through the context projections
             conditions.requires_grad_(False)
