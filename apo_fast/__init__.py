@@ -7,7 +7,7 @@ Loss (``apo_fast.loss``)
 Fused ops (``apo_fast.ops``)
     ``gated_lora_linear``
 Time-gated adapters (``apo_fast.adapters``)
-    ``GateConfig``, ``AdapterConfig``, ``GatedLoRALinear``, ``inject_adapters``,
+    ``GateConfig``, ``AdapterConfig``, ``GatedLoRALinear``, ``GatedLoRAConv2d``, ``inject_adapters``,
     ``adapters_disabled``, ``save_adapters``, ``load_adapters``, ``convert_peft_to_gated``
 Data (``apo_fast.data``)
     ``scan_mvtec``, ``AnomalyDataset``, ``NormalDataset``, ``condition_names``
@@ -32,6 +32,7 @@ _EXPORTS = {
     "GateConfig": "apo_fast.adapters",
     "AdapterConfig": "apo_fast.adapters",
     "GatedLoRALinear": "apo_fast.adapters",
+    "GatedLoRAConv2d": "apo_fast.adapters",
     "inject_adapters": "apo_fast.adapters",
     "adapters_disabled": "apo_fast.adapters",
     "save_adapters": "apo_fast.adapters",

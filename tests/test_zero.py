@@ -262,6 +262,18 @@ def test_stage0_clips_in_the_trainer_like_deepspeed_clips_at_stage_1(tmp_path):
 
 
 @pytest.mark.slow
+def test_conv_adapters_train_alike_under_zero0_and_zero3(tmp_path):
+    """GatedLoRAConv2d layers (resnet conv1, 1x1 proj_in/proj_out) beside the linear ones:
+    ZeRO-3 partitions and gathers them and trains like stage 0."""
+    targets = "adapter.target_modules=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv1]"
+    run_train(tiny_cfg(tmp_path / "z0", targets, "train.zero_stage=0"))
+    run_train(tiny_cfg(tmp_path / "z3", targets, "train.zero_stage=3", "train.gradient_checkpointing=true",
+                       NO_PERSIST))
+    assert_same_run(tmp_path / "z3", tmp_path / "z0")
+    assert any(v.dim() == 4 for k, v in read_export(tmp_path / "z3").items() if "conv1.lora_A" in k)
+
+
+@pytest.mark.slow
 def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage_0(tmp_path, stage0_run):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0), gradient checkpointing
     (recompute gathers again) and the fused adapter layer reading its submodules' weights."""

@@ -5,7 +5,8 @@ Public API:
 * :class:`GateConfig`, :func:`build_gate`, :func:`rank_prefix_lengths` and the
   gate modules (``gates.py``);
 * :class:`GatedLoRALinear` (``layer.py``), a peft-layout LoRA layer whose
-  forward is the fused ``gated_lora_linear`` op;
+  forward is the fused ``gated_lora_linear`` op, and :class:`GatedLoRAConv2d`
+  for convolutions (PyTorch ops);
 * :class:`AdapterConfig`, :func:`inject_adapters`, :func:`adapters_disabled`,
   :func:`set_adapters_enabled`, :func:`adapter_parameters`, :func:`freeze_base`,
   :func:`set_gate`, :func:`gated_layers` (``inject.py``);
@@ -42,7 +43,7 @@ from apo_fast.adapters.io import (
     read_adapter_metadata,
     save_adapters,
 )
-from apo_fast.adapters.layer import GatedLoRALinear
+from apo_fast.adapters.layer import GatedLoRAConv2d, GatedLoRALinear
 from apo_fast.adapters.peft_swap import convert_peft_to_gated
 from apo_fast.adapters.state import GateState, get_gate_state
 
@@ -72,6 +73,7 @@ __all__ = [
     "load_adapters",
     "read_adapter_metadata",
     "GatedLoRALinear",
+    "GatedLoRAConv2d",
     "convert_peft_to_gated",
     "GateState",
     "get_gate_state",

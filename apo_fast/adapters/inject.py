@@ -1,7 +1,9 @@
 """Putting time-gated adapters into a model, switching them off, freezing the rest.
 
 ``inject_adapters(unet, AdapterConfig(...))`` replaces every ``nn.Linear`` whose
-module path ends with one of ``target_modules`` by a :class:`GatedLoRALinear`,
+module path ends with one of ``target_modules`` by a :class:`GatedLoRALinear`
+(an ``nn.Conv2d``, e.g. SD 1.5's 1x1 ``proj_in``/``proj_out`` or a resnet's
+``conv1``, by a :class:`GatedLoRAConv2d`),
 registers one gate module as ``unet.taca_gate`` (non-constant gates; learned parameters are
 model parameters, seen by optimizers and DeepSpeed) and hooks on ``unet`` that
 turn the ``timestep`` argument of each call into per-sample gates for all
@@ -29,7 +31,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from apo_fast.adapters.gates import GateConfig, build_gate
-from apo_fast.adapters.layer import GatedLoRALinear
+from apo_fast.adapters.layer import GatedLoRAConv2d, GatedLoRALinear
 from apo_fast.adapters.state import GATE_MODULE_NAME, attach_gate, get_gate_state, install_gate
 from apo_fast.backend import BACKENDS
 
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# The adapter layer for each base layer type that takes one.
+LAYER_FOR = {nn.Linear: GatedLoRALinear, nn.Conv2d: GatedLoRAConv2d}
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,8 @@ def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> list[str]:
-    """Wrap the target ``nn.Linear`` layers of ``model`` in :class:`GatedLoRALinear`.
+    """Wrap the target ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` in
+    :class:`GatedLoRALinear` / :class:`GatedLoRAConv2d`.
 
     Args:
         model: a diffusers ``UNet2DConditionModel`` or any module whose
@@ -171,10 +176,14 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
                 f"module {path!r} is already an adapter layer ({type(module).__name__}); "
                 "use convert_peft_to_gated for models that already carry peft LoRA"
             )
-        if not isinstance(module, nn.Linear):
+        if type(module) not in LAYER_FOR:
             raise TypeError(
-                f"target module {path!r} is a {type(module).__name__}; only nn.Linear layers take time-gated adapters"
+                f"target module {path!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d layers "
+                "take time-gated adapters"
             )
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise TypeError(f"target module {path!r} is a grouped convolution (groups={module.groups}); "
+                            "only groups=1 takes an adapter")
         if not module.weight.is_floating_point():
             raise TypeError(f"target module {path!r} has a non-floating-point (quantized) weight")
         targets.append(path)
@@ -186,8 +195,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
     state.adapter_config = config
     for path in targets:
         parent, child = _split_parent(model, path)
-        layer = GatedLoRALinear(
-            getattr(parent, child),
+        base = getattr(parent, child)
+        layer = LAYER_FOR[type(base)](
+            base,
             adapter_name=config.adapter_name,
             r=config.r,
             lora_alpha=config.alpha,

@@ -3,8 +3,8 @@
 ``save_adapters(unet, dir)`` writes ``dir/pytorch_lora_weights.safetensors``
 with the keys diffusers' Stable Diffusion LoRA loader expects::
 
-    unet.<module path>.lora_A.weight    (r, in)
-    unet.<module path>.lora_B.weight    (out, r)
+    unet.<module path>.lora_A.weight    (r, in)            convolutions: (r, in, kh, kw)
+    unet.<module path>.lora_B.weight    (out, r)           convolutions: (out, r, 1, 1)
 
 (the adapter name is dropped, as peft's ``get_peft_model_state_dict`` does).
 The safetensors header carries
@@ -257,7 +257,9 @@ def load_adapters(
     ranks = {}
     for path, parts in modules.items():
         A, B = tensors[parts["lora_A"]], tensors[parts["lora_B"]]
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        linear = A.dim() == 2 and B.dim() == 2
+        conv = A.dim() == 4 and B.dim() == 4 and tuple(B.shape[2:]) == (1, 1)
+        if not (linear or conv) or B.shape[1] != A.shape[0]:
             raise ValueError(f"{str(file)!r}: module {path!r} has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
         ranks[path] = A.shape[0]
     alpha_default = lora_meta.get("lora_alpha")

@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from apo_fast.adapters.state import GateState
 from apo_fast.ops.gated_lora import gated_lora_linear
 
-__all__ = ["GatedLoRALinear"]
+__all__ = ["GatedLoRALinear", "GatedLoRAConv2d"]
 
 # Per-adapter module dicts and plain dicts of a peft LoraLayer that a conversion carries over.
 _MODULE_DICTS = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -59,11 +59,13 @@ def _check_rank_alpha_dropout(r, lora_alpha, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
 
 
-def _check_base_layer(base_layer) -> None:
+def _check_base_layer(base_layer, kind: type = nn.Linear) -> None:
     if isinstance(base_layer, BaseTunerLayer):
         raise TypeError(f"base_layer is already an adapter layer ({type(base_layer).__name__})")
-    if not isinstance(base_layer, nn.Linear):
-        raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+    if not isinstance(base_layer, kind):
+        raise TypeError(f"base_layer must be an nn.{kind.__name__}, got {type(base_layer).__name__}")
+    if kind is nn.Conv2d and base_layer.groups != 1:
+        raise TypeError(f"base_layer is a grouped convolution (groups={base_layer.groups}); only groups=1 is supported")
     if not base_layer.weight.is_floating_point():
         raise TypeError(
             f"base_layer.weight must be floating point (quantized layers are not supported), "
@@ -100,6 +102,9 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         init_weights: peft's init (A Kaiming-uniform a=sqrt(5), B zeros).
     """
 
+    _BASE: type = nn.Linear  # the wrapped layer type
+    _PEFT_LAYER = "Linear"  # the peft.tuners.lora class that from_peft takes over
+
     def __init__(
         self,
         base_layer: nn.Linear,
@@ -112,7 +117,7 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         backend: str | None = None,
         init_weights: bool = True,
     ) -> None:
-        _check_base_layer(base_layer)
+        _check_base_layer(base_layer, self._BASE)
         if not isinstance(adapter_name, str) or not adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
         lora_alpha = r if lora_alpha is None else lora_alpha
@@ -138,13 +143,13 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         variants (DoRA, ...), ``lora_bias``, ``fan_in_fan_out``, non-Linear or
         quantized base layers.
         """
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        import peft.tuners.lora as peft_lora
 
-        if not isinstance(layer, PeftLoraLinear):
-            raise TypeError(f"layer must be a peft.tuners.lora.Linear, got {type(layer).__name__}")
+        if type(layer) is not getattr(peft_lora, cls._PEFT_LAYER):
+            raise TypeError(f"layer must be a peft.tuners.lora.{cls._PEFT_LAYER}, got {type(layer).__name__}")
         base_layer = layer.base_layer
         try:
-            _check_base_layer(base_layer)
+            _check_base_layer(base_layer, cls._BASE)
         except TypeError as exc:
             raise ValueError(f"cannot convert this peft LoRA layer: {exc}") from exc
         if getattr(layer, "fan_in_fan_out", False):
@@ -186,11 +191,15 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         self.use_dora[adapter_name] = False
         self.lora_bias[adapter_name] = False
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = self._adapter_modules(base, r, factory)
         if init_weights:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def _adapter_modules(self, base: nn.Module, r: int, factory: dict) -> tuple[nn.Module, nn.Module]:
+        """The down (``A``) and up (``B``) projection modules of one adapter."""
+        return (nn.Linear(self.in_features, r, bias=False, **factory),
+                nn.Linear(r, self.out_features, bias=False, **factory))
 
     # -- gate ---------------------------------------------------------------
     @property
@@ -288,3 +297,64 @@ class GatedLoRALinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "taca." + super().__repr__()
+
+
+class GatedLoRAConv2d(GatedLoRALinear):
+    """Time-gated LoRA on a frozen ``nn.Conv2d`` (groups 1), in peft's ``lora.Conv2d`` layout.
+
+    ``y = base(x) + B(scaling * k(t_sample) * A(dropout(x)))``: ``A`` is a
+    convolution with the base layer's kernel size, stride, padding, dilation
+    and padding mode to ``r`` channels (weight ``(r, in, kh, kw)``), ``B`` a
+    1x1 convolution back (weight ``(out, r, 1, 1)``); the gate multiplies the
+    ``r`` channels of each sample. Everything else (adapter dicts, scaling,
+    enable/disable, merge for a constant gate, peft/diffusers file keys,
+    :func:`convert_peft_to_gated`) is as for :class:`GatedLoRALinear`. Runs on
+    PyTorch ops (cuDNN on a GPU); the fused Triton kernels cover the linear
+    projections only. As in peft, the adapter branch runs in the adapter
+    weights' dtype and the result is cast back to the base output's dtype.
+    """
+
+    _BASE = nn.Conv2d
+    _PEFT_LAYER = "Conv2d"
+
+    def _adapter_modules(self, base: nn.Conv2d, r: int, factory: dict) -> tuple[nn.Module, nn.Module]:
+        down = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                         bias=False, padding_mode=base.padding_mode, **factory)
+        return down, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:
+            raise TypeError(f"GatedLoRAConv2d.forward takes only the input tensor; got extra arguments "
+                            f"{list(kwargs) or len(args)}")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in (n for n in self.active_adapters if n in self.lora_A):
+            if name in self.lora_variant:
+                raise ValueError(f"adapter {name!r} uses a LoRA variant, which GatedLoRAConv2d does not compute")
+            down, up = self.lora_A[name], self.lora_B[name]
+            h = down(self.lora_dropout[name](x.to(down.weight.dtype)))  # (S, r, H', W')
+            gate = self.current_gate(self.r[name])
+            if gate is None:
+                h = h * self.scaling[name]
+            else:
+                if gate.shape[0] not in (1, h.shape[0]):
+                    raise ValueError(f"gate has {gate.shape[0]} rows but x has {h.shape[0]} samples (leading dim)")
+                h = h * (gate.to(h.dtype) * self.scaling[name])[:, :, None, None]
+            result = result + up(h).to(out_dtype)
+        return result
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B A`` as a ``(out, in, kh, kw)`` kernel, in the base weight's dtype."""
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = self.get_base_layer().weight.dtype
+        if weight_A.device.type == "cpu" and weight_A.dtype in (torch.float16, torch.bfloat16):
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = (weight_B.flatten(1) @ weight_A.flatten(1)).reshape(self.get_base_layer().weight.shape)
+        return (delta * self.scaling[adapter]).to(dtype)
