@@ -42,3 +42,23 @@ def make_tiny_unet():
         )
 
     return build
+
+
+@pytest.fixture(scope="session")
+def make_peft_unet(make_tiny_unet):
+    """Builder of the tiny UNet in float64 with peft LoRA added the way diffusers'
+    train_diffusion_dpo.py adds it (``unet.add_adapter``), B made non-zero."""
+    from peft import LoraConfig
+
+    def build(target_modules):
+        unet = make_tiny_unet().to(torch.float64)
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=target_modules))
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        return unet
+
+    return build

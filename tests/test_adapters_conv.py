@@ -23,7 +23,6 @@ from apo_fast.adapters import (
 )
 
 pytest.importorskip("peft")
-from peft import LoraConfig  # noqa: E402
 
 F64 = torch.float64
 CONV_TARGETS = ["conv1", "proj_in", "proj_out", "downsamplers.0.conv"]
@@ -111,18 +110,6 @@ def test_grouped_and_wrong_base_layers_are_refused():
         GatedLoRAConv2d(nn.Linear(4, 4))
 
 
-def _peft_unet(make_tiny_unet, targets):
-    unet = make_tiny_unet().to(F64)
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets))
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return unet
-
-
 def _inputs(dtype=F64):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
@@ -130,10 +117,10 @@ def _inputs(dtype=F64):
     return x, torch.tensor([30, 870]), c
 
 
-def test_converted_peft_conv_lora_equals_peft_and_saves_peft_keys(make_tiny_unet, tmp_path):
+def test_converted_peft_conv_lora_equals_peft_and_saves_peft_keys(make_peft_unet, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
-    peft_unet = _peft_unet(make_tiny_unet, CONV_TARGETS + ["to_q"])
+    peft_unet = make_peft_unet(CONV_TARGETS + ["to_q"])
     plain, fused = copy.deepcopy(peft_unet), copy.deepcopy(peft_unet)
     count = convert_peft_to_gated(fused)
     layers = dict(gated_layers(fused))

@@ -30,17 +30,9 @@ F64_TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture(scope="module")
-def peft_unet_f64(make_tiny_unet):
+def peft_unet_f64(make_peft_unet):
     """A UNet with peft LoRA added the way train_diffusion_dpo.py does, B made non-zero."""
-    unet = make_tiny_unet().to(F64)
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS))
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return unet
+    return make_peft_unet(TARGETS)
 
 
 def pair(peft_unet, gate=None):

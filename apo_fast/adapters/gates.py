@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "GATE_KINDS",
