@@ -423,7 +423,7 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) ->
 def remove_stale_checkpoint_files(out_dir: Path) -> list[Path]:
     """Delete what a killed run left half-written (call on rank 0, before training):
     temporary checkpoint folders (``.step-N.tmp``, ``.step-N.old``) and temporary
-    files of atomic writes (``.latest.XXXX.tmp`` in ``checkpoints/``, ``.<name>.XXXX.tmp``
+    files of atomic writes (``.latest.<random>.tmp`` in ``checkpoints/``, ``.<name>.<random>.tmp``
     beside the run's logs); returns what was removed."""
     out_dir = Path(out_dir)
     root = out_dir / CHECKPOINT_DIR
