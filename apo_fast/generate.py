@@ -18,6 +18,7 @@ from apo_fast.models import (
     pooled_dim,
     resolve_device,
     set_attention,
+    vae_scale_factor,
 )
 from apo_fast.sampling import hierarchical_sample, overlay, save_grid, save_images
 
@@ -51,13 +52,15 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     with safe_open(str(cond_file), "pt") as fh:
         names = json.loads(fh.metadata()["names"])
     dev = resolve_device(device if device != "auto" else cfg.train.device)
-    unet = build_unet(cfg.model, in_channels=3 if not cfg.model.latent else 4, sample_size=None)
+    vae = build_vae(cfg.model)
+    in_channels = vae.config.latent_channels if vae is not None else 3
+    unet = build_unet(cfg.model, in_channels=in_channels, sample_size=None, seed=cfg.train.seed)  # the trained base
     set_attention(unet, "sdpa" if dev.type != "cuda" else cfg.train.attention, dev)
     load_adapters(unet, adapters)
     conds = load_conditions(cond_file, names, cfg.model.cond_tokens, unet.config.cross_attention_dim, pooled_dim(unet))
     unet.to(dev).eval()
     conds.to(dev).eval()
-    return LoadedRun(cfg, unet, conds, names, build_vae(cfg.model), dev)
+    return LoadedRun(cfg, unet, conds, names, vae, dev)
 
 
 def gate_weight_fn(unet):
@@ -95,7 +98,7 @@ def generate_for_defect(
         raise ValueError(f"unknown defect type {defect!r}; this run was trained on: {', '.join(known)}")
     cid = run.condition_names.index(name)
     size = cfg.data.image_size
-    latent_scale = 8 if cfg.model.latent else 1
+    latent_scale = vae_scale_factor(run.vae) if run.vae is not None else 1
     shape = (run.unet.config.in_channels, size // latent_scale, size // latent_scale)
     g = torch.Generator().manual_seed(s.seed if seed is None else seed)
     imgs, masks, maps = [], [], []

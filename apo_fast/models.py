@@ -108,8 +108,14 @@ def build_scheduler(cfg: ModelConfig, kind: str = "ddpm"):
     raise ValueError(f"scheduler kind must be 'ddpm' or 'ddim', got {kind!r}")
 
 
-def build_unet(cfg: ModelConfig, in_channels: int = 3, sample_size: int | None = None):
-    """The UNet from ``cfg.pretrained`` or from ``cfg.preset`` + ``cfg.unet`` overrides."""
+def build_unet(cfg: ModelConfig, in_channels: int = 3, sample_size: int | None = None, seed: int | None = None):
+    """The UNet from ``cfg.pretrained`` or from ``cfg.preset`` + ``cfg.unet`` overrides.
+
+    A UNet built from a preset gets random weights; with ``seed`` they are drawn
+    from ``torch.manual_seed(seed)`` on a forked RNG (the global RNG is left as it
+    was), so the trainer and :func:`apo_fast.generate.load_run` build the same
+    base UNet from the same config.
+    """
     from diffusers import UNet2DConditionModel
 
     if cfg.pretrained:
@@ -129,7 +135,17 @@ def build_unet(cfg: ModelConfig, in_channels: int = 3, sample_size: int | None =
     if sample_size is not None:
         unet_cfg["sample_size"] = sample_size
     unet_cfg.update(cfg.unet)
-    return UNet2DConditionModel(**unet_cfg)
+    if seed is None:
+        return UNet2DConditionModel(**unet_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**unet_cfg)
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent of a diffusers ``AutoencoderKL`` (8 for SD and SDXL), computed
+    as diffusers' pipelines do: 2 ** (number of encoder blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_vae(cfg: ModelConfig):

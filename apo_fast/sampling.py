@@ -110,7 +110,7 @@ def hierarchical_sample(
     from tqdm.auto import tqdm
 
     from apo_fast.adapters import adapters_disabled
-    from apo_fast.models import cat_unet_kwargs
+    from apo_fast.models import cat_unet_kwargs, vae_scale_factor
 
     if cond_ids.dim() != 1:
         raise ValueError(f"cond_ids must be (B,), got shape {tuple(cond_ids.shape)}")
@@ -126,7 +126,7 @@ def hierarchical_sample(
             raise ValueError(f"known_mask must have shape {(b, 1, *shape[1:])}, got {tuple(known_mask.shape)}")
         known, known_mask = known.to(device, torch.float32), known_mask.to(device, torch.float32)
     cond_ids = cond_ids.to(device)
-    pixel_size = image_size or shape[-1] * (8 if vae is not None else 1)
+    pixel_size = image_size or shape[-1] * (vae_scale_factor(vae) if vae is not None else 1)
     kw_c = conditions.unet_kwargs(cond_ids, dtype, pixel_size)
     kw_ref = cat_unet_kwargs(conditions.unet_kwargs(torch.full_like(cond_ids, -1), dtype, pixel_size), kw_c)
     scheduler.set_timesteps(num_inference_steps, device=device)

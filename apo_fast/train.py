@@ -504,7 +504,7 @@ class APOTrainer:
         vae = build_vae(cfg.model)
         self.data = load_train_data(cfg, vae, self.device)
         in_ch = self.data.anomalies.shape[1]
-        unet = build_unet(cfg.model, in_channels=in_ch, sample_size=self.data.anomalies.shape[-1])
+        unet = build_unet(cfg.model, in_channels=in_ch, sample_size=self.data.anomalies.shape[-1], seed=cfg.train.seed)
         if unet.config.in_channels != in_ch:
             raise ValueError(
                 f"the UNet takes {unet.config.in_channels} input channels but the data has {in_ch} "

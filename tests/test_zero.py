@@ -465,3 +465,35 @@ def test_latents_are_encoded_once_and_training_runs_on_them(tmp_path, monkeypatc
         trainer.close()
     assert sum(encoded) == n_images  # training reads the cache, never the VAE
     assert summary["final"]["step"] == 2 and math.isfinite(summary["final"]["loss"])
+
+
+@pytest.mark.slow
+def test_a_latent_run_on_a_preset_unet_samples_with_its_trained_base(tmp_path):
+    """load_run rebuilds the preset UNet the trainer trained (same seeded random base),
+    with the VAE's own latent channels and scale factor (2 for this tiny VAE, 8 for SD)."""
+    from apo_fast.generate import generate_for_defect, load_run
+    from apo_fast.models import vae_scale_factor
+    from apo_fast.train import APOTrainer
+
+    vae_dir = _tiny_vae_folder(tmp_path / "vae")
+    cfg = tiny_cfg(tmp_path / "run", "model.latent=true", f"model.vae={vae_dir}", "train.steps=2",
+                   "sample.num_inference_steps=3")
+    trainer = APOTrainer(cfg)
+    try:
+        trainer.train()
+        trained = {k: v.detach().clone() for k, v in trainer.engine.module.unet.state_dict().items()}
+    finally:
+        trainer.close()
+    run = load_run(tmp_path / "run", device="cpu")
+    assert vae_scale_factor(run.vae) == 2 and run.unet.config.in_channels == 4
+    loaded = run.unet.state_dict()
+    assert trained.keys() == loaded.keys()
+    for key in trained:  # base weights and trained adapters alike
+        torch.testing.assert_close(loaded[key], trained[key], rtol=0, atol=0, msg=key)
+    images, masks, _ = generate_for_defect(run, "hole", 2)
+    assert images.shape == (2, 3, 16, 16) and masks.shape[-2:] == (16, 16) and torch.isfinite(images).all()
+    known = torch.rand(2, 3, 16, 16) * 2 - 1  # mask-guided: the known image is encoded to 8x8 latents
+    known_masks = torch.zeros(2, 1, 16, 16)
+    known_masks[..., 4:12, 4:12] = 1
+    guided, _, _ = generate_for_defect(run, "hole", 2, known_images=known, known_masks=known_masks)
+    assert guided.shape == (2, 3, 16, 16) and torch.isfinite(guided).all()
