@@ -47,6 +47,7 @@ OWNED_DEEPSPEED_KEYS = {
     "train_batch_size": "train.batch_size",
     "train_micro_batch_size_per_gpu": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "optim.max_grad_norm",
     "zero_optimization.stage": "train.zero_stage",
     "zero_optimization.offload_optimizer": "train.offload_optimizer",
     "zero_optimization.offload_param": "train.offload_params",

@@ -100,6 +100,8 @@ def test_deepspeed_config_per_stage_and_overrides(tmp_path):
         deepspeed_config(tiny_cfg(tmp_path, "train.deepspeed={zero_optimization: {stage: 2}}"), 4)
     with pytest.raises(ValueError, match="train.batch_size"):
         deepspeed_config(tiny_cfg(tmp_path, "train.deepspeed={train_micro_batch_size_per_gpu: 2}"), 4)
+    with pytest.raises(ValueError, match="optim.max_grad_norm"):  # the trainer may clip itself (ZeRO 0)
+        deepspeed_config(tiny_cfg(tmp_path, "train.deepspeed={gradient_clipping: 0.5}"), 4)
 
 
 @pytest.mark.parametrize(
