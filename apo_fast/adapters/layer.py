@@ -216,7 +216,7 @@ class GatedLoRALinear(nn.Module, LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:
             raise TypeError(
-                "GatedLoRALinear.forward takes only the input tensor (peft's mixed-batch `adapter_names` "
+                f"{type(self).__name__}.forward takes only the input tensor (peft's mixed-batch `adapter_names` "
                 f"is not supported); got extra arguments {list(kwargs) or len(args)}"
             )
         if self.disable_adapters:
@@ -230,7 +230,11 @@ class GatedLoRALinear(nn.Module, LoraLayer):
             return self.base_layer(x)
         for name in names:
             if name in self.lora_variant:
-                raise ValueError(f"adapter {name!r} uses a LoRA variant, which GatedLoRALinear does not compute")
+                raise ValueError(f"adapter {name!r} uses a LoRA variant, which {type(self).__name__} does not compute")
+        return self._adapted_forward(x, names)
+
+    def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The base layer plus the active adapters ``names`` (not merged, not disabled)."""
         autocasting = torch.is_autocast_enabled(x.device.type)
         base = self.base_layer
         result = None
@@ -322,21 +326,10 @@ class GatedLoRAConv2d(GatedLoRALinear):
                          bias=False, padding_mode=base.padding_mode, **factory)
         return down, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **factory)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs:
-            raise TypeError(f"GatedLoRAConv2d.forward takes only the input tensor; got extra arguments "
-                            f"{list(kwargs) or len(args)}")
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
+    def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:
-            return result
         out_dtype = result.dtype
-        for name in (n for n in self.active_adapters if n in self.lora_A):
-            if name in self.lora_variant:
-                raise ValueError(f"adapter {name!r} uses a LoRA variant, which GatedLoRAConv2d does not compute")
+        for name in names:
             down, up = self.lora_A[name], self.lora_B[name]
             h = down(self.lora_dropout[name](x.to(down.weight.dtype)))  # (S, r, H', W')
             gate = self.current_gate(self.r[name])
