@@ -191,3 +191,41 @@ def test_diffusers_loads_the_conv_adapter_file_as_plain_lora(make_tiny_unet, tmp
     with torch.no_grad():
         torch.testing.assert_close(other(x, t, encoder_hidden_states=c).sample,
                                    unet(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_pointwise_conv_runs_as_the_gated_linear_op(backend, channels_last, monkeypatch):
+    """1x1 convolutions (SD 1.5's proj_in/proj_out) go through gated_lora_linear on the
+    pixel view: the Triton kernel (interpreter here) or the PyTorch path, float64-exact
+    up to fp32 rounding, gradients included, channels_last-strided output."""
+    pytest.importorskip("triton")
+    import apo_fast.ops.gated_lora as gl
+
+    calls = []
+    real = gl.gated_lora_forward
+    monkeypatch.setattr(gl, "gated_lora_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    conv = nn.Conv2d(6, 10, 1).requires_grad_(False)
+    layer = _layer(conv)
+    layer.backend = backend
+    assert layer.pointwise and not GatedLoRAConv2d(nn.Conv2d(6, 10, 3, padding=1)).pointwise
+    gate = torch.rand(2, 3, requires_grad=True)
+    layer.gate_state = _FixedGate(gate)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = layer(x)
+    assert bool(calls) == (backend == "triton") and (not calls or calls[0] == (2 * 5 * 7, 6))
+    assert y.shape == (2, 10, 5, 7) and y.is_contiguous(memory_format=torch.channels_last)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, A, B, gate)]
+    conv64 = copy.deepcopy(conv).double()
+    want = _formula(leaves64[0], conv64, leaves64[1], leaves64[2], leaves64[3], layer.scaling["default"])
+    torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
+    dy = torch.randn_like(want)
+    got = torch.autograd.grad(y, (x, A, B, gate), dy.float())
+    expect = torch.autograd.grad(want, leaves64, dy)
+    for name, g, e in zip(("dx", "dA", "dB", "dgate"), got, expect):
+        assert g.shape == e.shape, name
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)

@@ -312,10 +312,17 @@ class GatedLoRAConv2d(GatedLoRALinear):
     1x1 convolution back (weight ``(out, r, 1, 1)``); the gate multiplies the
     ``r`` channels of each sample. Everything else (adapter dicts, scaling,
     enable/disable, merge for a constant gate, peft/diffusers file keys,
-    :func:`convert_peft_to_gated`) is as for :class:`GatedLoRALinear`. Runs on
-    PyTorch ops (cuDNN on a GPU); the fused Triton kernels cover the linear
-    projections only. As in peft, the adapter branch runs in the adapter
-    weights' dtype and the result is cast back to the base output's dtype.
+    :func:`convert_peft_to_gated`) is as for :class:`GatedLoRALinear`.
+
+    A pointwise convolution (1x1 kernel, stride 1, no padding or dilation, e.g.
+    SD 1.5's ``proj_in``/``proj_out``) is a linear layer over the pixels: it runs
+    as one :func:`~apo_fast.ops.gated_lora.gated_lora_linear` call on the
+    ``(S, H*W, C)`` pixel view (the fused Triton kernel on CUDA; a free view for
+    a ``channels_last`` input) with :class:`GatedLoRALinear`'s dtype rules, and
+    returns a ``channels_last``-strided output. Other kernels (and LoRA dropout
+    in training, or several active adapters) run on PyTorch convolutions; there,
+    as in peft, the adapter branch runs in the adapter weights' dtype and is cast
+    back to the base output's dtype.
     """
 
     _BASE = nn.Conv2d
@@ -326,7 +333,18 @@ class GatedLoRAConv2d(GatedLoRALinear):
                          bias=False, padding_mode=base.padding_mode, **factory)
         return down, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **factory)
 
+    @property
+    def pointwise(self) -> bool:
+        """Whether the base convolution is a per-pixel linear map (1x1, stride 1, unpadded)."""
+        base = self.get_base_layer()
+        return (tuple(base.kernel_size) == (1, 1) and tuple(base.stride) == (1, 1)
+                and base.padding in ((0, 0), "valid") and tuple(base.dilation) == (1, 1))
+
     def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        dropout = self.lora_dropout[names[0]]
+        dropout_active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+        if self.pointwise and len(names) == 1 and not dropout_active and x.dim() == 4:
+            return self._pointwise_forward(x, names[0])
         result = self.base_layer(x)
         out_dtype = result.dtype
         for name in names:
@@ -341,6 +359,19 @@ class GatedLoRAConv2d(GatedLoRALinear):
                 h = h * (gate.to(h.dtype) * self.scaling[name])[:, :, None, None]
             result = result + up(h).to(out_dtype)
         return result
+
+    def _pointwise_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """A 1x1 convolution with its adapter as one gated linear op over the pixels."""
+        base = self.get_base_layer()
+        S, C, H, W = x.shape
+        lora_A = self.lora_A[name].weight.flatten(1)  # (r, C)
+        lora_B = self.lora_B[name].weight.flatten(1)  # (out, r)
+        if not torch.is_autocast_enabled(x.device.type):
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        pixels = x.permute(0, 2, 3, 1).reshape(S, H * W, C)  # a view when x is channels_last
+        y = gated_lora_linear(pixels, base.weight.flatten(1), base.bias, lora_A, lora_B,
+                              self.current_gate(self.r[name]), self.scaling[name], backend=self.backend)
+        return y.reshape(S, H, W, -1).permute(0, 3, 1, 2)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B A`` as a ``(out, in, kh, kw)`` kernel, in the base weight's dtype."""
