@@ -297,7 +297,8 @@ def _gated_lora_check(batch, tokens, fin, fout, rank, dtype, backend: str, devic
 
 
 def _unet_adapter_check(device, dry_run: bool) -> dict:
-    """A small UNet with time-gated adapters: fused vs PyTorch adapter path, output and LoRA gradients."""
+    """A small UNet with time-gated adapters (linear and conv): fused vs PyTorch adapter path,
+    output and LoRA gradients."""
     import copy
 
     import torch
@@ -314,7 +315,10 @@ def _unet_adapter_check(device, dry_run: bool) -> dict:
         if backend in results:
             continue
         unet = copy.deepcopy(base)
-        inject_adapters(unet, AdapterConfig(r=8, gate=GateConfig(kind="rank_prefix"), backend=backend))
+        # attention projections and 1x1 proj_in/proj_out (fused kernel on CUDA), resnet conv1 (PyTorch conv)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1"]
+        inject_adapters(unet, AdapterConfig(r=8, target_modules=targets, gate=GateConfig(kind="rank_prefix"),
+                                            backend=backend))
         freeze_base(unet)
         torch.manual_seed(1)
         with torch.no_grad():
