@@ -118,10 +118,17 @@ def encode_prompts(
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
     device = torch.device(device)
-    second = has_second_encoder(source)
     encoders = [_load(source, "", False, revision, local_files_only)]
-    if second:
-        encoders.append(_load(source, "_2", True, revision, local_files_only))
+    if Path(source).is_dir():
+        second = has_second_encoder(source)
+        if second:
+            encoders.append(_load(source, "_2", True, revision, local_files_only))
+    else:  # a hub id (from the local cache): SDXL if it has the second pair
+        try:
+            encoders.append(_load(source, "_2", True, revision, local_files_only))
+        except FileNotFoundError:
+            pass
+        second = len(encoders) == 2
     tokens, pooled = [], []
     for tokenizer, encoder in encoders:
         encoder.to(device)
@@ -174,7 +181,7 @@ def prompt_condition_table(
     table, pooled_table = encode_prompts(
         source, prompts, revision=model_cfg.revision, local_files_only=model_cfg.local_files_only, device=device
     )
-    if has_second_encoder(source):
+    if pooled_table is not None:  # SDXL
         _zero_empty_prompts(prompts, table, pooled_table)
     if table.shape[1] != tokens:
         raise ValueError(
