@@ -17,16 +17,6 @@ from apo_fast.loss import diffusion_dpo_loss
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads
-    wait on each other at every parallel region (a tiny UNet forward went from 0.02 s to 1.3 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_unet(channels: int = 3, seed: int = 0):
     from diffusers import UNet2DConditionModel
 

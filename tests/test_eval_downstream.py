@@ -23,16 +23,6 @@ from apo_fast.eval.segmentation import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks: on the shared 2-core machine a second intra-op thread only
-    # adds contention (measured 10x slower per training step under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stripes(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """Toy texture: vertical stripes with a random phase plus noise, in [-1, 1]."""
     xx = torch.arange(size).view(1, 1, 1, size).float()

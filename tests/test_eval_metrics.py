@@ -31,16 +31,6 @@ from apo_fast.eval.metrics import (
 from apo_fast.eval.similarity import default_scales
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions: on the shared 2-core machine a second intra-op thread
-    # only adds contention (measured 10-100x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- plain references
 
 

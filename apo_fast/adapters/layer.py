@@ -36,7 +36,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from apo_fast.adapters.state import GateState
-from apo_fast.ops.gated_lora import gated_lora_linear
+from apo_fast.ops.gated_lora import gate_rows, gated_lora_linear
 
 __all__ = ["GatedLoRALinear", "GatedLoRAConv2d"]
 
@@ -76,12 +76,11 @@ def _check_base_layer(base_layer, kind: type = nn.Linear) -> None:
 def _gated_lora_delta(x, lora_A, lora_B, gate, scaling) -> torch.Tensor:
     """Unfused ``scaling * ((x A^T) * gate[sample]) B^T`` (dropout / extra adapters only)."""
     h = F.linear(x, lora_A)
-    if gate is not None:
-        groups, rank = gate.shape
-        if groups not in (1, x.shape[0]):
-            raise ValueError(f"gate has {groups} rows but x has {x.shape[0]} samples (leading dim)")
-        h = (h.reshape(groups, -1, rank) * gate.to(h.dtype).unsqueeze(1)).reshape(h.shape)
-    return F.linear(h, lora_B) * scaling
+    if gate is None:
+        return F.linear(h, lora_B) * scaling
+    if gate.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"gate has {gate.shape[0]} rows but x has {x.shape[0]} samples (leading dim)")
+    return F.linear(gate_rows(h, gate, scaling), lora_B)
 
 
 class GatedLoRALinear(nn.Module, LoraLayer):

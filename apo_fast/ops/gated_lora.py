@@ -57,6 +57,7 @@ __all__ = [
     "gated_lora_linear",
     "gated_lora_linear_reference",
     "gated_lora_linear_eager",
+    "gate_rows",
     "gated_lora_forward",
     "gated_lora_backward",
     "GatedLoRALinearFunction",
@@ -112,12 +113,18 @@ def gated_lora_linear_eager(
     y = F.linear(x, weight, bias)
     h = F.linear(x, lora_A)
     rank, out_features = h.shape[-1], y.shape[-1]
-    y2d, h2d = y.reshape(-1, out_features), h.reshape(-1, rank)
+    y2d = y.reshape(-1, out_features)
     if gate is None:
-        return torch.addmm(y2d, h2d, lora_B.t(), alpha=scaling).reshape(y.shape)
-    g = gate.to(h.dtype) * scaling  # (S, r): the scaling costs S*r multiplies here
-    h2d = (h.reshape(g.shape[0], -1, rank) * g.unsqueeze(1)).reshape(h2d.shape)
-    return torch.addmm(y2d, h2d, lora_B.t()).reshape(y.shape)
+        return torch.addmm(y2d, h.reshape(-1, rank), lora_B.t(), alpha=scaling).reshape(y.shape)
+    return torch.addmm(y2d, gate_rows(h, gate, scaling).reshape(-1, rank), lora_B.t()).reshape(y.shape)
+
+
+def gate_rows(h: torch.Tensor, gate: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``h * scaling * gate[sample]`` for the low-rank product ``h`` of shape ``(S, ..., r)``
+    (or ``(tokens, r)`` in ``G`` contiguous blocks) and a ``(G, r)`` gate; the scaling is
+    folded into the small gate (``G * r`` multiplies)."""
+    g = gate.to(h.dtype) * scaling
+    return (h.reshape(g.shape[0], -1, h.shape[-1]) * g.unsqueeze(1)).reshape(h.shape)
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, gate, scaling, autocasting: bool) -> None:
