@@ -188,6 +188,42 @@ class StepBenchConfig:
 # --------------------------------------------------------------------------- timing
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, rounds: int = 5) -> float:
+    """Seconds per call of ``fn``: the median over ``rounds`` of the mean of ``reps``
+    back-to-back calls (what the kernel benchmarks and the GPU suite time with).
+
+    On CUDA the calls are not synchronised one by one (as in a training loop)
+    and CUDA events time each round, so host launch overhead counts only where
+    it exceeds the device time; elsewhere ``perf_counter`` times each round.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    per_round = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            per_round.append(start.elapsed_time(end) / 1e3 / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            per_round.append((time.perf_counter() - t0) / reps)
+    return statistics.median(per_round)
+
+
+
 class PhaseTimer:
     """Times the named phases of one step: CUDA events on a GPU, ``perf_counter`` on a CPU.
 

@@ -31,16 +31,14 @@ import dataclasses
 import functools
 import json
 import math
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from apo_fast.backend import use_triton
+from apo_fast.bench import time_per_call
 from apo_fast.ops.gated_lora import gated_lora_linear, gated_lora_linear_reference
 
 RANKS = (4, 16, 64)
@@ -88,26 +86,6 @@ def _available(impl: str, device: torch.device) -> bool:
     return True
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time_s(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
-                  reps: int = 20) -> float:
-    """Median wall time of ``fn`` in seconds (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @functools.lru_cache(maxsize=None)
 def peak_tflops(device_str: str) -> tuple[float, str]:
     """(peak TFLOP/s, how it was obtained) for the device."""
@@ -122,7 +100,7 @@ def peak_tflops(device_str: str) -> tuple[float, str]:
         n, dtype = 512, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_time_s(lambda: a @ b, device, warmup=2, reps=5)
+    seconds = time_per_call(lambda: a @ b, device, warmup=2, reps=5)
     return 2 * n**3 / seconds / 1e12, f"measured {n}^3 {dtype} matmul"
 
 
@@ -208,7 +186,7 @@ class _Case:
 def _measure(shape, rank, mode, impl, device, dtype, reps) -> float:
     with torch.set_grad_enabled(mode == "forward_backward"):
         case = _Case(shape, rank, mode, impl, device, dtype)
-        return median_time_s(case, device, reps=reps)
+        return time_per_call(case, device, reps=reps)
 
 
 def _record(shape, rank, mode, impl, seconds, base_s, peft_s, device) -> dict:

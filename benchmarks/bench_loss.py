@@ -39,15 +39,13 @@ import dataclasses
 import functools
 import json
 import math
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from apo_fast.backend import use_triton
+from apo_fast.bench import synchronize, time_per_call
 from apo_fast.loss import apo_loss, apo_loss_reference, beta_per_term
 
 VERSIONS = ("eager", "compiled", "fused", "fused_grad_in_backward")
@@ -87,41 +85,6 @@ def _available(version: str, device: torch.device) -> bool:
     if version.startswith("fused"):
         return device.type == "cuda" and use_triton(torch.empty(0, device=device), override="auto")
     return True
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_per_call(
-    fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20, rounds: int = 5
-) -> float:
-    """Median over ``rounds`` of the mean time per call of ``reps`` back-to-back calls.
-
-    On CUDA the calls are not synchronised one by one (as in a training loop)
-    and CUDA events time each round, so host launch overhead counts only where
-    it exceeds the device time.
-    """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    per_round = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            per_round.append(start.elapsed_time(end) / 1e3 / reps)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            per_round.append((time.perf_counter() - t0) / reps)
-    return statistics.median(per_round)
 
 
 @functools.cache
@@ -215,11 +178,11 @@ class LossRunner:
         if self.device.type != "cuda":
             return None
         self.pred.grad = None
-        _sync(self.device)
+        synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self()
-        _sync(self.device)
+        synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - before
 
 
@@ -342,7 +305,7 @@ def test_apo_loss_forward_backward(benchmark, baseline_times, case, version):
 
     def step():
         loss = runner()
-        _sync(_DEVICE)
+        synchronize(_DEVICE)
         return loss
 
     loss = benchmark(step)

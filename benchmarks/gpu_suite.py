@@ -125,43 +125,15 @@ class PartContext:
         return self.device.type == "cuda"
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_call(fn: Callable[[], object], device, reps: int = 5, warmup: int = 2) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
-
-
-# --------------------------------------------------------------------------- parts
-
-
 def _copy_gbps(device, nbytes: int) -> float:
     """Device-to-device copy bandwidth, bytes read + written per second."""
     import torch
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _time_call(lambda: dst.copy_(src), device, reps=10) / 1e9
+    from apo_fast.bench import time_per_call
+
+    return 2 * nbytes / time_per_call(lambda: dst.copy_(src), device, warmup=2, reps=10, rounds=3) / 1e9
 
 
 def _matmul_tflops(device, n: int, dtype) -> float:
@@ -169,7 +141,9 @@ def _matmul_tflops(device, n: int, dtype) -> float:
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _time_call(lambda: a @ b, device, reps=5) / 1e12
+    from apo_fast.bench import time_per_call
+
+    return 2 * n**3 / time_per_call(lambda: a @ b, device, warmup=2, reps=5, rounds=3) / 1e12
 
 
 def part_env(ctx: PartContext) -> dict:

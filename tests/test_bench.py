@@ -349,3 +349,11 @@ def test_gpu_suite_isolated_part_and_budget_skip(tmp_path, capsys):
     assert data["parts"]["step_sdxl"]["status"] == "skipped"  # needs 50 s of the 40 s budget
     with pytest.raises(SystemExit):
         suite.main(["--only", "nope"])
+
+
+def test_time_per_call_runs_warmup_then_rounds_of_reps():
+    from apo_fast.bench import time_per_call
+
+    calls = []
+    seconds = time_per_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=3, rounds=4)
+    assert len(calls) == 2 + 3 * 4 and seconds >= 0.0
