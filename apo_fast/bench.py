@@ -655,8 +655,9 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
         records: dict[str, list[dict]] = {name: [] for name in SIDES}
         timer = PhaseTimer(device)
         origin = time.monotonic()
-        with Telemetry(device if cuda else "cpu", period_s=cfg.telemetry_period_s) as tel:
-            steps_done = 0
+
+        def _timed_rounds() -> None:
+            nonlocal steps_done
             for i in range(cfg.steps):
                 if cfg.time_budget_s is not None and i >= 2 and time.perf_counter() - t_build > cfg.time_budget_s:
                     log.warning(
@@ -685,6 +686,20 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
                         f"baseline {records['baseline'][-1]['wall_s'] * 1e3:.1f} ms",
                         flush=True,
                     )
+
+        interrupted = False
+        with Telemetry(device if cuda else "cpu", period_s=cfg.telemetry_period_s) as tel:
+            steps_done = 0
+            try:
+                _timed_rounds()
+            except KeyboardInterrupt:  # keep what was measured: whole rounds (both sides) only
+                if min(len(r) for r in records.values()) == 0:
+                    raise
+                interrupted = True
+                steps_done = min(len(r) for r in records.values())
+                for recs in records.values():
+                    del recs[steps_done:]
+                log.warning("step benchmark interrupted: reporting the %d step(s) per side measured", steps_done)
             tel_records = tel.records
             tel_summary = tel.summary()
         images = 2 * cfg.batch
@@ -699,6 +714,7 @@ def run_step_benchmark(cfg: StepBenchConfig, workdir: str | Path | None = None, 
                 "cond_tokens": cfg.tokens,
                 "images_per_step": images,
                 "steps_done": steps_done,
+                "interrupted": interrupted,
             },
             "machine": {**_machine(device), "load_avg_at_start": load_start},
             "notes": _notes(cfg, device),

@@ -131,6 +131,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    # torch CPU threads: "auto" picks from the cores this process may use and the
+    # machine's load (apo_fast.threads.choose_threads), or a number >= 1.
+    threads: int | str = "auto"
 
 
 @dataclass
@@ -335,7 +338,9 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> A
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
-        _set_dotted(data, dotted.strip(), yaml.safe_load(raw))
+        # `--set key=` (nothing after '=') means the empty string, as `--set key=''` does.
+        value = "" if raw.strip() == "" else yaml.safe_load(raw)
+        _set_dotted(data, dotted.strip(), value)
     cfg = _build(APOConfig, data)
     return cfg.validate()
 
@@ -355,6 +360,38 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> APOConf
         return config_from_dict(data, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _looks_local(name: str) -> bool:
+    """A model name meant as a local path rather than a hub id ("org/name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_paths(cfg: APOConfig) -> None:
+    """Refuse missing data folders and model files with the key named, before any heavy
+    import (torch, diffusers, DeepSpeed take tens of seconds to import on a busy machine).
+
+    Hub ids (``org/name``) are left to the loader, which reads only the local cache.
+    """
+    d, m = cfg.data, cfg.model
+    if d.root != "builtin:demo":
+        root = Path(d.root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data.root {d.root!r} is not a folder (expected an MVTec AD layout root)")
+        if not (root / d.category).is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise ConfigError(f"data.category {d.category!r}: no folder {root / d.category}; "
+                              f"categories there: {', '.join(found) or 'none'}")
+    for key, value in (("model.pretrained", m.pretrained), ("model.vae", m.vae), ("model.text_encoder", m.text_encoder)):
+        if value and _looks_local(value) and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{key} {value!r} is not a folder (expected a local diffusers model folder)")
+    if m.pretrained and Path(m.pretrained).expanduser().is_dir() and m.subfolder:
+        sub = Path(m.pretrained).expanduser() / m.subfolder
+        if not sub.is_dir():
+            raise ConfigError(f"model.subfolder {m.subfolder!r}: {sub} is not a folder (set model.subfolder= "
+                              "to the UNet's folder, or to nothing when model.pretrained is the UNet folder itself)")
+    if m.conditions and not Path(m.conditions).expanduser().is_file():
+        raise ConfigError(f"model.conditions {m.conditions!r} is not a file (expected a conditions.safetensors)")
 
 
 def save_config(cfg: APOConfig, path: str | Path) -> None:
@@ -467,6 +504,8 @@ def validate_config(cfg: APOConfig) -> None:
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+    if not (t.threads == "auto" or (isinstance(t.threads, int) and t.threads >= 1)):
+        raise ConfigError(f"train.threads must be auto or an integer >= 1; got {t.threads!r}")
     _positive("pretrain.steps", p.steps, allow_zero=True)
     _positive("pretrain.batch_size", p.batch_size)
     _positive("pretrain.lr", p.lr)

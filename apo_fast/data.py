@@ -37,6 +37,7 @@ folder, before any training starts.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -442,6 +443,20 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor, variant: int) -> tuple
 
 # --------------------------------------------------------------------------- datasets
 
+def _check_mask_not_empty(mask: Path, image: Path, hw: tuple[int, int]) -> None:
+    """An anomaly's mask must mark its defect: refuse an all-black one, warn when the
+    defect vanishes at the working resolution (it then counts as defect-free there)."""
+    if not _mask_bool(mask, None).any():
+        raise DatasetError(
+            f"mask {mask} of anomaly image {image} is empty (no pixel > {MASK_THRESHOLD}); expected the defect "
+            "region in white. Fix the mask, or move the image out of the defect folder"
+        )
+    warnings.warn(
+        f"the defect in {mask} is smaller than one pixel at {hw[0]}x{hw[1]} and vanishes there; "
+        "a larger data.image_size keeps it", stacklevel=3,
+    )
+
+
 class _CachedImages(torch.utils.data.Dataset):
     """Decodes every image (and mask) once at construction and keeps uint8 tensors."""
 
@@ -465,6 +480,8 @@ class _CachedImages(torch.utils.data.Dataset):
             self._images[i] = torch.from_numpy(_image_uint8(p, hw)).permute(2, 0, 1)
             if m is not None:
                 self._masks[i, 0] = torch.from_numpy(_mask_bool(m, hw))
+                if not self._masks[i].any():
+                    _check_mask_not_empty(Path(m), Path(p), hw)
 
     @property
     def num_variants(self) -> int:

@@ -38,20 +38,32 @@ def demo_config(output_dir: str | None = None, overrides: list[str] | None = Non
     return config_from_dict(data, overrides)
 
 
-def run_demo(cfg: APOConfig, progress: bool = True) -> dict:
-    """Run the demo end to end into ``cfg.output_dir``; returns the metrics written to metrics.json."""
+def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None) -> dict:
+    """Run the demo end to end into ``cfg.output_dir``; returns the metrics written to metrics.json.
+
+    ``state["phase"]`` names the phase running (for the CLI's message on Ctrl-C).
+    """
     from apo_fast.generate import sample_run
     from apo_fast.io_utils import atomic_write_json
     from apo_fast.plots import plot_training
     from apo_fast.train import APOTrainer, pretrain_base
 
+    state = {} if state is None else state
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
+
+    def phase(number: int, name: str, what: str) -> None:
+        state["phase"] = name
+        print(f"[demo {number}/5] {name}: {what}", flush=True)
+
     t0 = time.perf_counter()
     base_dir = out / "base"
     if not (base_dir / "base_unet" / "config.json").is_file() or not (base_dir / "base_conditions.safetensors").is_file():
+        phase(1, "base model", f"training the tiny base UNet on the normal images ({cfg.pretrain.steps} steps)")
         pretrain_base(cfg, base_dir, progress=progress)
+    else:
+        phase(1, "base model", f"found in {base_dir}")
     timings["pretrain_s"] = time.perf_counter() - t0
     cfg.model.pretrained = str(base_dir / "base_unet")
     cfg.model.subfolder = ""
@@ -59,6 +71,7 @@ def run_demo(cfg: APOConfig, progress: bool = True) -> dict:
     t1 = time.perf_counter()
     if not progress:
         cfg.train.progress = False
+    phase(2, "APO", f"{cfg.train.steps} steps of time-gated adapters on the few-shot anomalies")
     trainer = APOTrainer(cfg)
     try:
         summary = trainer.train()
@@ -66,13 +79,15 @@ def run_demo(cfg: APOConfig, progress: bool = True) -> dict:
         trainer.close()
     timings["apo_train_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
+    phase(3, "sampling", f"{cfg.sample.num_per_defect} free and mask-guided anomalies per defect type")
     samples = sample_run(out, progress=progress)
     timings["sample_s"] = time.perf_counter() - t2
     plot_training(out / "train_log.jsonl", out / "training.png", pretrain_log=base_dir / "pretrain_log.jsonl")
     final = summary.get("final", {})
     metrics = {
         "final_step": final.get("step"),
-        "loss": final.get("loss"),
+        "loss": final.get("loss"),  # the last step's loss alone; loss_mean_last20 is the steadier number
+        "loss_mean_last20": _tail_mean(out / "train_log.jsonl", "loss", 20),
         "implicit_acc_last": final.get("implicit_acc"),
         "implicit_acc_last10_mean": _tail_mean(out / "train_log.jsonl", "implicit_acc", 10),
         "e_theta": final.get("e_theta"),
@@ -89,9 +104,11 @@ def run_demo(cfg: APOConfig, progress: bool = True) -> dict:
         },
     }
     t3 = time.perf_counter()
+    phase(4, "comparison", "plain-LoRA baseline, then detectors trained on none / CutPaste / plain-LoRA / APO data")
     metrics["comparison"] = short_comparison(cfg, out, progress=progress)
     timings["eval_s"] = time.perf_counter() - t3
     metrics["files"]["eval_report"] = metrics["comparison"]["report"]
+    phase(5, "report", f"writing {out / 'metrics.json'}")
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -84,6 +84,7 @@ def generate_for_defect(
     known_masks: torch.Tensor | None = None,
     seed: int | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``num`` anomalies of ``defect`` -> (images (N,3,H,W) [-1,1], masks (N,1,H,W), maps).
 
@@ -101,6 +102,7 @@ def generate_for_defect(
     latent_scale = vae_scale_factor(run.vae) if run.vae is not None else 1
     shape = (run.unet.config.in_channels, size // latent_scale, size // latent_scale)
     g = torch.Generator().manual_seed(s.seed if seed is None else seed)
+    desc = label or f"sampling {defect} {'guided' if known_images is not None else 'free'}"
     imgs, masks, maps = [], [], []
     for start in range(0, num, s.batch_size):
         bsz = min(s.batch_size, num - start)
@@ -128,6 +130,7 @@ def generate_for_defect(
             vae=run.vae,
             image_size=size,
             progress=progress,
+            desc=f"{desc} {start // s.batch_size + 1}/{-(-num // s.batch_size)}" if num > s.batch_size else desc,
         )
         imgs.append(out.images)
         masks.append(out.masks)

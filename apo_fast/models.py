@@ -216,7 +216,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {name!r} but CUDA is not available on this machine")
+        raise RuntimeError(
+            f"train.device is {name!r} but CUDA is not available on this machine; set train.device: cpu "
+            "(or auto), and on a CPU use bf16 or no for train.mixed_precision and a small model "
+            "(configs/demo.yaml trains the tiny UNet in minutes; an SD-size UNet takes hours per step there)"
+        )
     return device
 
 

@@ -92,6 +92,7 @@ def hierarchical_sample(
     vae=None,
     image_size: int | None = None,
     progress: bool = False,
+    desc: str = "sampling",
 ) -> SampleOutput:
     """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
 
@@ -106,6 +107,7 @@ def hierarchical_sample(
         gate_weight: callable t (B,) -> (B,) mean gate opening, weights the map; None = 1.
         vae: decodes latents to pixels when given.
         image_size: output resolution of masks/maps (default: the model resolution).
+        desc: the progress bar's label (e.g. ``"sampling hole guided"``).
     """
     from tqdm.auto import tqdm
 
@@ -135,7 +137,7 @@ def hierarchical_sample(
     acc = torch.zeros((b, *shape[1:]), device=device)
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     n = len(timesteps)
-    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
         zin = scheduler.scale_model_input(z, t).to(dtype)
         with adapters_disabled(unet):

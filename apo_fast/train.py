@@ -104,6 +104,7 @@ def load_train_data(cfg: APOConfig, vae=None, device: torch.device | None = None
     normal_cond = names.index(f"{cfg.data.category}/good")
     a_model, n_model = a_img, n_img
     if vae is not None:
+        log.info("encoding %d images to VAE latents once (cached for the whole run)", len(a_img) + len(n_img))
         vae.to(device or "cpu")
         a_model, n_model = encode_images(vae, a_img), encode_images(vae, n_img)
         vae.to("cpu")  # latents are cached: the VAE stays off the GPU during training
@@ -480,6 +481,8 @@ class APOTrainer:
         self.resume = resume
         self.device = resolve_device(cfg.train.device)
         self._output_keeper = None
+        self.step = 0  # the last finished optimisation step
+        self.checkpoint_step = None  # the step of the last checkpoint written by this process
 
     # ---- setup
     def setup(self):
@@ -537,6 +540,12 @@ class APOTrainer:
         # propagate the layout (cuDNN picks NHWC kernels for a channels_last input). The
         # parameters stay contiguous: DeepSpeed broadcasts and flattens them as byte views.
         self.scheduler = build_scheduler(cfg.model, "ddpm")
+        if self.device.type == "cpu":
+            # DeepSpeed JIT-builds its CPU ops on first use; build them under a file lock
+            # (concurrent runs share the cache) and say so, since it can take minutes.
+            from apo_fast.machine import prebuild_deepspeed_cpu_ops
+
+            prebuild_deepspeed_cpu_ops(("ShareMemCommBuilder",) + (("CPUAdamBuilder",) if cfg.optim.name == "ds_cpu_adam" else ()))
         optimizer = build_optimizer(cfg, model)
         warm = cfg.optim.warmup_steps
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -691,7 +700,11 @@ class APOTrainer:
         records = _read_log(log_path, upto=start) if is_main else []
         if is_main:
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="APO", disable=not (cfg.train.progress and is_main),
+        self.step = start  # the last finished step (the CLI names it when interrupted)
+        phase = "plain-LoRA baseline" if cfg.loss.mode == "diffusion" else f"APO ({cfg.loss.mode})"
+        if is_main and start < cfg.train.steps:
+            log.info("%s training: steps %d-%d into %s", phase, start + 1, cfg.train.steps, self.out)
+        bar = tqdm(total=cfg.train.steps, initial=start, desc=phase, disable=not (cfg.train.progress and is_main),
                    dynamic_ncols=True)
         t_last = time.perf_counter()
         samples_since = 0
@@ -713,12 +726,14 @@ class APOTrainer:
                 if is_main:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
-                acc = metrics.get("implicit_acc", float("nan"))
-                bar.set_postfix_str(f"loss {metrics['loss']:.4f} acc {acc:.2f} {tel.postfix()}")
+                acc = f" acc {metrics['implicit_acc']:.2f}" if "implicit_acc" in metrics else ""
+                bar.set_postfix_str(f"loss {metrics['loss']:.4f}{acc} {tel.postfix()}")
                 bar.update(1)
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
                     save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints,
                                     {"telemetry": tel.summary()})
+                    self.checkpoint_step = step + 1
+                self.step = step + 1
             telemetry = tel.summary()
         bar.close()
         self.export(self.out / "adapters")

@@ -62,3 +62,45 @@ def make_peft_unet(make_tiny_unet):
         return unet
 
     return build
+
+
+F64_EPS = torch.finfo(torch.float64).eps
+
+
+def f64_terms(model: torch.nn.Module, tokens: int = 1) -> int:
+    """How many rounded operations one output or gradient element of ``model`` accumulates:
+    the number of weight layers a value passes through (forward and backward) times the
+    longest reduction of any of them (a layer's fan-in, or the ``tokens`` a weight
+    gradient sums over). Each float64 multiply-add adds at most one unit roundoff
+    relative to the magnitudes involved, so this count times eps bounds the difference
+    of two correct implementations, whatever the thread count, BLAS kernel or summation order."""
+    layers, longest = 0, tokens
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            layers, longest = layers + 1, max(longest, m.in_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            layers, longest = layers + 1, max(longest, fan_in)
+    return 2 * max(layers, 1) * longest
+
+
+def assert_close_f64(actual: torch.Tensor, expected: torch.Tensor, *, terms: int, msg: str = "") -> None:
+    """``actual`` equals ``expected`` (float64, same dtype) within the rounding of ``terms`` operations:
+    max |actual - expected| <= 2 * terms * eps * max |expected| (norm-wise, so an element that
+    cancels to nearly zero is judged against the tensor's scale; the 2: both sides round).
+    A real mistake (a scaling off by 1e-6, a missing term) is orders of magnitude above it."""
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
+    info = torch.finfo(expected.dtype)  # float64 normally; a float32 leaf (a gate MLP) is judged by its own eps
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    bound = 2 * terms * info.eps * max(scale, info.tiny)
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= bound, (
+        f"{msg}: max |error| {err:.3e} > bound {bound:.3e} (2 x {terms} terms x eps x max|expected| {scale:.3e})"
+    )
+
+
+@pytest.fixture(scope="session")
+def f64_close():
+    """(assert_close_f64, f64_terms) for tests (conftest helpers are not importable as a module)."""
+    return assert_close_f64, f64_terms
