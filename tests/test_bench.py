@@ -357,3 +357,31 @@ def test_time_per_call_runs_warmup_then_rounds_of_reps():
     calls = []
     seconds = time_per_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=3, rounds=4)
     assert len(calls) == 2 + 3 * 4 and seconds >= 0.0
+
+
+def test_interrupted_bench_reports_the_whole_rounds_measured(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of round 3: the result keeps rounds 1-2 of both sides, says it was
+    interrupted, and the CLI writes it and exits 130."""
+    import apo_fast.bench as bench
+    from apo_fast.cli import build_parser
+
+    calls = {"n": 0}
+    original = bench.BaselineSide.step
+
+    def step(self, timer):
+        calls["n"] += 1
+        if calls["n"] == 1 + 3:  # 1 warmup, then the baseline's step of round 3
+            raise KeyboardInterrupt
+        return original(self, timer)
+
+    monkeypatch.setattr(bench.BaselineSide, "step", step)
+    out = tmp_path / "bench"
+    args = build_parser().parse_args(
+        ["bench", "--model", "tiny", "--steps", "6", "--warmup", "1", "--batch", "1", "--rank", "4",
+         "--resolution", "16", "--output-dir", str(out), "--no-progress"]
+    )
+    assert args.fn(args) == 130
+    result = json.loads((out / "bench.json").read_text())
+    assert result["config"]["interrupted"] is True and result["config"]["steps_done"] == 2
+    assert len(result["per_step"]["apo_fast"]) == len(result["per_step"]["baseline"]) == 2
+    assert (out / "bench.md").is_file() and (out / "bench.png").is_file()

@@ -273,6 +273,17 @@ def test_demo_without_progress_silences_the_training_bar(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "pretrain_base", lambda cfg, out, progress=True: seen.setdefault("pre", progress))
     monkeypatch.setattr(train, "APOTrainer", RecordingTrainer)
+    state = {}
     with pytest.raises(Stop):
-        run_demo(demo_config(str(tmp_path / "demo")), progress=False)
+        run_demo(demo_config(str(tmp_path / "demo")), progress=False, state=state)
     assert seen == {"pre": False, "progress": False}
+    assert state["phase"] == "APO"  # what the CLI names on Ctrl-C
+
+
+def test_demo_metrics_window_mean(tmp_path):
+    from apo_fast.demo import _tail_mean
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "loss": float(i)}) + "\n" for i in range(1, 31)))
+    assert _tail_mean(log, "loss", 20) == pytest.approx(sum(range(11, 31)) / 20)
+    assert _tail_mean(log, "implicit_acc", 10) is None
