@@ -6,13 +6,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("APO_FAST_BACKEND", "auto")
 
 # Tiny models run several times faster on one thread than on two contending ones,
-# and subprocess tests (torchrun ranks, CLI runs) inherit this.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# and subprocess tests (torchrun ranks, CLI runs) inherit this. APO_FAST_TEST_THREADS=2
+# runs the suite on two threads (every bound must hold at any thread count).
+_THREADS = int(os.environ.get("APO_FAST_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(autouse=True)
