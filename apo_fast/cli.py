@@ -73,6 +73,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    cfg = _load(args)
+    if args.steps is not None:
+        cfg.pretrain.steps = args.steps
+    if cfg.pretrain.steps < 1:
+        raise ValueError("pretrain.steps must be >= 1 for apo-fast pretrain (e.g. --set pretrain.steps=4000)")
+    out = Path(args.output_dir or Path(cfg.output_dir) / "base")
+    from apo_fast.plots import plot_pretrain
+    from apo_fast.pretrain import pretrain_base
+
+    _apply_threads(cfg.train.threads)
+    print(f"[pretrain] base UNet on the normal images of {cfg.data.category} ({cfg.pretrain.steps} steps) into {out}",
+          flush=True)
+    try:
+        unet_dir, cond_path = pretrain_base(cfg, out, progress=not args.no_progress, resume=not args.no_resume)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the same command resumes from the last state in {out} "
+                          f"(written every {cfg.pretrain.checkpoint_every} steps)") from None
+    plot_pretrain(out / "pretrain_log.jsonl", out / "pretrain.png")
+    print(json.dumps({"unet": str(unet_dir), "conditions": str(cond_path), "samples": str(out / "samples.png"),
+                      "plot": str(out / "pretrain.png"), "log": str(out / "pretrain_log.jsonl")}, indent=2))
+    print(f"\nuse it: apo-fast train --config {args.config} --set model.pretrained={unet_dir} "
+          f"--set model.subfolder= --set model.conditions={cond_path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     cfg = _load(args)
     if args.no_progress:
@@ -209,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("pretrain", help="train a small base UNet on a product's normal images (resumable)")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: pretrain.steps)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("train", help="APO fine-tuning from a config (resumes from the last checkpoint)")
     _add_config_args(p)

@@ -138,12 +138,16 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    """Base-model training on the normal images (demo only: stands in for a pretrained SD)."""
+    """Base-model training on the normal images (``apo-fast pretrain``; the demo's base)."""
 
     steps: int = 0
     batch_size: int = 16
     lr: float = 2e-3
     uncond_prob: float = 0.1
+    warmup_steps: int = 100  # linear warmup, then cosine decay to 0
+    ema_decay: float = 0.999  # EMA of the weights, saved as the base (0: save the raw weights)
+    checkpoint_every: int = 500  # resumable state (pretrain_state.pt) every N steps
+    sample_every: int = 0  # a free-sample grid every N steps (0: only at the end)
 
 
 @dataclass
@@ -511,6 +515,11 @@ def validate_config(cfg: APOConfig) -> None:
     _positive("pretrain.lr", p.lr)
     if not 0.0 <= p.uncond_prob < 1.0:
         raise ConfigError(f"pretrain.uncond_prob must be in [0, 1); got {p.uncond_prob}")
+    if not 0.0 <= p.ema_decay < 1.0:
+        raise ConfigError(f"pretrain.ema_decay must be in [0, 1); got {p.ema_decay}")
+    _positive("pretrain.warmup_steps", p.warmup_steps, allow_zero=True)
+    _positive("pretrain.checkpoint_every", p.checkpoint_every)
+    _positive("pretrain.sample_every", p.sample_every, allow_zero=True)
     _positive("sample.num_inference_steps", s.num_inference_steps)
     _choice("sample.scheduler", s.scheduler, ("ddim", "ddpm"))
     _schedule_ok("sample.s_text", s.s_text)

@@ -46,7 +46,8 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None) -
     from apo_fast.generate import sample_run
     from apo_fast.io_utils import atomic_write_json
     from apo_fast.plots import plot_training
-    from apo_fast.train import APOTrainer, pretrain_base
+    from apo_fast.pretrain import pretrain_base
+    from apo_fast.train import APOTrainer
 
     state = {} if state is None else state
     out = Path(cfg.output_dir)

@@ -65,3 +65,32 @@ def plot_training(log_path: str | Path, out_png: str | Path, pretrain_log: str |
     atomic_save(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_pretrain(log_path: str | Path, out_png: str | Path) -> Path:
+    """The base model's loss (raw and smoothed) and learning rate over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from apo_fast.io_utils import atomic_save
+
+    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not recs:
+        raise ValueError(f"{log_path} holds no pretraining records to plot")
+    steps = [r["step"] for r in recs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    a.plot(steps, [r["loss"] for r in recs], alpha=0.25, color="C2")
+    a.plot(steps, [r["loss_ema"] for r in recs], color="C2")
+    a.set_yscale("log")
+    a.set_title("base model loss (normal images)")
+    b.plot(steps, [r.get("lr", float("nan")) for r in recs], color="C3")
+    b.set_title("learning rate")
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(out_png)

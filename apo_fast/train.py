@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -804,60 +803,8 @@ def _read_log(path: Path, upto: int | None = None) -> list[dict]:
 # --------------------------------------------------------------------------- base pretraining (demo)
 
 
-def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True) -> tuple[Path, Path]:
-    """Train the tiny base UNet on the normal images (plain diffusion loss, condition = product).
+def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: bool = True) -> tuple[Path, Path]:
+    """Moved to :func:`apo_fast.pretrain.pretrain_base` (kept here for old imports)."""
+    from apo_fast.pretrain import pretrain_base as impl
 
-    Stands in for a pretrained Stable Diffusion in the demo: the base knows the
-    product but has never seen a defect. Returns (unet folder, conditions file).
-    """
-    from tqdm.auto import tqdm
-
-    from apo_fast.data import default_augment
-    from apo_fast.models import save_unet
-
-    p = cfg.pretrain
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    data = load_train_data(cfg)
-    unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1]).to(device)
-    set_attention(unet, "sdpa", device)
-    conds = ConditionEmbedding(
-        len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim, pooled_dim(unet)
-    )
-    conds = conds.to(device)
-    sched = build_scheduler(cfg.model, "ddpm")
-    ac = sched.alphas_cumprod.to(device=device, dtype=torch.float64)
-    params = list(unet.parameters()) + list(conds.parameters())
-    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
-    lr_at = lambda s: p.lr * 0.5 * (1 + math.cos(math.pi * s / p.steps))  # noqa: E731
-    log_path = Path(out_dir) / "pretrain_log.jsonl"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    ema = None
-    with open(log_path, "w") as fh:
-        for step in tqdm(range(p.steps), desc="base model", disable=not progress, dynamic_ncols=True):
-            g = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
-            idx = stream_indices(data.normals.shape[0], cfg.train.seed + 2, step * p.batch_size, p.batch_size)
-            x0, _ = augment(data.normals[idx], None, g, default_augment(cfg.data.category))
-            t = torch.randint(0, cfg.model.num_train_timesteps, (p.batch_size,), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            ids = torch.full((p.batch_size,), data.normal_cond, dtype=torch.int64)
-            ids[torch.rand(p.batch_size, generator=g) < p.uncond_prob] = -1
-            x0, t, noise, ids = x0.to(device), t.to(device), noise.to(device), ids.to(device)
-            z, target = noisy_inputs(x0, noise, t, ac, cfg.model.prediction_type)
-            pred = unet(z, t, **conds.unet_kwargs(ids, z.dtype, cfg.data.image_size)).sample
-            loss = F.mse_loss(pred.float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            opt.step()
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            fh.write(json.dumps({"step": step + 1, "loss": loss.item(), "loss_ema": ema}) + "\n")
-            if (step + 1) % 50 == 0:
-                fh.flush()
-    unet_dir = Path(out_dir) / "base_unet"
-    save_unet(unet.cpu(), unet_dir)
-    cond_path = Path(out_dir) / "base_conditions.safetensors"
-    save_conditions(conds.cpu(), data.condition_names, cond_path)
-    return unet_dir, cond_path
+    return impl(cfg, out_dir, progress=progress, resume=resume)

@@ -258,6 +258,7 @@ def test_sdxl_style_unet_trains_and_samples_with_pooled_conditions(tmp_path):
 
 
 def test_demo_without_progress_silences_the_training_bar(tmp_path, monkeypatch):
+    import apo_fast.pretrain as pretrain
     import apo_fast.train as train
     from apo_fast.demo import run_demo
 
@@ -271,7 +272,7 @@ def test_demo_without_progress_silences_the_training_bar(tmp_path, monkeypatch):
             seen["progress"] = cfg.train.progress
             raise Stop
 
-    monkeypatch.setattr(train, "pretrain_base", lambda cfg, out, progress=True: seen.setdefault("pre", progress))
+    monkeypatch.setattr(pretrain, "pretrain_base", lambda cfg, out, progress=True: seen.setdefault("pre", progress))
     monkeypatch.setattr(train, "APOTrainer", RecordingTrainer)
     state = {}
     with pytest.raises(Stop):

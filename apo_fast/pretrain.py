@@ -1,0 +1,189 @@
+"""Base-model pretraining on a product's normal images: ``apo-fast pretrain``.
+
+A real user starts APO from a pretrained checkpoint (Stable Diffusion). For a
+product of its own at CPU scale, or for the demo, this trains the small base
+UNet that stands in for it: the plain diffusion loss on the normal images
+(condition = the product's ``good`` row, dropped for classifier-free guidance
+with ``pretrain.uncond_prob``), AdamW with warmup and a cosine decay, and an EMA
+of the weights (``pretrain.ema_decay``), which is what gets saved: at this data
+size the EMA weights draw the product long before the raw weights do.
+
+Writes into the output folder:
+``base_unet/`` (diffusers layout), ``base_conditions.safetensors``,
+``pretrain_log.jsonl``, ``samples.png`` (free samples of the saved base beside
+real normals, every ``pretrain.sample_every`` steps as ``samples_step-N.png``
+too) and ``pretrain_state.pt`` (atomic, every ``pretrain.checkpoint_every``
+steps; a rerun resumes from it and draws exactly what an uninterrupted run does).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from apo_fast.config import APOConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["pretrain_base", "sample_product"]
+
+STATE_FILE = "pretrain_state.pt"
+
+
+def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return lr * ramp * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+@torch.no_grad()
+def _ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], step: int, decay: float) -> None:
+    """EMA with the usual warm start: the decay ramps up as (1 + step) / (10 + step)."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - d)
+
+
+@torch.no_grad()
+def sample_product(unet, conds, cfg: APOConfig, cond_id: int, num: int, *, seed: int = 0,
+                   steps: int | None = None, guidance: float = 1.0, progress: bool = False) -> torch.Tensor:
+    """Free samples (num, C, H, W) in [-1, 1] of condition ``cond_id`` from a base UNet (no adapters),
+    DDIM with classifier-free guidance ``guidance`` (1 = the conditional prediction alone)."""
+    from tqdm.auto import tqdm
+
+    from apo_fast.models import build_scheduler
+
+    device = next(unet.parameters()).device
+    sched = build_scheduler(cfg.model, "ddim")
+    sched.set_timesteps(steps or cfg.sample.num_inference_steps, device=device)
+    size = cfg.data.image_size
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((num, unet.config.in_channels, size, size), generator=g).to(device)
+    ids = torch.full((num,), cond_id, dtype=torch.long, device=device)
+    kw_c = conds.unet_kwargs(ids, z.dtype, size)
+    kw_u = conds.unet_kwargs(torch.full_like(ids, -1), z.dtype, size)
+    for t in tqdm(sched.timesteps, desc="base samples", disable=not progress, leave=False):
+        tb = torch.full((num,), int(t), device=device, dtype=torch.long)
+        eps = unet(z, tb, **kw_c).sample
+        if guidance != 1.0:
+            eps_u = unet(z, tb, **kw_u).sample
+            eps = eps_u + guidance * (eps - eps_u)
+        z = sched.step(eps, t, z).prev_sample
+    return z.clamp(-1, 1).cpu()
+
+
+def _save_samples(unet, conds, cfg, data, path: Path, num: int = 16) -> None:
+    from apo_fast.sampling import save_grid
+
+    was_training = unet.training
+    unet.eval()
+    fake = sample_product(unet, conds, cfg, data.normal_cond, num)
+    unet.train(was_training)
+    save_grid({"base free": fake, "real": data.normals[:num]}, path)
+
+
+def _load_state(path: Path, cfg: APOConfig) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("pretrain") != cfg.pretrain.__dict__ or state.get("seed") != cfg.train.seed:
+        raise ValueError(
+            f"{path} was written with other pretrain settings ({state.get('pretrain')}, seed {state.get('seed')}); "
+            "remove it or choose another output folder to start over"
+        )
+    return state
+
+
+def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: bool = True) -> tuple[Path, Path]:
+    """Train the base UNet on the normal images of ``cfg.data``; returns (unet folder, conditions file).
+
+    The base knows the product but has never seen a defect. ``resume``: continue
+    from ``out_dir/pretrain_state.pt`` if present (same settings only).
+    """
+    from tqdm.auto import tqdm
+
+    from apo_fast.data import default_augment
+    from apo_fast.io_utils import atomic_save, atomic_write_text
+    from apo_fast.models import (ConditionEmbedding, build_scheduler, build_unet, pooled_dim, resolve_device,
+                                 save_unet, set_attention)
+    from apo_fast.train import augment, load_train_data, noisy_inputs, save_conditions, stream_indices
+
+    p = cfg.pretrain
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # the condition table's initial draw
+    data = load_train_data(cfg)
+    unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1],
+                      seed=cfg.train.seed).to(device)
+    set_attention(unet, "sdpa", device)
+    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim,
+                               pooled_dim(unet)).to(device)
+    params = list(unet.parameters()) + list(conds.parameters())
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
+    ema_unet, ema_conds = copy.deepcopy(unet).eval(), copy.deepcopy(conds)
+    ema_params = list(ema_unet.parameters()) + list(ema_conds.parameters())
+    state_path, log_path = out_dir / STATE_FILE, out_dir / "pretrain_log.jsonl"
+    start, records = 0, []
+    state = _load_state(state_path, cfg) if resume else None
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        conds.load_state_dict(state["conds"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_conds.load_state_dict(state["ema_conds"])
+        opt.load_state_dict(state["opt"])
+        start, records = state["step"], state["records"]
+        log.info("base model: resumed from %s at step %d", state_path, start)
+    ac = build_scheduler(cfg.model, "ddpm").alphas_cumprod.to(device=device, dtype=torch.float64)
+    mode = default_augment(cfg.data.category) if cfg.data.augment else "none"
+    smooth = records[-1]["loss_ema"] if records else None
+    unet.train()
+    bar = tqdm(total=p.steps, initial=start, desc="base model", disable=not progress, dynamic_ncols=True)
+    for step in range(start, p.steps):
+        g = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
+        idx = stream_indices(data.normals.shape[0], cfg.train.seed + 2, step * p.batch_size, p.batch_size)
+        x0, _ = augment(data.normals[idx], None, g, mode)
+        t = torch.randint(0, cfg.model.num_train_timesteps, (p.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        ids = torch.full((p.batch_size,), data.normal_cond, dtype=torch.int64)
+        ids[torch.rand(p.batch_size, generator=g) < p.uncond_prob] = -1
+        x0, t, noise, ids = x0.to(device), t.to(device), noise.to(device), ids.to(device)
+        z, target = noisy_inputs(x0, noise, t, ac, cfg.model.prediction_type)
+        pred = unet(z, t, **conds.unet_kwargs(ids, z.dtype, cfg.data.image_size)).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"base model step {step + 1}: the loss is {loss.item()}; lower pretrain.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, p.steps, p.lr, p.warmup_steps)
+        opt.step()
+        if p.ema_decay > 0:
+            _ema_update(ema_params, params, step, p.ema_decay)
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        records.append({"step": step + 1, "loss": loss.item(), "loss_ema": smooth, "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix_str(f"loss {smooth:.4f}")
+        bar.update(1)
+        done = step + 1
+        if p.sample_every and done % p.sample_every == 0 and done < p.steps:
+            _save_samples(ema_unet if p.ema_decay > 0 else unet, ema_conds if p.ema_decay > 0 else conds, cfg, data,
+                          out_dir / f"samples_step-{done:06d}.png")
+        if done % p.checkpoint_every == 0 and done < p.steps:
+            snapshot = {"step": done, "records": records, "pretrain": p.__dict__, "seed": cfg.train.seed,
+                        "unet": unet.state_dict(), "conds": conds.state_dict(), "ema_unet": ema_unet.state_dict(),
+                        "ema_conds": ema_conds.state_dict(), "opt": opt.state_dict()}
+            atomic_save(state_path, lambda tmp, s=snapshot: torch.save(s, tmp))
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    bar.close()
+    final_unet, final_conds = (ema_unet, ema_conds) if p.ema_decay > 0 else (unet, conds)
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    _save_samples(final_unet, final_conds, cfg, data, out_dir / "samples.png")
+    unet_dir, cond_path = out_dir / "base_unet", out_dir / "base_conditions.safetensors"
+    save_unet(copy.deepcopy(final_unet).cpu(), unet_dir)
+    save_conditions(final_conds.cpu(), data.condition_names, cond_path)
+    state_path.unlink(missing_ok=True)  # the finished base replaces the resumable state
+    return unet_dir, cond_path
