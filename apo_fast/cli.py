@@ -60,7 +60,7 @@ def cmd_demo(args) -> int:
     _apply_threads(cfg.train.threads)
     state: dict = {}
     try:
-        metrics = run_demo(cfg, progress=not args.no_progress, state=state)
+        metrics = run_demo(cfg, progress=not args.no_progress, state=state, rebuild_base=args.rebuild_base)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during {state.get('phase', 'start-up')}; run `apo-fast demo"
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo config value, e.g. --set train.steps=100 (repeatable; KEY= sets '')")
     _add_threads_arg(p)
+    p.add_argument("--rebuild-base", action="store_true",
+                   help="train the base model here instead of using the one shipped for the category")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
 

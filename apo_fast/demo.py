@@ -26,9 +26,40 @@ DEMO_CONFIG: dict = {
     "loss": {"mode": "unpaired", "beta": 5000.0, "beta_schedule": "dlogsnr", "lambda_mask": 2.0, "lambda_sft": 0.0},
     "optim": {"name": "adamw", "lr": 1e-3, "cond_lr": 1e-2},
     "train": {"steps": 200, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},
-    "pretrain": {"steps": 300, "batch_size": 16, "lr": 2e-3},
+    "pretrain": {"steps": 4000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
+                 "sample_every": 1000},
     "sample": {"num_inference_steps": 25, "s_text": 3.0, "s_align": 2.0, "num_per_defect": 8, "batch_size": 8},
 }
+
+
+#: The pretrained demo bases shipped with the package (tools/build_demo_base.py rebuilds them).
+SHIPPED_BASES = Path(__file__).resolve().parent / "assets" / "demo_base"
+
+
+def base_build_record(cfg: APOConfig) -> dict:
+    """The settings that decide what a pretrained base is (written to a shipped base's build.json)."""
+    full = cfg.to_dict()
+    model = {k: v for k, v in full["model"].items() if k not in ("pretrained", "conditions", "subfolder", "revision")}
+    data = {k: full["data"][k] for k in ("root", "category", "image_size", "augment", "defect_types", "shots")}
+    pre = {k: v for k, v in full["pretrain"].items() if k not in ("checkpoint_every", "sample_every")}
+    return {"model": model, "data": data, "pretrain": pre, "seed": cfg.train.seed}
+
+
+def shipped_base(cfg: APOConfig) -> tuple[Path | None, str]:
+    """The shipped pretrained base for ``cfg`` if one was built with exactly its settings,
+    else None; and why (for the log)."""
+    folder = SHIPPED_BASES / cfg.data.category
+    if cfg.data.root != "builtin:demo":
+        return None, "the data is not the bundled demo dataset"
+    record = folder / "build.json"
+    if not record.is_file():
+        return None, f"no shipped base for {cfg.data.category!r}"
+    built = json.loads(record.read_text())
+    want = base_build_record(cfg)
+    diff = sorted(k for k in want if built.get(k) != want[k])
+    if diff:
+        return None, f"the shipped base was built with other {', '.join(diff)} settings"
+    return folder, f"built by `{built.get('command')}`"
 
 
 def demo_config(output_dir: str | None = None, overrides: list[str] | None = None) -> APOConfig:
@@ -38,10 +69,12 @@ def demo_config(output_dir: str | None = None, overrides: list[str] | None = Non
     return config_from_dict(data, overrides)
 
 
-def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None) -> dict:
+def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, rebuild_base: bool = False) -> dict:
     """Run the demo end to end into ``cfg.output_dir``; returns the metrics written to metrics.json.
 
-    ``state["phase"]`` names the phase running (for the CLI's message on Ctrl-C).
+    The base model is the one shipped for the category when it was built with this
+    config's settings (:func:`shipped_base`), else (or with ``rebuild_base``) trained
+    here. ``state["phase"]`` names the phase running (for the CLI's message on Ctrl-C).
     """
     from apo_fast.generate import sample_run
     from apo_fast.io_utils import atomic_write_json
@@ -60,11 +93,17 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None) -
 
     t0 = time.perf_counter()
     base_dir = out / "base"
-    if not (base_dir / "base_unet" / "config.json").is_file() or not (base_dir / "base_conditions.safetensors").is_file():
-        phase(1, "base model", f"training the tiny base UNet on the normal images ({cfg.pretrain.steps} steps)")
-        pretrain_base(cfg, base_dir, progress=progress)
-    else:
+    if (base_dir / "base_unet" / "config.json").is_file() and (base_dir / "base_conditions.safetensors").is_file():
         phase(1, "base model", f"found in {base_dir}")
+    else:
+        shipped, why = (None, "--rebuild-base") if rebuild_base else shipped_base(cfg)
+        if shipped is not None:
+            phase(1, "base model", f"the pretrained base shipped for {cfg.data.category} ({why}), copied to {base_dir}")
+            _copy_base(shipped, base_dir)
+        else:
+            phase(1, "base model", f"training the tiny base UNet on the normal images ({cfg.pretrain.steps} steps; "
+                                   f"no shipped base: {why})")
+            pretrain_base(cfg, base_dir, progress=progress)
     timings["pretrain_s"] = time.perf_counter() - t0
     cfg.model.pretrained = str(base_dir / "base_unet")
     cfg.model.subfolder = ""
@@ -131,6 +170,16 @@ def short_comparison(cfg: APOConfig, run_dir: Path, progress: bool = True) -> di
     print(result["verdict"]["sentence"])
     return {"summary": result["summary"], "verdict": result["verdict"]["sentence"],
             "timings_s": result["timings_s"], "report": result["files"]["markdown"]}
+
+
+def _copy_base(src: Path, dst: Path) -> None:
+    import shutil
+
+    from apo_fast.io_utils import atomic_directory
+
+    with atomic_directory(dst) as tmp:
+        for item in src.iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
 def _tail_mean(path: Path, key: str, n: int) -> float | None:
