@@ -63,7 +63,9 @@ __all__ = [
     "load_image",
     "load_mask",
     "augment_pair",
+    "category_augment",
     "default_augment",
+    "looks_like_texture",
     "AnomalyDataset",
     "NormalDataset",
     "RandomAugmentSampler",
@@ -77,6 +79,11 @@ AUGMENT_VARIANTS = {"none": 1, "flip": 2, "dihedral": 8}
 # Categories without a canonical orientation (MVTec textures and the demo
 # textures): all flips and 90 degree rotations keep them realistic.
 TEXTURE_CATEGORIES = frozenset({"carpet", "grid", "leather", "tile", "wood", "brick", "gravel"})
+# MVTec AD objects: centred, with an up and a down (horizontal flips only).
+OBJECT_CATEGORIES = frozenset({"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
+                               "toothbrush", "transistor", "zipper"})
+# A stationary texture's mean over many images is nearly flat; a centred object's is not.
+TEXTURE_CONTRAST_RATIO = 0.35
 
 GOOD = "good"
 
@@ -416,6 +423,41 @@ def _augment_mode(augment) -> str:
 def default_augment(category: str) -> str:
     """``"dihedral"`` for texture categories (:data:`TEXTURE_CATEGORIES`), else ``"flip"``."""
     return "dihedral" if category in TEXTURE_CATEGORIES else "flip"
+
+
+def looks_like_texture(images: torch.Tensor) -> tuple[bool, float]:
+    """Whether normal images (N, C, H, W) of an unknown category look like a texture, and the
+    measure: the spatial contrast (std over pixels) of their mean image divided by the mean
+    contrast of the single images. A stationary texture averages out to a flat image (ratio
+    near 0); a centred object keeps its outline in the mean (ratio near 1). Texture below
+    :data:`TEXTURE_CONTRAST_RATIO`; fewer than 4 images are too few to tell (object)."""
+    if images.dim() != 4 or images.shape[0] < 4:
+        return False, float("nan")
+    x = images.float().mean(1, keepdim=True)  # gray
+    x = torch.nn.functional.adaptive_avg_pool2d(x, (min(16, x.shape[-2]), min(16, x.shape[-1])))
+    single = x.flatten(1).std(1).mean().item()
+    mean_image = x.mean(0).flatten().std().item()
+    ratio = mean_image / max(single, 1e-8)
+    return ratio < TEXTURE_CONTRAST_RATIO, ratio
+
+
+def category_augment(category: str, normals: torch.Tensor | None = None, log=None) -> str:
+    """The augmentation for ``category``: from the built-in lists, or for a category they do not
+    name, from the normal images (:func:`looks_like_texture`), with a log line saying which
+    was chosen and why (``log``: a logger; ``data.augment`` in the config overrides it)."""
+    if category in TEXTURE_CATEGORIES:
+        return "dihedral"
+    if category in OBJECT_CATEGORIES or normals is None:
+        return "flip"
+    texture, ratio = looks_like_texture(normals)
+    mode = "dihedral" if texture else "flip"
+    if log is not None:
+        log.info(
+            "category %r is not in the built-in lists: its %d normal images look like %s (mean-image contrast "
+            "%.2f of the single images', texture below %.2f), so %s augmentation is used; set data.augment to "
+            "none or true (flips) to choose", category, normals.shape[0], "a texture" if texture else "an object",
+            ratio, TEXTURE_CONTRAST_RATIO, "dihedral (flips and 90-degree rotations)" if texture else "flip")
+    return mode
 
 
 def augment_pair(image: torch.Tensor, mask: torch.Tensor, variant: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,7 +242,7 @@ def generate_synthetic(
     Seeds depend only on ``ecfg.sample_seed`` and the defect's position, so two
     runs get the same guides and the same initial noise.
     """
-    from apo_fast.data import default_augment
+    from apo_fast.data import category_augment
     from apo_fast.generate import generate_for_defect, load_run
 
     run = load_run(run_dir, device=device)
@@ -250,7 +250,7 @@ def generate_synthetic(
         raise ValueError(f"run {run_dir} was trained on {run.cfg.data.category!r}, the data is {data.category!r}")
     if ecfg.num_inference_steps is not None:
         run.cfg.sample.num_inference_steps = ecfg.num_inference_steps
-    mode = default_augment(data.category)
+    mode = category_augment(data.category, data.normal_train)
     n_guided, n_free = split_counts(ecfg.num_per_defect, ecfg.guided_fraction)
     images, masks, defects, modes = [], [], [], []
     inputs = set(data.train_anomaly_paths) | set(data.train_mask_paths) | set(data.normal_train_paths)
@@ -588,9 +588,9 @@ def evaluate(
         start = time.perf_counter()
         augment = ecfg.segmenter_augment
         if augment is None:
-            from apo_fast.data import TEXTURE_CATEGORIES
+            from apo_fast.data import category_augment
 
-            augment = data.category in TEXTURE_CATEGORIES
+            augment = category_augment(data.category, data.normal_train) == "dihedral"
         downstream = downstream_comparison(
             data.normal_train,
             {s: None if syn is None else (syn.images, syn.masks) for s, syn in synthetic.items()},

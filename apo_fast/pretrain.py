@@ -105,7 +105,7 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
     """
     from tqdm.auto import tqdm
 
-    from apo_fast.data import default_augment
+    from apo_fast.data import category_augment
     from apo_fast.io_utils import atomic_save, atomic_write_text
     from apo_fast.models import (ConditionEmbedding, build_scheduler, build_unet, pooled_dim, resolve_device,
                                  save_unet, set_attention)
@@ -138,7 +138,7 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
         start, records = state["step"], state["records"]
         log.info("base model: resumed from %s at step %d", state_path, start)
     ac = build_scheduler(cfg.model, "ddpm").alphas_cumprod.to(device=device, dtype=torch.float64)
-    mode = default_augment(cfg.data.category) if cfg.data.augment else "none"
+    mode = category_augment(cfg.data.category, data.normals, log) if cfg.data.augment else "none"
     smooth = records[-1]["loss_ema"] if records else None
     unet.train()
     bar = tqdm(total=p.steps, initial=start, desc="base model", disable=not progress, dynamic_ncols=True)

@@ -488,7 +488,7 @@ class APOTrainer:
         import deepspeed
 
         from apo_fast.adapters import freeze_base, inject_adapters
-        from apo_fast.data import default_augment
+        from apo_fast.data import category_augment
 
         cfg = self.cfg
         # Everything that can be refused is refused before data, models or ranks are touched.
@@ -498,13 +498,15 @@ class APOTrainer:
         ds_config = deepspeed_config(cfg, self.micro_batch)
         self.device = rank_device(self.device)
         torch.manual_seed(cfg.train.seed)
-        self.augment_mode = default_augment(cfg.data.category) if cfg.data.augment else "none"
+        self.augment_mode = "none"
         if self.device.type == "cuda" and cfg.train.allow_tf32:
             # TF32 matmuls/convolutions on Ampere+ (fp32 runs only; a no-op before Ampere).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         vae = build_vae(cfg.model)
         self.data = load_train_data(cfg, vae, self.device)
+        if cfg.data.augment:
+            self.augment_mode = category_augment(cfg.data.category, self.data.normal_images, log)
         in_ch = self.data.anomalies.shape[1]
         unet = build_unet(cfg.model, in_channels=in_ch, sample_size=self.data.anomalies.shape[-1], seed=cfg.train.seed)
         if unet.config.in_channels != in_ch:

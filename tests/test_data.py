@@ -472,3 +472,27 @@ def test_paired_batches_layout_and_determinism():
         next(paired_batches(anomalies, normals, 0, torch.Generator()))
     with pytest.raises(TypeError, match="generator"):
         next(paired_batches(anomalies, normals, 2, 0))
+
+
+def test_unknown_categories_get_augmentation_from_their_images(caplog):
+    """A category the built-in lists do not name: a stationary texture gets dihedral
+    augmentation, a centred object flips only, and the log says which and why."""
+    import logging
+
+    from apo_fast.data import category_augment, looks_like_texture
+
+    g = torch.Generator().manual_seed(0)
+    texture = torch.randn(12, 3, 32, 32, generator=g).clamp(-1, 1)  # stationary noise texture
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    disk = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 100).float() * 2 - 1
+    objects = (disk + 0.1 * torch.randn(12, 3, 32, 32, generator=g)).clamp(-1, 1)
+    assert looks_like_texture(texture)[0] and not looks_like_texture(objects)[0]
+    log = logging.getLogger("test_augment")
+    with caplog.at_level(logging.INFO, logger="test_augment"):
+        assert category_augment("my_fabric", texture, log) == "dihedral"
+        assert category_augment("my_part", objects, log) == "flip"
+    said = caplog.text
+    assert "'my_fabric' is not in the built-in lists" in said and "dihedral" in said and "an object" in said
+    # the built-in lists decide without looking; too few images to tell: an object
+    assert category_augment("carpet", objects) == "dihedral" and category_augment("bottle", texture) == "flip"
+    assert looks_like_texture(texture[:3]) == (False, pytest.approx(float("nan"), nan_ok=True))
