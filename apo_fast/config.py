@@ -193,6 +193,10 @@ class EvalConfig:
     segmenter_depth: int = 3
     segmenter_augment: bool | None = None  # random flips; None: on for texture categories
     generation_metrics: bool = True
+    # the fidelity judge (apo_fast.eval.judge): a small classifier trained on the held-out real
+    # anomalies and test/good images; right-kind, looks-like-the-product and judge-KID per source
+    judge: bool = True
+    judge_steps: int = 400
     lpips_net: str = "alex"
     lpips_weights: str | None = None  # LPIPS backbone checkpoint (file or folder); None: torch hub cache
     inception_weights: str | None = None  # Inception-v3 checkpoint (file or folder); None: torch hub cache
@@ -545,7 +549,7 @@ def _validate_eval(e: EvalConfig) -> None:
     if not e.seeds or len(set(e.seeds)) != len(e.seeds):
         raise ConfigError(f"eval.seeds must be a non-empty list of distinct integers; got {e.seeds!r}")
     for key in ("segmenter_steps", "segmenter_batch_size", "segmenter_channels", "segmenter_depth",
-                "kid_subsets", "segmenter_lr"):
+                "kid_subsets", "segmenter_lr", "judge_steps"):
         _positive(f"eval.{key}", getattr(e, key))
     if e.kid_subset_size < 2:
         raise ConfigError(f"eval.kid_subset_size must be >= 2; got {e.kid_subset_size}")

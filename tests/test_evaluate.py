@@ -35,6 +35,7 @@ TINY = [
     "eval.segmenter_channels=4",
     "eval.segmenter_depth=2",
     "eval.kid_subsets=2",
+    "eval.judge_steps=20",
     "eval.device=cpu",
 ]
 
@@ -111,9 +112,10 @@ def test_every_source_gets_detection_metrics_and_the_report_is_written(evaluated
 
     out = root / "run" / "eval"
     files = {k: Path(v) for k, v in result["files"].items()}
-    assert set(files) == {"json", "markdown", "metrics_png", "samples_png", "details"}
+    assert set(files) == {"json", "markdown", "metrics_png", "samples_png", "details", "kinds_sheet"}
     assert all(p.parent == out and p.is_file() for p in files.values())
-    for key in ("metrics_png", "samples_png"):
+    assert files["kinds_sheet"].name == "kinds_brick.png"
+    for key in ("metrics_png", "samples_png", "kinds_sheet"):
         assert files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(files["json"].read_text())
     assert list(report["summary"]) == SOURCES and set(report["generation"]) >= {"cutpaste", "lora", "apo"}
@@ -122,6 +124,17 @@ def test_every_source_gets_detection_metrics_and_the_report_is_written(evaluated
     assert all(f"| {s} |" in md for s in SOURCES) and "## Verdict" in md and result["verdict"]["sentence"] in md
     details = json.loads(files["details"].read_text())
     assert details["verdict"]["of"] == len(DETECTION_METRICS)
+    # the fidelity judge: its classes, its own accuracy, and its metrics for every source and mode
+    judge = details["judge"]
+    assert judge["classes"] == ["other", "good", *DEFECTS] and 0.0 <= judge["val_accuracy"]["mean"] <= 1.0
+    for name in ("cutpaste", "apo", "apo (guided)", "apo (free)", "lora", "lora (guided)"):
+        metrics = result["generation"][name]["metrics"]
+        assert 0.0 <= metrics["judge_product"] <= 1.0 and 0.0 <= metrics["judge_defect"] <= 1.0, name
+        assert math.isfinite(metrics["judge_kid"]), name
+        if name != "cutpaste":
+            assert 0.0 <= metrics["judge_right_kind"] <= 1.0, name
+    assert math.isnan(result["generation"]["cutpaste"]["metrics"]["judge_right_kind"])  # no kind to be right about
+    assert "## Fidelity judge" in md and "judge_right_kind" in md
     assert details["timings_s"]["total_s"] > 0 and details["machine"]["torch_threads"] == 1
     assert not list(out.glob(".*tmp"))  # no half-written file left
 
@@ -136,7 +149,8 @@ def test_missing_weights_skip_only_their_metrics_with_a_message(evaluated):
             assert "skipped" in reason or "not found" in reason or "does not" in reason, reason
         for metric in ("ms_ssim_diversity", "l2_diversity", "ic_l2"):
             assert math.isfinite(res["metrics"][metric]), (name, metric)
-        assert set(res["metrics"]) <= set(WEIGHT_FREE_METRICS)
+        judge = {"judge_right_kind", "judge_defect", "judge_product", "judge_kid", "judge_kid_std"}
+        assert set(res["metrics"]) <= set(WEIGHT_FREE_METRICS) | judge  # the judge needs no downloaded weights
     md = evaluated["result"]["markdown"]
     assert "Skipped:" in md and "- kid:" in md and "| skipped |" in md
 
@@ -316,7 +330,7 @@ def test_cli_eval_reuses_the_trained_runs(evaluated, tmp_path, capsys):
     mtime = (run / "adapters" / "conditions.safetensors").stat().st_mtime_ns
     code = main(["eval", "--config", str(cfg_file), "--run", str(run), "--no-train", "--no-progress",
                  "--set", "eval.sources=[none, apo]", "--set", "eval.generation_metrics=false",
-                 "--set", "eval.num_threads=1"])
+                 "--set", "eval.judge=false", "--set", "eval.num_threads=1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| none |" in printed and "| apo |" in printed and "| cutpaste |" not in printed
