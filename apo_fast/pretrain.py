@@ -184,6 +184,8 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
     _save_samples(final_unet, final_conds, cfg, data, out_dir / "samples.png")
     unet_dir, cond_path = out_dir / "base_unet", out_dir / "base_conditions.safetensors"
     save_unet(copy.deepcopy(final_unet).cpu(), unet_dir)
-    save_conditions(final_conds.cpu(), data.condition_names, cond_path)
+    # Only the rows the base trained (null, good): a defect row saved untrained would be a random
+    # vector the base never saw, and APO would start from it instead of from the good row.
+    save_conditions(final_conds.cpu(), data.condition_names, cond_path, keep=[data.condition_names[data.normal_cond]])
     state_path.unlink(missing_ok=True)  # the finished base replaces the resumable state
     return unet_dir, cond_path

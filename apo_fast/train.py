@@ -236,7 +236,9 @@ def load_conditions(path: Path | None, names: list[str], tokens: int, dim: int, 
     return emb
 
 
-def save_conditions(emb: ConditionEmbedding, names: list[str], path: Path) -> None:
+def save_conditions(emb: ConditionEmbedding, names: list[str], path: Path, keep: list[str] | None = None) -> None:
+    """Write the condition rows by name (``keep``: only these names and ``null``; a base model
+    keeps only the rows it trained, so APO starts each defect row from the ``good`` row)."""
     from safetensors.torch import save_file
 
     from apo_fast.io_utils import atomic_save
@@ -246,8 +248,11 @@ def save_conditions(emb: ConditionEmbedding, names: list[str], path: Path) -> No
         if table is None:
             continue
         for row, name in enumerate(["null", *names]):
+            if keep is not None and name != "null" and name not in keep:
+                continue
             tensors[prefix + name] = table[row].detach().float().cpu().contiguous()
-    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"names": json.dumps(names)}))
+    saved = [n for n in names if keep is None or n in keep]
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"names": json.dumps(saved)}))
 
 
 # --------------------------------------------------------------------------- DeepSpeed

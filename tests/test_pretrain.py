@@ -75,3 +75,22 @@ def test_pretrain_config_errors_name_the_key():
                      "pretrain.checkpoint_every"), ("pretrain.warmup_steps=-1", "pretrain.warmup_steps")):
         with pytest.raises(ConfigError, match=key):
             demo_config(None, [bad])
+
+
+def test_the_base_saves_only_the_rows_it_trained_so_apo_starts_defects_from_good(tmp_path):
+    """The base's condition file holds null and the product's good row only; the APO trainer
+    then starts every defect row from the good row (the textual-inversion start)."""
+    from safetensors.torch import load_file
+
+    from apo_fast.pretrain import pretrain_base
+    from apo_fast.train import load_conditions
+
+    out = tmp_path / "base"
+    _, cond_path = pretrain_base(_cfg(out, "pretrain.steps=2"), out, progress=False)
+    saved = load_file(str(cond_path))
+    assert set(saved) == {"null", "brick/good"}
+    names = ["brick/good", "brick/crack", "brick/hole", "brick/stain"]
+    emb = load_conditions(cond_path, names, 4, 32)
+    for row in range(2, 5):
+        assert torch.equal(emb.weight[row], saved["brick/good"])
+    assert torch.equal(emb.weight[0], saved["null"])
