@@ -276,7 +276,7 @@ def test_demo_without_progress_silences_the_training_bar(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "APOTrainer", RecordingTrainer)
     state = {}
     with pytest.raises(Stop):
-        run_demo(demo_config(str(tmp_path / "demo")), progress=False, state=state)
+        run_demo(demo_config(str(tmp_path / "demo")), progress=False, state=state, rebuild_base=True)
     assert seen == {"pre": False, "progress": False}
     assert state["phase"] == "APO"  # what the CLI names on Ctrl-C
 
@@ -288,3 +288,38 @@ def test_demo_metrics_window_mean(tmp_path):
     log.write_text("".join(json.dumps({"step": i, "loss": float(i)}) + "\n" for i in range(1, 31)))
     assert _tail_mean(log, "loss", 20) == pytest.approx(sum(range(11, 31)) / 20)
     assert _tail_mean(log, "implicit_acc", 10) is None
+
+
+def test_demo_copies_the_matching_shipped_base_and_trains_otherwise(tmp_path, monkeypatch):
+    """A shipped base is used only when its build.json holds the demo's own settings."""
+    import apo_fast.demo as demo
+    import apo_fast.pretrain as pretrain
+    import apo_fast.train as train
+
+    class Stop(Exception):
+        pass
+
+    def no_trainer(cfg, resume=True):
+        raise Stop
+
+    shipped = tmp_path / "shipped"
+    base = shipped / "brick"
+    (base / "base_unet").mkdir(parents=True)
+    (base / "base_unet" / "config.json").write_text("{}")
+    (base / "base_conditions.safetensors").write_bytes(b"x")
+    cfg = demo_config(str(tmp_path / "run"))
+    (base / "build.json").write_text(json.dumps({**demo.base_build_record(cfg), "command": "tools/build_demo_base.py"}))
+    monkeypatch.setattr(demo, "SHIPPED_BASES", shipped)
+    monkeypatch.setattr(train, "APOTrainer", no_trainer)
+    trained = []
+    monkeypatch.setattr(pretrain, "pretrain_base", lambda cfg, out, progress=True: trained.append(out))
+    with pytest.raises(Stop):
+        demo.run_demo(cfg, progress=False)
+    assert not trained and (tmp_path / "run" / "base" / "base_unet" / "config.json").is_file()
+    # other settings: the shipped base does not match, the demo trains its own
+    other = demo_config(str(tmp_path / "run2"), ["pretrain.steps=10"])
+    found, why = demo.shipped_base(other)
+    assert found is None and "pretrain" in why
+    with pytest.raises(Stop):
+        demo.run_demo(other, progress=False)
+    assert trained == [tmp_path / "run2" / "base"]
