@@ -118,8 +118,11 @@ def test_two_train_runs_at_once_on_a_fresh_extensions_dir_both_finish(tmp_path):
 def test_ctrl_c_in_train_names_the_step_and_how_to_resume(tmp_path):
     out = tmp_path / "run"
     cmd = _train_cmd(out, "--set", "train.steps=100000", "--set", "train.checkpoint_every=2")
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(tmp_path / "ext"), cwd=tmp_path)
+                            env=_env(tmp_path / "ext"), cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "train_log.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
