@@ -102,7 +102,13 @@ def test_two_train_runs_at_once_on_a_fresh_extensions_dir_both_finish(tmp_path):
                        "--set", "adapter.gate.kind=constant")]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(ext), cwd=tmp_path)
              for c in cmds]
-    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=1200)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     for run in runs:
@@ -124,14 +130,19 @@ def test_ctrl_c_in_train_names_the_step_and_how_to_resume(tmp_path):
                             env=_env(tmp_path / "ext"), cwd=tmp_path,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "train_log.jsonl"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave a 100000-step run behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert "interrupted at step" in last and "resume with: apo-fast train --config" in last, last
