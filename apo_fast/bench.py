@@ -539,10 +539,9 @@ def _summarize_side(records: list[dict], images_per_step: int, tel_records: list
 
 
 def _load_average() -> list[float] | None:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
+    from apo_fast.machine import loadavg
+
+    return loadavg()
 
 
 def _machine(device: torch.device) -> dict:

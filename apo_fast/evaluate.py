@@ -560,10 +560,9 @@ def _margin_lines(verdict: dict) -> list[str]:
 
 
 def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+    from apo_fast.machine import loadavg
+
+    return loadavg()
 
 
 def evaluate(

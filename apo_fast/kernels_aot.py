@@ -551,10 +551,10 @@ def _manifest(compiled: Sequence[CompiledVariant], kinds: dict[str, dict[str, st
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step (an interrupted build leaves no half file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Replace ``path`` in one step (an interrupted build leaves no half file; fsynced)."""
+    from apo_fast.io_utils import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def write_library_sources(compiled: Sequence[CompiledVariant], out_dir: Path) -> list[Path]:

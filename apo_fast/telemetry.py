@@ -351,13 +351,10 @@ class Telemetry:
 
     def write_jsonl(self, path: str | os.PathLike) -> Path:
         """Write every sample as one JSON object per line (atomically: a temp file then rename)."""
+        from apo_fast.io_utils import atomic_write_text
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for record in self.records:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in self.records))
         return path
 
 

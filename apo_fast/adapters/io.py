@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +59,9 @@ _RESERVED_KEYS = ("format", LORA_METADATA_KEY, TACA_METADATA_KEY)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from apo_fast.io_utils import atomic_save
+
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _prefixed(prefix: str | None, key: str) -> str:

@@ -67,8 +67,7 @@ class StreamPlan:
     n_chunks: int
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from apo_fast.ops.utils import cdiv as _cdiv  # noqa: E402
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:

@@ -266,8 +266,7 @@ def gated_lora_linear(
 # Triton path: autotuned kernels, host launchers, autograd Function.
 # --------------------------------------------------------------------------------------
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from apo_fast.ops.utils import cdiv as _cdiv  # noqa: E402
 
 
 def _rank_pad(rank: int) -> int:
