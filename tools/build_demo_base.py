@@ -8,7 +8,7 @@ config (apo_fast/demo.py DEMO_CONFIG), one torch thread (bit-reproducible on one
 machine). Beside the UNet and condition file it writes ``pretrain_log.jsonl``,
 ``pretrain.png``, ``samples.png`` and ``build.json`` (the settings and the
 command), which ``apo-fast demo`` checks before using a shipped base.
-On a 2-core CPU each category takes about 35 minutes (4000 steps); run them in
+On a 2-core CPU each category takes about 30 minutes (3000 steps); run them in
 parallel with ``--category``.
 """
 from __future__ import annotations
