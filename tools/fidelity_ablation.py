@@ -27,6 +27,25 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [kv for kv in rest.split(",") if kv]
 
 
+def base_product_rate(cfg, base: Path, data, judge, num: int = 32) -> float:
+    """The share of the base's own free samples (normal condition, no adapters) the judge calls the product."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from apo_fast.eval.judge import judge_metrics
+    from apo_fast.models import pooled_dim
+    from apo_fast.pretrain import sample_product
+    from apo_fast.train import load_conditions
+
+    unet = UNet2DConditionModel.from_pretrained(str(base / "base_unet")).eval()
+    names = [f"{data.category}/good", *[f"{data.category}/{d}" for d in data.defects]]
+    conds = load_conditions(base / "base_conditions.safetensors", names, cfg.model.cond_tokens,
+                            unet.config.cross_attention_dim, pooled_dim(unet))
+    images = sample_product(unet, conds, cfg, 0, num, seed=123)
+    masks = torch.zeros(num, 1, *images.shape[-2:])
+    return judge_metrics(judge, images, masks, [data.defects[0]] * num)["judge_product"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="a pretrained base folder (base_unet/, base_conditions.safetensors)")
@@ -63,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                 judge = train_judge(data.test_images[held], data.test_masks[held], held_out_defects(data),
                                     data.test_images[~held], data.defects, steps=400, seed=0)
                 real = mask_crops(data.test_images[held], data.test_masks[held], judge.crop)
+                base_rate = base_product_rate(cfg, base, data, judge)
+                print(json.dumps({"base_product_rate": base_rate, "judge_val_accuracy": judge.val_accuracy}),
+                      flush=True)
             start = time.perf_counter()
             if not (run / "adapters" / "conditions.safetensors").is_file():
                 trainer = APOTrainer(cfg)
@@ -85,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
             save_kind_sheet(run / "kinds.png", data, {name: syn})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out / "ablation.json").write_text(json.dumps({"judge_val_accuracy": judge.val_accuracy, "rows": rows}, indent=2))
+    (out / "ablation.json").write_text(json.dumps({"judge_val_accuracy": judge.val_accuracy,
+                                                   "base_product_rate": base_rate, "rows": rows}, indent=2))
     cols = ["judge_right_kind_guided", "judge_right_kind_free", "judge_product_free", "judge_kid_guided",
             "loss_last20", "acc_last20", "train_s"]
     lines = ["| variant | seed | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in rows:
         cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols]
         lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Free samples of the base itself judged the product: {base_rate:.3f} (of 32); the judge's "
+              f"validation accuracy: {judge.val_accuracy}."]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
