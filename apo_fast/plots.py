@@ -22,7 +22,6 @@ def plot_training(log_path: str | Path, out_png: str | Path, pretrain_log: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from apo_fast.io_utils import atomic_save
 
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     if not recs:
@@ -58,13 +57,7 @@ def plot_training(log_path: str | Path, out_png: str | Path, pretrain_log: str |
         ax.plot([r["step"] for r in pre], [r["loss_ema"] for r in pre], color="C2")
         ax.set_yscale("log")
         ax.set_title("base model loss (normals)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_save(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, axes, out_png)
 
 
 def plot_pretrain(log_path: str | Path, out_png: str | Path) -> Path:
@@ -74,7 +67,6 @@ def plot_pretrain(log_path: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from apo_fast.io_utils import atomic_save
 
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     if not recs:
@@ -87,7 +79,16 @@ def plot_pretrain(log_path: str | Path, out_png: str | Path) -> Path:
     a.set_title("base model loss (normal images)")
     b.plot(steps, [r.get("lr", float("nan")) for r in recs], color="C3")
     b.set_title("learning rate")
-    for ax in (a, b):
+    return _save(fig, (a, b), out_png)
+
+
+def _save(fig, axes, out_png: str | Path) -> Path:
+    """Label every panel's step axis, add a grid, write the PNG atomically, close the figure."""
+    import matplotlib.pyplot as plt
+
+    from apo_fast.io_utils import atomic_save
+
+    for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
