@@ -486,7 +486,6 @@ class APOTrainer:
         self.device = resolve_device(cfg.train.device)
         self._output_keeper = None
         self.step = 0  # the last finished optimisation step
-        self.checkpoint_step = None  # the step of the last checkpoint written by this process
 
     # ---- setup
     def setup(self):
@@ -738,7 +737,6 @@ class APOTrainer:
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
                     save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints,
                                     {"telemetry": tel.summary()})
-                    self.checkpoint_step = step + 1
                 self.step = step + 1
             telemetry = tel.summary()
         bar.close()
