@@ -63,6 +63,29 @@ def shipped_base(cfg: APOConfig) -> tuple[Path | None, str]:
     return folder, f"built by `{built.get('command')}`"
 
 
+def prepare_base(cfg: APOConfig, base_dir: Path, *, progress: bool = True, rebuild: bool = False,
+                 say=print) -> None:
+    """Make ``base_dir`` hold the run's base model and point ``cfg.model`` at it: a base
+    already there, else the shipped one for the category when it matches (:func:`shipped_base`),
+    else one trained here (:func:`apo_fast.pretrain.pretrain_base`; always with ``rebuild``).
+    ``say`` gets one line saying which."""
+    from apo_fast import pretrain
+
+    base_dir = Path(base_dir)
+    if (base_dir / "base_unet" / "config.json").is_file() and (base_dir / "base_conditions.safetensors").is_file():
+        say(f"found in {base_dir}")
+    else:
+        shipped, why = (None, "--rebuild-base") if rebuild else shipped_base(cfg)
+        if shipped is not None:
+            say(f"the pretrained base shipped for {cfg.data.category} ({why}), copied to {base_dir}")
+            _copy_base(shipped, base_dir)
+        else:
+            say(f"training the tiny base UNet on the normal images ({cfg.pretrain.steps} steps; no shipped base: {why})")
+            pretrain.pretrain_base(cfg, base_dir, progress=progress)
+    cfg.model.pretrained, cfg.model.subfolder = str(base_dir / "base_unet"), ""
+    cfg.model.conditions = str(base_dir / "base_conditions.safetensors")
+
+
 def demo_config(output_dir: str | None = None, overrides: list[str] | None = None) -> APOConfig:
     data = json.loads(json.dumps(DEMO_CONFIG))
     if output_dir:
@@ -80,7 +103,6 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
     from apo_fast.generate import sample_run
     from apo_fast.io_utils import atomic_write_json
     from apo_fast.plots import plot_training
-    from apo_fast.pretrain import pretrain_base
     from apo_fast.train import APOTrainer
 
     state = {} if state is None else state
@@ -93,22 +115,9 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
         print(f"[demo {number}/5] {name}: {what}", flush=True)
 
     t0 = time.perf_counter()
-    base_dir = out / "base"
-    if (base_dir / "base_unet" / "config.json").is_file() and (base_dir / "base_conditions.safetensors").is_file():
-        phase(1, "base model", f"found in {base_dir}")
-    else:
-        shipped, why = (None, "--rebuild-base") if rebuild_base else shipped_base(cfg)
-        if shipped is not None:
-            phase(1, "base model", f"the pretrained base shipped for {cfg.data.category} ({why}), copied to {base_dir}")
-            _copy_base(shipped, base_dir)
-        else:
-            phase(1, "base model", f"training the tiny base UNet on the normal images ({cfg.pretrain.steps} steps; "
-                                   f"no shipped base: {why})")
-            pretrain_base(cfg, base_dir, progress=progress)
+    prepare_base(cfg, out / "base", progress=progress, rebuild=rebuild_base,
+                 say=lambda what: phase(1, "base model", what))
     timings["pretrain_s"] = time.perf_counter() - t0
-    cfg.model.pretrained = str(base_dir / "base_unet")
-    cfg.model.subfolder = ""
-    cfg.model.conditions = str(base_dir / "base_conditions.safetensors")
     t1 = time.perf_counter()
     if not progress:
         cfg.train.progress = False
@@ -123,7 +132,7 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
     phase(3, "sampling", f"{cfg.sample.num_per_defect} free and mask-guided anomalies per defect type")
     samples = sample_run(out, progress=progress)
     timings["sample_s"] = time.perf_counter() - t2
-    plot_training(out / "train_log.jsonl", out / "training.png", pretrain_log=base_dir / "pretrain_log.jsonl")
+    plot_training(out / "train_log.jsonl", out / "training.png", pretrain_log=out / "base" / "pretrain_log.jsonl")
     final = summary.get("final", {})
     metrics = {
         "final_step": final.get("step"),

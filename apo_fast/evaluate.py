@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -55,6 +56,8 @@ from pathlib import Path
 import torch
 
 from apo_fast.config import APOConfig, EvalConfig, load_config, validate_config
+
+log = logging.getLogger(__name__)
 
 GENERATED_SOURCES = ("lora", "apo")
 MODEL_TRAINING_KEYS = ("model", "data", "adapter", "loss", "optim", "pretrain")
@@ -383,10 +386,11 @@ def _train(cfg: APOConfig) -> None:
 def ensure_apo_run(cfg: APOConfig, run_dir: str | Path, *, train_missing: bool = True, progress: bool = False) -> Path:
     """The APO run in ``run_dir``, trained from ``cfg`` if it is not there yet.
 
-    Without ``model.pretrained`` and with ``pretrain.steps > 0`` the base UNet is
-    first trained on the normal images into ``<run>/base`` (as the demo does).
+    Without ``model.pretrained`` and with ``pretrain.steps > 0`` the base UNet comes
+    first into ``<run>/base``, as in the demo (:func:`apo_fast.demo.prepare_base`: the
+    shipped base when it matches the config, else trained on the normal images).
     """
-    from apo_fast.train import pretrain_base
+    from apo_fast.demo import prepare_base
 
     run_dir = Path(run_dir)
     if has_trained_run(run_dir):
@@ -398,11 +402,7 @@ def ensure_apo_run(cfg: APOConfig, run_dir: str | Path, *, train_missing: bool =
     cfg.output_dir = str(run_dir)
     cfg.train.progress = progress
     if cfg.model.pretrained is None and cfg.pretrain.steps > 0:
-        base = run_dir / "base"
-        if not (base / "base_unet" / "config.json").is_file() or not (base / "base_conditions.safetensors").is_file():
-            pretrain_base(cfg, base, progress=progress)
-        cfg.model.pretrained, cfg.model.subfolder = str(base / "base_unet"), ""
-        cfg.model.conditions = str(base / "base_conditions.safetensors")
+        prepare_base(cfg, run_dir / "base", progress=progress, say=lambda what: log.info("base model: %s", what))
     _train(cfg)
     return run_dir
 

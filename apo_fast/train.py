@@ -803,13 +803,3 @@ def _read_log(path: Path, upto: int | None = None) -> list[dict]:
         if upto is None or rec.get("step", 0) <= upto:
             out.append(rec)
     return out
-
-
-# --------------------------------------------------------------------------- base pretraining (demo)
-
-
-def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: bool = True) -> tuple[Path, Path]:
-    """Moved to :func:`apo_fast.pretrain.pretrain_base` (kept here for old imports)."""
-    from apo_fast.pretrain import pretrain_base as impl
-
-    return impl(cfg, out_dir, progress=progress, resume=resume)

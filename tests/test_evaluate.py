@@ -352,3 +352,20 @@ def test_demo_ends_with_the_short_comparison(evaluated):
     assert list(comparison["summary"]) == SOURCES and comparison["verdict"]
     assert Path(metrics["files"]["eval_report"]).is_file()
     assert (evaluated["root"] / "run" / "samples" / "grid.png").is_file()  # the demo's own outputs stay
+
+
+def test_eval_at_demo_settings_starts_from_the_shipped_base(tmp_path, monkeypatch):
+    """`apo-fast eval --config configs/demo.yaml` with no run yet takes the base the demo takes
+    (the shipped one), instead of pretraining 3000 steps first."""
+    import apo_fast.evaluate as evaluate_mod
+    import apo_fast.pretrain as pretrain
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the shipped base matches: nothing should be pretrained")
+
+    trained = []
+    monkeypatch.setattr(pretrain, "pretrain_base", no_pretraining)
+    monkeypatch.setattr(evaluate_mod, "_train", trained.append)
+    evaluate_mod.ensure_apo_run(demo_config(str(tmp_path / "run")), tmp_path / "run")
+    assert (tmp_path / "run" / "base" / "base_unet" / "config.json").is_file()
+    assert trained and trained[0].model.pretrained == str(tmp_path / "run" / "base" / "base_unet")
