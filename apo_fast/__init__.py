@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``import apo_fast`` stays cheap):
 
-Loss (``apo_fast.loss``)
+Loss (``apo_fast.losses``)
     ``apo_loss``, ``APOLossOutput``, ``beta_schedule``, ``diffusion_dpo_loss``
 Fused ops (``apo_fast.ops``)
     ``gated_lora_linear``
@@ -15,7 +15,7 @@ Training and sampling
     ``APOConfig``, ``load_config``, ``APOTrainer``, ``hierarchical_sample``,
     ``load_run``, ``sample_run``
 Evaluation
-    ``evaluate`` (``apo_fast.evaluate``), metrics in ``apo_fast.eval``
+    ``evaluate`` (``apo_fast.eval.evaluate``), metrics in ``apo_fast.eval``
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "apo_loss": "apo_fast.loss",
-    "APOLossOutput": "apo_fast.loss",
-    "beta_schedule": "apo_fast.loss",
-    "diffusion_dpo_loss": "apo_fast.loss",
+    "apo_loss": "apo_fast.losses",
+    "APOLossOutput": "apo_fast.losses",
+    "beta_schedule": "apo_fast.losses",
+    "diffusion_dpo_loss": "apo_fast.losses",
     "gated_lora_linear": "apo_fast.ops.gated_lora",
     "GateConfig": "apo_fast.adapters",
     "AdapterConfig": "apo_fast.adapters",
@@ -44,11 +44,11 @@ _EXPORTS = {
     "condition_names": "apo_fast.data",
     "APOConfig": "apo_fast.config",
     "load_config": "apo_fast.config",
-    "APOTrainer": "apo_fast.train",
-    "hierarchical_sample": "apo_fast.sampling",
-    "load_run": "apo_fast.generate",
-    "sample_run": "apo_fast.generate",
-    "evaluate": "apo_fast.evaluate",
+    "APOTrainer": "apo_fast.training.trainer",
+    "hierarchical_sample": "apo_fast.sampling.hierarchical",
+    "load_run": "apo_fast.sampling.runs",
+    "sample_run": "apo_fast.sampling.runs",
+    "evaluate": "apo_fast.eval.evaluate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -81,7 +81,7 @@ def cmd_pretrain(args) -> int:
         raise ValueError("pretrain.steps must be >= 1 for apo-fast pretrain (e.g. --set pretrain.steps=4000)")
     out = Path(args.output_dir or Path(cfg.output_dir) / "base")
     from apo_fast.plots import plot_pretrain
-    from apo_fast.pretrain import pretrain_base
+    from apo_fast.training.pretrain import pretrain_base
 
     _apply_threads(cfg.train.threads)
     print(f"[pretrain] base UNet on the normal images of {cfg.data.category} ({cfg.pretrain.steps} steps) into {out}",
@@ -103,14 +103,14 @@ def cmd_train(args) -> int:
     cfg = _load(args)
     if args.no_progress:
         cfg.train.progress = False
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     _apply_threads(cfg.train.threads)
     trainer = APOTrainer(cfg, resume=not args.no_resume)
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
-        from apo_fast.train import latest_checkpoint
+        from apo_fast.training.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(trainer.out)
         resume = "apo-fast train " + " ".join(shlex.quote(a) for a in args.argv if a != "--no-resume")
@@ -152,7 +152,7 @@ def cmd_sample(args) -> int:
         raise FileNotFoundError(f"--run {run} is not an apo-fast run folder (no config.yaml); "
                                 "train one with apo-fast train or apo-fast demo")
     out = _samples_folder(args)
-    from apo_fast.generate import sample_run
+    from apo_fast.sampling.runs import sample_run
 
     _apply_threads("auto" if args.threads is None else _threads_value(args.threads))
     try:
@@ -184,7 +184,7 @@ def cmd_eval(args) -> int:
     cfg = _load(args)
     if args.run and not Path(args.run).is_dir():
         raise FileNotFoundError(f"--run {args.run} is not a folder")
-    from apo_fast.evaluate import evaluate
+    from apo_fast.eval.evaluate import evaluate
 
     _apply_threads(cfg.train.threads)
     try:
@@ -198,7 +198,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from apo_fast.bench import StepBenchConfig, run_step_benchmark, to_markdown, write_reports
+    from apo_fast.bench.step import (
+        StepBenchConfig,
+        run_step_benchmark,
+        to_markdown,
+        write_reports,
+    )
 
     cfg = StepBenchConfig(
         model=args.model, batch=args.batch, rank=args.rank, precision=args.precision, steps=args.steps,
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_bench)
 
-    from apo_fast.planner_cli import add_plan_memory_parser
+    from apo_fast.bench.plan_cli import add_plan_memory_parser
 
     add_plan_memory_parser(sub, _add_config_args)
     return parser
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if not group_before and "torch" in sys.modules:  # end only the process group this command started
-            from apo_fast.train import shutdown_distributed
+            from apo_fast.training.distributed import shutdown_distributed
 
             shutdown_distributed()
         sys.stdout.flush()

@@ -67,9 +67,9 @@ def prepare_base(cfg: APOConfig, base_dir: Path, *, progress: bool = True, rebui
                  say=print) -> None:
     """Make ``base_dir`` hold the run's base model and point ``cfg.model`` at it: a base
     already there, else the shipped one for the category when it matches (:func:`shipped_base`),
-    else one trained here (:func:`apo_fast.pretrain.pretrain_base`; always with ``rebuild``).
+    else one trained here (:func:`apo_fast.training.pretrain.pretrain_base`; always with ``rebuild``).
     ``say`` gets one line saying which."""
-    from apo_fast import pretrain
+    from apo_fast.training import pretrain
 
     base_dir = Path(base_dir)
     if (base_dir / "base_unet" / "config.json").is_file() and (base_dir / "base_conditions.safetensors").is_file():
@@ -100,10 +100,10 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
     config's settings (:func:`shipped_base`), else (or with ``rebuild_base``) trained
     here. ``state["phase"]`` names the phase running (for the CLI's message on Ctrl-C).
     """
-    from apo_fast.generate import sample_run
     from apo_fast.io_utils import atomic_write_json
     from apo_fast.plots import plot_training
-    from apo_fast.train import APOTrainer
+    from apo_fast.sampling.runs import sample_run
+    from apo_fast.training.trainer import APOTrainer
 
     state = {} if state is None else state
     out = Path(cfg.output_dir)
@@ -164,12 +164,12 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
 
 
 def short_comparison(cfg: APOConfig, run_dir: Path, progress: bool = True) -> dict:
-    """The evaluation at demo size (:func:`apo_fast.evaluate.demo_eval_config`): detectors trained
+    """The evaluation at demo size (:func:`apo_fast.eval.evaluate.demo_eval_config`): detectors trained
     with no / CutPaste / plain-LoRA / APO anomalies, tested on the held-out real ones. Prints the table."""
     import copy
 
+    from apo_fast.eval.evaluate import demo_eval_config, evaluate
     from apo_fast.eval.report import markdown_table
-    from apo_fast.evaluate import demo_eval_config, evaluate
 
     short = copy.deepcopy(cfg)
     short.eval = demo_eval_config(cfg.eval)

@@ -44,9 +44,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_fast.backend import use_triton
-from apo_fast.bench import synchronize, time_per_call
-from apo_fast.loss import apo_loss, apo_loss_reference, beta_per_term
+from apo_fast.bench.step import synchronize, time_per_call
+from apo_fast.losses import apo_loss
+from apo_fast.ops.apo_loss.naive import apo_loss_reference, beta_per_term
+from apo_fast.ops.backend import use_triton
 
 VERSIONS = ("eager", "compiled", "fused", "fused_grad_in_backward")
 BASELINES = ("eager", "compiled")
@@ -160,7 +161,7 @@ class LossRunner:
         if v == "fused":
             return apo_loss(self.pred, self.ref, self.target, self.beta_t, backend="triton", **self.kwargs).loss
         if v == "fused_grad_in_backward":
-            from apo_fast.ops.apo_loss import fused_apo_loss
+            from apo_fast.ops.apo_loss.fused import fused_apo_loss
 
             return fused_apo_loss(self.pred, self.ref, self.target, self.beta_t, grad_in_forward=False, **self.kwargs)[
                 0

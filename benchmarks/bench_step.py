@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apo_fast.bench import StepBenchConfig, run_step_benchmark
+from apo_fast.bench.step import StepBenchConfig, run_step_benchmark
 
 CASES = {
     # name: (config, needs CUDA)

@@ -22,7 +22,7 @@ part                   budget  what
 ``step_sd15``          100     apo-fast vs the diffusers Diffusion-DPO baseline, SD 1.5
                                UNet, 512 px, batch 8 pairs, rank 16, bf16
 ``memory_sd15``        45      peak memory of the issue-5 config (``configs/sd15_mvtec.yaml``)
-                               at SD 1.5 512 px batch 4 vs :func:`apo_fast.memory_plan.plan_memory`
+                               at SD 1.5 512 px batch 4 vs :func:`apo_fast.bench.memory_plan.plan_memory`
 ``memory_sdxl``        55      the same at SDXL 1024 px batch 1 (a fresh process: nothing
                                of the SD 1.5 run stays allocated)
 ``loss_kernels``       75      ``benchmarks/bench_loss.py: run_loss_benchmarks``
@@ -131,7 +131,7 @@ def _copy_gbps(device, nbytes: int) -> float:
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    from apo_fast.bench import time_per_call
+    from apo_fast.bench.step import time_per_call
 
     return 2 * nbytes / time_per_call(lambda: dst.copy_(src), device, warmup=2, reps=10, rounds=3) / 1e9
 
@@ -141,7 +141,7 @@ def _matmul_tflops(device, n: int, dtype) -> float:
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    from apo_fast.bench import time_per_call
+    from apo_fast.bench.step import time_per_call
 
     return 2 * n**3 / time_per_call(lambda: a @ b, device, warmup=2, reps=5, rounds=3) / 1e12
 
@@ -193,7 +193,8 @@ def _rel_err(a, b) -> float:
 def _loss_check(shape, dtype, paired: bool, masked: bool, backend: str, device) -> dict:
     import torch
 
-    from apo_fast.loss import apo_loss, apo_loss_reference, beta_per_term
+    from apo_fast.losses import apo_loss
+    from apo_fast.ops.apo_loss.naive import apo_loss_reference, beta_per_term
 
     g = torch.Generator(device="cpu").manual_seed(hash((shape, paired, masked)) % 2**31)
     pred = torch.randn(shape, generator=g).to(device, dtype)
@@ -278,8 +279,14 @@ def _unet_adapter_check(device, dry_run: bool) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from apo_fast.adapters import AdapterConfig, GateConfig, adapter_parameters, freeze_base, inject_adapters
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.adapters import (
+        AdapterConfig,
+        GateConfig,
+        adapter_parameters,
+        freeze_base,
+        inject_adapters,
+    )
+    from apo_fast.models.presets import UNET_PRESETS
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -372,7 +379,12 @@ def part_correctness(ctx: PartContext) -> dict:
 
 
 def _step_part(ctx: PartContext, stem: str, spec: dict) -> dict:
-    from apo_fast.bench import StepBenchConfig, run_step_benchmark, to_markdown, write_reports
+    from apo_fast.bench.step import (
+        StepBenchConfig,
+        run_step_benchmark,
+        to_markdown,
+        write_reports,
+    )
 
     if ctx.dry_run or not ctx.cuda:  # the same code path on the tiny UNet, as short as it gets
         spec = {
@@ -449,9 +461,9 @@ def _issue5_config(model: str, vae_dir, device, dry_run: bool, optimizer: str):
 
 def part_memory(ctx: PartContext, which: str) -> dict:
     """Measured peak memory of an issue-5 config (``which``: sd15 or sdxl) vs the planner's estimate."""
-    from apo_fast.bench import measure_training_memory, save_random_vae
-    from apo_fast.memory_plan import plan_memory
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.bench.memory_plan import plan_memory
+    from apo_fast.bench.step import measure_training_memory, save_random_vae
+    from apo_fast.models.presets import UNET_PRESETS
 
     try:
         import bitsandbytes  # noqa: F401

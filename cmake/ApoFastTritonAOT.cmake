@@ -1,7 +1,7 @@
 # apo_fast_triton_aot(OUT_DIR <dir> ARCHS <80;90> OUTPUTS <var>)
 #
 # Adds the build step that compiles the Triton kernels ahead of time with
-# `python -m apo_fast.kernels_aot` and sets <var> to the generated C sources.
+# `python -m apo_fast.aot.library` and sets <var> to the generated C sources.
 # The interpreter is FindPython3's (an active virtual environment first;
 # override with -DPython3_EXECUTABLE=...). It must import triton and an
 # installed apo-fast (pip install -e .). Compilation needs no GPU; Triton's
@@ -13,7 +13,7 @@ find_package(Python3 REQUIRED COMPONENTS Interpreter)
 function(_apo_fast_check_python)
   execute_process(
     COMMAND "${Python3_EXECUTABLE}" -c
-      "import os; os.environ['TRITON_INTERPRET'] = '0'; import triton, apo_fast.kernels_aot, apo_fast.kernels.apo_loss as k; print(triton.__version__ + ';' + os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))))"
+      "import os; os.environ['TRITON_INTERPRET'] = '0'; import triton, apo_fast.aot.library, apo_fast.kernels.apo_loss as k; print(triton.__version__ + ';' + os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))))"
     WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
     RESULT_VARIABLE result
     OUTPUT_VARIABLE probe
@@ -21,7 +21,7 @@ function(_apo_fast_check_python)
     OUTPUT_STRIP_TRAILING_WHITESPACE)
   if(NOT result EQUAL 0)
     message(FATAL_ERROR
-      "apo_fast_kernels: ${Python3_EXECUTABLE} cannot import triton and apo_fast.kernels_aot.\n"
+      "apo_fast_kernels: ${Python3_EXECUTABLE} cannot import triton and apo_fast.aot.library.\n"
       "Install the project into that interpreter (pip install -e .) or point CMake at one that has it "
       "with -DPython3_EXECUTABLE=/path/to/venv/bin/python.\n${error}")
   endif()
@@ -67,7 +67,7 @@ function(apo_fast_triton_aot)
   add_custom_command(
     OUTPUT ${outputs}
     COMMAND "${CMAKE_COMMAND}" -E env TRITON_INTERPRET=0 TRITON_DISABLE_LINE_INFO=1 TRITON_DEFAULT_FP_FUSION=1
-      "${Python3_EXECUTABLE}" -m apo_fast.kernels_aot
+      "${Python3_EXECUTABLE}" -m apo_fast.aot.library
       --out-dir "${AOT_OUT_DIR}" --archs "${archs}" --jobs ${APO_FAST_KERNELS_AOT_JOBS}
     DEPENDS
       ${kernel_sources}
@@ -75,7 +75,7 @@ function(apo_fast_triton_aot)
       "${src}/apo_fast/ops/apo_loss.py"
       "${src}/apo_fast/ops/gated_lora.py"
     WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
-    COMMENT "Compiling the Triton kernels ahead of time for archs ${archs} (python -m apo_fast.kernels_aot)"
+    COMMENT "Compiling the Triton kernels ahead of time for archs ${archs} (python -m apo_fast.aot.library)"
     VERBATIM)
   # The header too, so every source of the target waits for the generator.
   set(${AOT_OUTPUTS} "${AOT_OUT_DIR}/apo_fast_kernels_cubins.c" "${AOT_OUT_DIR}/apo_fast_kernels_args.h" PARENT_SCOPE)

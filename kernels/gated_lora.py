@@ -17,6 +17,60 @@ import triton
 import triton.language as tl
 
 
+def autotune_configs(interpret: bool, r_pad: int, fp32: bool = False) -> dict:
+    """Candidate launch configs per kernel for a padded rank (and fp32 storage).
+
+    Returns ``{"forward" | "backward_dx" | "backward_dadb" | "project": [triton.Config]}``.
+    Under the Triton interpreter a single small config is used (the autotuner
+    times its candidates through a GPU driver, which the interpreter lacks), and
+    its tiles are small so the tests' odd shapes span several tiles. The first
+    GPU config of each list is the one the compile test checks at every rank;
+    the fp16/bf16 lists are chosen so that none spills on sm_80 or sm_90.
+    fp32 inputs (IEEE fp32 dots, a correctness path rather than a fast one)
+    get one small config per kernel: the fp16 tiles would spill and exceed
+    sm_80's shared memory.
+    """
+    def cfg(num_warps, num_stages, **blocks):
+        return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+    if interpret:
+        return {
+            "forward": [cfg(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)],
+            "backward_dx": [cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, GROUP_M=2)],
+            "backward_dadb": [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)],
+            "project": [cfg(1, 1, BLOCK_M=16, BLOCK_C=16)],
+        }
+    if fp32:
+        return {
+            "forward": [cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+            "backward_dx": [cfg(8, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8)],
+            "backward_dadb": [cfg(8, 2, BLOCK_M=32, BLOCK_C=64 if r_pad <= 64 else 32)],
+            "project": [cfg(8, 3, BLOCK_M=64, BLOCK_C=32)],
+        }
+    matmul = [  # (BLOCK_M, BLOCK_N, BLOCK_K) of the output-tiled kernels
+        cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+    # The dx kernel tiles (tokens, in) and loops over out: BLOCK_K is its tile width.
+    dx = [cfg(c.num_warps, c.num_stages, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
+              BLOCK_N=c.kwargs["BLOCK_K"], GROUP_M=8) for c in matmul]
+    if r_pad <= 32:
+        dadb = [cfg(4, 3, BLOCK_M=64, BLOCK_C=128), cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
+                cfg(8, 3, BLOCK_M=128, BLOCK_C=128), cfg(4, 3, BLOCK_M=128, BLOCK_C=64)]
+    elif r_pad == 64:
+        dadb = [cfg(8, 3, BLOCK_M=64, BLOCK_C=64), cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
+                cfg(8, 3, BLOCK_M=32, BLOCK_C=128), cfg(4, 3, BLOCK_M=64, BLOCK_C=64)]
+    else:
+        dadb = [cfg(8, 3, BLOCK_M=32, BLOCK_C=128), cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
+                cfg(8, 3, BLOCK_M=64, BLOCK_C=64)]
+    project = [cfg(8, 3, BLOCK_M=128, BLOCK_C=64), cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
+               cfg(4, 3, BLOCK_M=128, BLOCK_C=32)]
+    return {"forward": matmul, "backward_dx": dx, "backward_dadb": dadb, "project": project}
+
+
 @triton.jit
 def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Map a linear program id to (pid_m, pid_n), GROUP_M row tiles at a time (L2 reuse)."""

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from apo_fast.adapters import (
     DEFAULT_TARGET_MODULES,
-    LORA_WEIGHT_NAME,
     GATE_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
     AdapterConfig,
     GateConfig,
     GatedLoRALinear,

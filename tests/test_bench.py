@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_fast.baseline_dpo import BaselineDPOConfig, DiffusionDPOBaseline, dpo_loss_terms
-from apo_fast.loss import diffusion_dpo_loss
+from apo_fast.bench.baseline_dpo import (
+    BaselineDPOConfig,
+    DiffusionDPOBaseline,
+    dpo_loss_terms,
+)
+from apo_fast.losses import diffusion_dpo_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_unet(channels: int = 3, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.models.presets import UNET_PRESETS
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
@@ -191,7 +195,7 @@ def test_baseline_rejects_bad_inputs():
 
 
 def test_step_bench_config_validation():
-    from apo_fast.bench import StepBenchConfig
+    from apo_fast.bench.step import StepBenchConfig
 
     for kwargs, words in [
         ({"model": "sd3"}, "model"),
@@ -207,7 +211,7 @@ def test_step_bench_config_validation():
 
 
 def test_phase_timer_on_cpu_adds_up():
-    from apo_fast.bench import PhaseTimer
+    from apo_fast.bench.step import PhaseTimer
 
     timer = PhaseTimer(torch.device("cpu"))
     timer.start()
@@ -224,7 +228,7 @@ def test_phase_timer_on_cpu_adds_up():
 
 
 def test_bench_cli_tiny_writes_json_markdown_and_png(tmp_path):
-    from apo_fast.bench import PHASES
+    from apo_fast.bench.step import PHASES
     from apo_fast.cli import build_parser
 
     out = tmp_path / "bench"
@@ -352,7 +356,7 @@ def test_gpu_suite_isolated_part_and_budget_skip(tmp_path, capsys):
 
 
 def test_time_per_call_runs_warmup_then_rounds_of_reps():
-    from apo_fast.bench import time_per_call
+    from apo_fast.bench.step import time_per_call
 
     calls = []
     seconds = time_per_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=3, rounds=4)
@@ -362,7 +366,7 @@ def test_time_per_call_runs_warmup_then_rounds_of_reps():
 def test_interrupted_bench_reports_the_whole_rounds_measured(tmp_path, monkeypatch):
     """Ctrl-C in the middle of round 3: the result keeps rounds 1-2 of both sides, says it was
     interrupted, and the CLI writes it and exits 130."""
-    import apo_fast.bench as bench
+    import apo_fast.bench.step as bench
     from apo_fast.cli import build_parser
 
     calls = {"n": 0}

@@ -246,7 +246,7 @@ def test_manifest_matches_library_and_kernel_sources(build_dir, manifest, fake):
     """The embedded table is the manifest, and its parameter lists are the current kernels'."""
     import hashlib
 
-    from apo_fast import kernels_aot
+    from apo_fast.aot import library as kernels_aot
 
     lib, _ = fake
     assert lib.apo_fk_variant_count() == len(manifest["variants"]) == len(kernels_aot.library_variants())
@@ -355,7 +355,7 @@ LOSS_CASES = {
 def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
     from apo_fast.kernels import apo_loss as kernels
 
-    from apo_fast.ops import apo_loss as ops
+    from apo_fast.ops.apo_loss import fused as ops
 
     shape, dtype, channels_last, mask_kind, lambda_mask, paired, beta, sft = LOSS_CASES[case]
     lib, driver = fake
@@ -457,13 +457,15 @@ def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
 def test_gated_lora_launches_match_python(rank, bias, fake, manifest, monkeypatch):
     from apo_fast.kernels import gated_lora as kernels
 
-    from apo_fast.ops import gated_lora as ops
+    from apo_fast.ops.gated_lora import fused as ops
 
     lib, driver = fake
     sm_count = 2  # the Python launcher counts 4 programs for dA/dB off the GPU: 2 per SM
     driver.fake_cuda_configure(9, 0, sm_count, 232448, 5)
     r_pad = ops._rank_pad(rank)
-    configs = ops.autotune_configs(interpret=False, r_pad=r_pad)
+    from apo_fast.kernels.gated_lora import autotune_configs
+
+    configs = autotune_configs(interpret=False, r_pad=r_pad)
     log: list = []
 
     def recorder(name, kernel, key):
@@ -622,7 +624,7 @@ def _gpu_library(build_dir: Path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("paired", [False, True])
 def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
-    from apo_fast.ops.apo_loss import fused_apo_loss
+    from apo_fast.ops.apo_loss.fused import fused_apo_loss
 
     lib = _gpu_library(build_dir)
     dev = torch.device("cuda")

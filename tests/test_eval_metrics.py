@@ -30,7 +30,6 @@ from apo_fast.eval.metrics import (
 )
 from apo_fast.eval.similarity import default_scales
 
-
 # --------------------------------------------------------------------------- plain references
 
 

@@ -13,7 +13,7 @@ import torch
 from apo_fast.config import ConfigError, EvalConfig, load_config
 from apo_fast.demo import demo_config
 from apo_fast.eval.detection import DETECTION_METRICS
-from apo_fast.eval.generation import PRETRAINED_METRICS, WEIGHT_FREE_METRICS
+from apo_fast.eval.generation_metrics import PRETRAINED_METRICS, WEIGHT_FREE_METRICS
 
 SOURCES = ["none", "cutpaste", "lora", "apo"]
 DEFECTS = ["crack", "hole", "stain"]
@@ -48,8 +48,7 @@ def tiny_cfg(run: Path, weights: Path, *extra: str):
 
 def heldout_files(cfg) -> dict[str, set[str]]:
     """The held-out data, listed independently of the evaluator."""
-    from apo_fast.data import scan_mvtec
-    from apo_fast.train import resolve_data_root
+    from apo_fast.data import resolve_data_root, scan_mvtec
 
     index = scan_mvtec(resolve_data_root(cfg.data.root), cfg.data.category, cfg.data.defect_types, cfg.data.shots)
     anomalies = {str(p) for d in index.defects.values() for p in d.heldout}
@@ -61,16 +60,16 @@ def heldout_files(cfg) -> dict[str, set[str]]:
 def _keep_process_group(monkeypatch):
     # cli.main() ends the process group on exit, but DeepSpeed keeps its cached groups, so
     # any later trainer in this test process would fail. A real CLI process runs main() once.
-    from apo_fast import train
+    from apo_fast.training import distributed
 
-    monkeypatch.setattr(train, "shutdown_distributed", lambda: None)
+    monkeypatch.setattr(distributed, "shutdown_distributed", lambda: None)
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """One tiny evaluation (trains the APO run and the LoRA baseline), with a spy on the detector's data."""
     from apo_fast.eval import downstream
-    from apo_fast.evaluate import evaluate, torch_threads
+    from apo_fast.eval.evaluate import evaluate, torch_threads
 
     root = tmp_path_factory.mktemp("eval")
     weights = root / "no_weights"
@@ -157,7 +156,7 @@ def test_missing_weights_skip_only_their_metrics_with_a_message(evaluated):
 
 @pytest.mark.slow
 def test_lora_baseline_is_the_same_run_with_constant_gate_and_plain_loss(evaluated):
-    from apo_fast.evaluate import ensure_lora_run
+    from apo_fast.eval.evaluate import ensure_lora_run
 
     root = evaluated["root"]
     apo, lora = load_config(root / "run" / "config.yaml"), load_config(root / "run-lora" / "config.yaml")
@@ -215,7 +214,7 @@ def test_heldout_data_never_trains_the_segmenter_or_guides_generation(evaluated)
 
 def test_guides_are_training_masks_on_chosen_normals():
     from apo_fast.data import augment_pair
-    from apo_fast.evaluate import load_eval_data, mask_guides
+    from apo_fast.eval.evaluate import load_eval_data, mask_guides
 
     cfg = demo_config("unused", ["data.image_size=16"])
     data = load_eval_data(cfg, "train")
@@ -234,7 +233,7 @@ def test_guides_are_training_masks_on_chosen_normals():
 
 
 def test_test_split_guides_are_removed_from_the_test_set():
-    from apo_fast.evaluate import load_eval_data
+    from apo_fast.eval.evaluate import load_eval_data
 
     cfg = demo_config("unused", ["data.image_size=16"])
     held = heldout_files(cfg)
@@ -249,7 +248,7 @@ def test_test_split_guides_are_removed_from_the_test_set():
 
 
 def test_compare_sources_counts_wins_and_spread():
-    from apo_fast.evaluate import compare_sources
+    from apo_fast.eval.evaluate import compare_sources
 
     def stat(mean, std):
         return {"mean": mean, "std": std, "n": 3}
@@ -290,7 +289,7 @@ def test_bad_eval_config_names_the_key(override, key):
 
 
 def test_threads_are_restored():
-    from apo_fast.evaluate import torch_threads
+    from apo_fast.eval.evaluate import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):
@@ -302,7 +301,7 @@ def test_threads_are_restored():
 
 def test_evaluate_refuses_a_missing_run_without_training(tmp_path, capsys):
     from apo_fast.cli import main
-    from apo_fast.evaluate import evaluate
+    from apo_fast.eval.evaluate import evaluate
 
     cfg = demo_config(str(tmp_path / "run"), ["data.image_size=16"])
     with pytest.raises(FileNotFoundError, match="no trained APO run"):
@@ -342,7 +341,7 @@ def test_cli_eval_reuses_the_trained_runs(evaluated, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_ends_with_the_short_comparison(evaluated):
     from apo_fast.demo import run_demo
-    from apo_fast.evaluate import demo_eval_config
+    from apo_fast.eval.evaluate import demo_eval_config
 
     short = demo_eval_config(EvalConfig())
     assert len(short.seeds) < len(EvalConfig().seeds) or short.segmenter_steps < EvalConfig().segmenter_steps
@@ -357,8 +356,8 @@ def test_demo_ends_with_the_short_comparison(evaluated):
 def test_eval_at_demo_settings_starts_from_the_shipped_base(tmp_path, monkeypatch):
     """`apo-fast eval --config configs/demo.yaml` with no run yet takes the base the demo takes
     (the shipped one), instead of pretraining 3000 steps first."""
-    import apo_fast.evaluate as evaluate_mod
-    import apo_fast.pretrain as pretrain
+    import apo_fast.eval.evaluate as evaluate_mod
+    import apo_fast.training.pretrain as pretrain
 
     def no_pretraining(*args, **kwargs):
         raise AssertionError("the shipped base matches: nothing should be pretrained")

@@ -22,8 +22,10 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from apo_fast.kernels import gated_lora as kernels  # noqa: E402
-from apo_fast.ops import aot  # noqa: E402
-from apo_fast.ops.gated_lora import IN_LOOP_MAX_R_PAD, R_CHUNK, autotune_configs  # noqa: E402
+from apo_fast.kernels.gated_lora import autotune_configs  # noqa: E402
+
+from apo_fast.aot import compile as aot  # noqa: E402
+from apo_fast.ops.gated_lora.fused import IN_LOOP_MAX_R_PAD, R_CHUNK  # noqa: E402
 
 DTYPES = ("fp16", "bf16")
 ARCHS = (80, 90)

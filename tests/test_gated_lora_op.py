@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-import apo_fast.ops.gated_lora as gl  # noqa: E402
+import apo_fast.ops.gated_lora.fused as gl  # noqa: E402
 from apo_fast.ops.gated_lora import gated_lora_linear, gated_lora_linear_reference  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}

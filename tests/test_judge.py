@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apo_fast.eval.judge import five_crops, judge_metrics, mask_crops, not_the_product, train_judge
+from apo_fast.eval.judge import (
+    five_crops,
+    judge_metrics,
+    mask_crops,
+    not_the_product,
+    train_judge,
+)
 
 
 def test_mask_crops_centre_on_the_mask_and_stay_inside():
@@ -35,7 +41,7 @@ def test_not_the_product_changes_every_crop():
 @pytest.fixture(scope="module")
 def brick():
     from apo_fast.demo import demo_config
-    from apo_fast.evaluate import held_out_defects, load_eval_data
+    from apo_fast.eval.evaluate import held_out_defects, load_eval_data
 
     data = load_eval_data(demo_config(None, ["data.image_size=32"]))
     held = data.test_labels == 1

@@ -28,8 +28,13 @@ pytest.importorskip("triton")
 
 from apo_fast.kernels import apo_loss as K  # noqa: E402
 
-from apo_fast.ops import aot  # noqa: E402
-from apo_fast.ops.apo_loss import FINALIZE_TILE, FINALIZE_WARPS, MAX_CHUNKS, finalize_blocks  # noqa: E402
+from apo_fast.aot import compile as aot  # noqa: E402
+from apo_fast.ops.apo_loss.fused import (  # noqa: E402
+    FINALIZE_TILE,
+    FINALIZE_WARPS,
+    MAX_CHUNKS,
+    finalize_blocks,
+)
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")

@@ -9,13 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_fast.loss import (
-    METRIC_SLOTS,
-    APOLossOutput,
-    apo_loss,
-    beta_schedule,
-    diffusion_dpo_loss,
-)
+from apo_fast.losses import METRIC_SLOTS, APOLossOutput, apo_loss, beta_schedule, diffusion_dpo_loss
 
 F64 = torch.float64
 
@@ -379,7 +373,7 @@ def test_metrics_are_lazy_and_slots_are_complete():
 
 
 def test_reference_traces_under_torch_compile():
-    from apo_fast.loss import apo_loss_reference
+    from apo_fast.ops.apo_loss.naive import apo_loss_reference
 
     p, r, t = _inputs((2, 2, 4, 4), dtype=torch.float32)
     beta = torch.tensor([1.0, 2.0])

@@ -37,7 +37,7 @@ def test_plan_memory_prints_the_breakdown_and_whether_it_fits(tmp_path, capsys):
 
 
 def test_planner_settings_follow_the_run_config(tmp_path):
-    from apo_fast.planner_cli import plan_for_config, planner_settings
+    from apo_fast.bench.plan_cli import plan_for_config, planner_settings
 
     cfg = demo_config(None, [
         "train.zero_stage=3", "train.offload_optimizer=true", "train.mixed_precision=bf16",
@@ -64,8 +64,8 @@ def test_planner_settings_follow_the_run_config(tmp_path):
 def test_latents_and_a_local_pretrained_unet_config(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from apo_fast.planner_cli import planner_settings
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.bench.plan_cli import planner_settings
+    from apo_fast.models.presets import UNET_PRESETS
 
     vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,

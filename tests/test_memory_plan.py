@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from apo_fast.memory_plan import (
+from apo_fast.bench.memory_plan import (
     BREAKDOWN_FIELDS,
     GIB,
     adapter_shapes,
@@ -13,7 +13,7 @@ from apo_fast.memory_plan import (
     plan_memory,
     trace_activations,
 )
-from apo_fast.unet_presets import UNET_PRESETS, unet_config
+from apo_fast.models.presets import UNET_PRESETS, unet_config
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The tiny UNet with cross-attention at full resolution (the SD layout): large attention maps.

@@ -38,7 +38,7 @@ RUN_TIMEOUT_S = 300
 ZERO3_WORKER = '''
 import json, os, sys
 
-import apo_fast.train as train_mod
+import apo_fast.training.trainer as train_mod
 
 _setup = train_mod.APOTrainer.setup
 
@@ -139,7 +139,7 @@ def tail(log: Path, n: int = 40) -> str:
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     """1-rank runs with the global batch (4) of the 2-rank runs (2 per rank), in this process."""
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     outs = {}
     for stage, extra in ((2, ()), (3, (NO_PERSIST,))):

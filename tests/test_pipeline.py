@@ -30,7 +30,7 @@ def tiny_cfg(out: Path, *overrides: str):
 
 
 def run_train(cfg):
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     trainer = APOTrainer(cfg)
     try:
@@ -122,7 +122,8 @@ def test_paired_mode_trains_with_normals_as_losers(tmp_path):
 
 
 def test_paired_batches_share_noise_and_timestep(tmp_path):
-    from apo_fast.train import APOTrainer, load_train_data
+    from apo_fast.training.streaming import load_train_data
+    from apo_fast.training.trainer import APOTrainer
 
     cfg = tiny_cfg(tmp_path, "loss.mode=paired", "train.batch_size=3")
     trainer = APOTrainer(cfg)
@@ -136,7 +137,7 @@ def test_paired_batches_share_noise_and_timestep(tmp_path):
 
 
 def test_stream_indices_cover_each_epoch_once():
-    from apo_fast.train import stream_indices
+    from apo_fast.training.streaming import stream_indices
 
     idx = stream_indices(7, seed=3, start=0, count=21)
     for e in range(3):
@@ -148,7 +149,7 @@ def test_stream_indices_cover_each_epoch_once():
 
 
 def test_schedule_value_piecewise():
-    from apo_fast.sampling import schedule_value
+    from apo_fast.sampling.hierarchical import schedule_value
 
     assert schedule_value(2.5, 3, 10) == 2.5
     spec = [[0.0, 5.0], [0.5, 1.0]]
@@ -157,7 +158,7 @@ def test_schedule_value_piecewise():
 
 
 def test_localization_mask_marks_the_peak():
-    from apo_fast.sampling import localization_mask
+    from apo_fast.sampling.hierarchical import localization_mask
 
     acc = torch.zeros(2, 8, 8)
     acc[0, 2:4, 2:4] = 5.0
@@ -170,7 +171,12 @@ def test_localization_mask_marks_the_peak():
 
 @pytest.mark.slow
 def test_sampling_free_and_mask_guided(tmp_path):
-    from apo_fast.generate import generate_for_defect, heldout_guides, load_run, sample_run
+    from apo_fast.sampling.runs import (
+        generate_for_defect,
+        heldout_guides,
+        load_run,
+        sample_run,
+    )
 
     out = tmp_path / "run"
     run_train(tiny_cfg(out, "train.steps=1"))
@@ -205,7 +211,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     cfg = tiny_cfg(tmp_path, f"data.root={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -223,7 +229,7 @@ def test_plain_diffusion_baseline_mode_trains(tmp_path):
 def test_cond_lr_zero_freezes_the_condition_embeddings(tmp_path):
     from safetensors.torch import load_file
 
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     out = tmp_path / "frozen_cond"
     trainer = APOTrainer(tiny_cfg(out, "train.steps=2", "optim.cond_lr=0")).setup()
@@ -245,7 +251,7 @@ def test_sdxl_style_unet_trains_and_samples_with_pooled_conditions(tmp_path):
     """UNets with addition_embed_type='text_time' (SDXL) get a learned pooled vector and time_ids."""
     from safetensors.torch import load_file
 
-    from apo_fast.generate import generate_for_defect, load_run
+    from apo_fast.sampling.runs import generate_for_defect, load_run
 
     out = tmp_path / "xl"
     unet = '{"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80}'
@@ -258,8 +264,8 @@ def test_sdxl_style_unet_trains_and_samples_with_pooled_conditions(tmp_path):
 
 
 def test_demo_without_progress_silences_the_training_bar(tmp_path, monkeypatch):
-    import apo_fast.pretrain as pretrain
-    import apo_fast.train as train
+    import apo_fast.training.pretrain as pretrain
+    import apo_fast.training.trainer as train
     from apo_fast.demo import run_demo
 
     seen = {}
@@ -293,8 +299,8 @@ def test_demo_metrics_window_mean(tmp_path):
 def test_demo_copies_the_matching_shipped_base_and_trains_otherwise(tmp_path, monkeypatch):
     """A shipped base is used only when its build.json holds the demo's own settings."""
     import apo_fast.demo as demo
-    import apo_fast.pretrain as pretrain
-    import apo_fast.train as train
+    import apo_fast.training.pretrain as pretrain
+    import apo_fast.training.trainer as train
 
     class Stop(Exception):
         pass

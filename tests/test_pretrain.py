@@ -23,7 +23,7 @@ def _weights(folder):
 
 @pytest.mark.slow
 def test_pretrain_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    import apo_fast.pretrain as pretrain
+    import apo_fast.training.pretrain as pretrain
 
     straight = tmp_path / "straight"
     pretrain.pretrain_base(_cfg(straight), straight, progress=False)
@@ -54,7 +54,7 @@ def test_pretrain_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, monke
 
 
 def test_pretrain_saves_the_ema_weights_and_refuses_a_state_of_other_settings(tmp_path):
-    from apo_fast.pretrain import STATE_FILE, pretrain_base
+    from apo_fast.training.pretrain import STATE_FILE, pretrain_base
 
     raw = tmp_path / "raw"
     pretrain_base(_cfg(raw, "pretrain.ema_decay=0", "pretrain.steps=3"), raw, progress=False)
@@ -82,8 +82,8 @@ def test_the_base_saves_only_the_rows_it_trained_so_apo_starts_defects_from_good
     then starts every defect row from the good row (the textual-inversion start)."""
     from safetensors.torch import load_file
 
-    from apo_fast.pretrain import pretrain_base
-    from apo_fast.train import load_conditions
+    from apo_fast.training.model import load_conditions
+    from apo_fast.training.pretrain import pretrain_base
 
     out = tmp_path / "base"
     _, cond_path = pretrain_base(_cfg(out, "pretrain.steps=2"), out, progress=False)

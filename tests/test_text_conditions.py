@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from apo_fast.config import ConfigError  # noqa: E402
 from apo_fast.demo import demo_config  # noqa: E402
-from apo_fast.text_conditions import (  # noqa: E402
+from apo_fast.models.text_encoders import (  # noqa: E402
     check_template,
     condition_prompts,
     encode_prompts,
@@ -70,7 +70,7 @@ def test_prompts_per_condition_and_template_checks():
 def _tiny_pipeline_parts():
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.models.presets import UNET_PRESETS
 
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
     return vae, DDIMScheduler(), UNet2DConditionModel(**dict(UNET_PRESETS["tiny"]))
@@ -168,7 +168,7 @@ def test_trainer_starts_from_the_prompt_encodings_and_frozen_rows_stay_them(tmp_
     from safetensors.torch import load_file
 
     from apo_fast.config import ModelConfig
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     root = write_text_encoders(tmp_path / "enc", xl=xl)
     template = "a {product} with {defect}"

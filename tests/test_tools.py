@@ -21,7 +21,12 @@ def _tool(name: str):
 
 
 def test_process_dataset_layout_masks_and_reproducibility(tmp_path):
-    from apo_fast.data import AnomalyDataset, NormalDataset, category_augment, scan_mvtec
+    from apo_fast.data import (
+        AnomalyDataset,
+        NormalDataset,
+        category_augment,
+        scan_mvtec,
+    )
 
     tool = _tool("make_process_dataset")
     counts = tool.make_dataset(tmp_path / "a", seed=3, size=32)

@@ -39,7 +39,7 @@ def tiny_cfg(out: Path, *overrides: str):
 
 
 def run_train(cfg):
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     trainer = APOTrainer(cfg)
     try:
@@ -81,7 +81,7 @@ def assert_same_run(a: Path, b: Path, rtol: float = LOSS_RTOL, weight_rtol: floa
 
 
 def test_deepspeed_config_per_stage_and_overrides(tmp_path):
-    from apo_fast.train import deepspeed_config
+    from apo_fast.training.distributed import deepspeed_config
 
     for stage in (0, 1, 2, 3):
         ds = deepspeed_config(tiny_cfg(tmp_path, f"train.zero_stage={stage}"), 4)
@@ -113,8 +113,8 @@ def test_deepspeed_config_per_stage_and_overrides(tmp_path):
     ],
 )
 def test_what_cannot_run_here_fails_before_any_work(tmp_path, override, words, monkeypatch):
-    import apo_fast.train as train_mod
-    from apo_fast.train import APOTrainer
+    import apo_fast.training.trainer as train_mod
+    from apo_fast.training.trainer import APOTrainer
 
     def no_data(*a, **k):
         raise AssertionError("the data was loaded before the config was refused")
@@ -137,7 +137,7 @@ def test_attention_choice_is_logged_once_and_xformers_on_cpu_is_refused(caplog):
     from diffusers import UNet2DConditionModel
 
     from apo_fast.models import set_attention
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.models.presets import UNET_PRESETS
 
     unet = UNet2DConditionModel(**dict(UNET_PRESETS["tiny"], in_channels=3, out_channels=3, sample_size=16))
     with caplog.at_level(logging.INFO, logger="apo_fast.models"):
@@ -157,7 +157,8 @@ def test_attention_choice_is_logged_once_and_xformers_on_cpu_is_refused(caplog):
 @pytest.mark.parametrize("mode", ["unpaired", "paired"])
 def test_global_batch_is_the_same_for_any_world_size(tmp_path, mode):
     """Rank r of W ranks with batch b gets rows r*b..(r+1)*b of what 1 rank with batch W*b gets."""
-    from apo_fast.train import APOTrainer, load_train_data
+    from apo_fast.training.streaming import load_train_data
+    from apo_fast.training.trainer import APOTrainer
 
     def batch(world, rank, b, step=3, micro=1):
         cfg = tiny_cfg(tmp_path, f"train.batch_size={b}", f"loss.mode={mode}", "train.grad_accum=2")
@@ -181,7 +182,7 @@ def test_global_batch_is_the_same_for_any_world_size(tmp_path, mode):
 
 
 def test_average_over_ranks_is_identity_on_one_rank():
-    from apo_fast.distributed import average_over_ranks, rank_slice
+    from apo_fast.training.distributed import average_over_ranks, rank_slice
 
     assert average_over_ranks({"loss": 0.25, "e_theta": 1.5}) == {"loss": 0.25, "e_theta": 1.5}
     x = torch.arange(12).view(6, 2)
@@ -191,7 +192,7 @@ def test_average_over_ranks_is_identity_on_one_rank():
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_complete_files_kept(tmp_path):
-    from apo_fast.train import remove_stale_checkpoint_files
+    from apo_fast.training.checkpoints import remove_stale_checkpoint_files
 
     ck = tmp_path / "checkpoints"
     (ck / "step-000002").mkdir(parents=True)
@@ -247,7 +248,7 @@ def test_stage0_clips_in_the_trainer_like_deepspeed_clips_at_stage_1(tmp_path):
     one-rank all-reduce; ZeRO-1 leaves clipping to DeepSpeed. A max norm far below
     the gradient norm makes clipping decide every update, so equal runs mean equal
     clipping, and an unclipped run must differ."""
-    from apo_fast.train import deepspeed_config
+    from apo_fast.training.distributed import deepspeed_config
 
     clip = "optim.max_grad_norm=0.001"
     assert deepspeed_config(tiny_cfg(tmp_path, clip, "train.zero_stage=0"), 4)["gradient_clipping"] == 0.0
@@ -282,8 +283,8 @@ def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from apo_fast.adapters import gated_layers
-    from apo_fast.distributed import export_parameters
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.distributed import export_parameters
+    from apo_fast.training.trainer import APOTrainer
 
     trainer = APOTrainer(tiny_cfg(tmp_path, "train.zero_stage=3", "train.gradient_checkpointing=true", NO_PERSIST))
     trainer.setup()
@@ -325,7 +326,7 @@ def test_zero3_with_a_learned_gate_and_paired_checkpointed_training(tmp_path):
 
     cfg = tiny_cfg(tmp_path, "train.zero_stage=3", "adapter.gate.kind=learned", "loss.mode=paired",
                    "train.batch_size=2", "train.gradient_checkpointing=true", "train.steps=2", NO_PERSIST)
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     trainer = APOTrainer(cfg).setup()
     gate = getattr(trainer.engine.module.unet, GATE_MODULE_NAME)
@@ -357,7 +358,7 @@ def test_8bit_optimizer_state_is_uint8(tmp_path, name, stage):
     """bitsandbytes keeps tensors under 4096 elements in 32-bit state; rank 64 gives 64x64 adapters
     (stage 0: one state per tensor); under ZeRO the state belongs to the flat fp32 partition.
     The ZeRO-2 case also resumes its 8-bit state from the checkpoint."""
-    from apo_fast.distributed import client_optimizer
+    from apo_fast.training.distributed import client_optimizer
 
     classes = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
     moments = ("state1",) if name == "lion8bit" else ("state1", "state2")
@@ -386,7 +387,7 @@ def test_offload_runs_complete(tmp_path, stage0_run, overrides):
     """ZeRO-Offload keeps the optimizer (and with stage 3 the parameters) in host memory; on a
     CPU that changes where nothing lives, but the run goes through DeepSpeed's offload code.
     DeepSpeedCPUAdam is JIT-built once (cached under TORCH_EXTENSIONS_DIR)."""
-    from apo_fast.distributed import client_optimizer
+    from apo_fast.training.distributed import client_optimizer
 
     trainer, summary = run_train(tiny_cfg(tmp_path, *overrides))
     assert summary["final"]["step"] == 3
@@ -397,7 +398,7 @@ def test_offload_runs_complete(tmp_path, stage0_run, overrides):
 
 @pytest.mark.slow
 def test_bf16_trains_on_cpu_with_fp32_master_weights(tmp_path, stage0_run):
-    from apo_fast.distributed import client_optimizer
+    from apo_fast.training.distributed import client_optimizer
 
     trainer, _ = run_train(tiny_cfg(tmp_path, "train.mixed_precision=bf16", "train.zero_stage=2"))
     assert {p.dtype for p in trainer.engine.module.parameters()} == {torch.bfloat16}
@@ -414,7 +415,7 @@ def test_bf16_trains_on_cpu_with_fp32_master_weights(tmp_path, stage0_run):
 def test_a_trainer_after_shutdown_distributed_starts_on_a_new_group(tmp_path, stage0_run):
     """The CLI ends the process group when a command returns; a later trainer in the same
     process (tests, notebooks) must get a fresh group, not DeepSpeed's stale cached ones."""
-    from apo_fast.train import shutdown_distributed
+    from apo_fast.training.distributed import shutdown_distributed
 
     assert torch.distributed.is_initialized()  # left up by the stage-0 run
     shutdown_distributed()
@@ -442,7 +443,7 @@ def _tiny_vae_folder(path: Path) -> Path:
 def test_latents_are_encoded_once_and_training_runs_on_them(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
 
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     encoded = []
     original = AutoencoderKL.encode
@@ -473,9 +474,9 @@ def test_latents_are_encoded_once_and_training_runs_on_them(tmp_path, monkeypatc
 def test_a_latent_run_on_a_preset_unet_samples_with_its_trained_base(tmp_path):
     """load_run rebuilds the preset UNet the trainer trained (same seeded random base),
     with the VAE's own latent channels and scale factor (2 for this tiny VAE, 8 for SD)."""
-    from apo_fast.generate import generate_for_defect, load_run
     from apo_fast.models import vae_scale_factor
-    from apo_fast.train import APOTrainer
+    from apo_fast.sampling.runs import generate_for_defect, load_run
+    from apo_fast.training.trainer import APOTrainer
 
     vae_dir = _tiny_vae_folder(tmp_path / "vae")
     cfg = tiny_cfg(tmp_path / "run", "model.latent=true", f"model.vae={vae_dir}", "train.steps=2",

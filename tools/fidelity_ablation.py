@@ -34,8 +34,8 @@ def base_product_rate(cfg, base: Path, data, judge, num: int = 32) -> float:
 
     from apo_fast.eval.judge import judge_metrics
     from apo_fast.models import pooled_dim
-    from apo_fast.pretrain import sample_product
-    from apo_fast.train import load_conditions
+    from apo_fast.training.model import load_conditions
+    from apo_fast.training.pretrain import sample_product
 
     unet = UNet2DConditionModel.from_pretrained(str(base / "base_unet")).eval()
     names = [f"{data.category}/good", *[f"{data.category}/{d}" for d in data.defects]]
@@ -59,9 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from apo_fast.demo import _tail_mean, demo_config
+    from apo_fast.eval.evaluate import (
+        generate_synthetic,
+        held_out_defects,
+        load_eval_data,
+        save_kind_sheet,
+    )
     from apo_fast.eval.judge import judge_metrics, mask_crops, train_judge
-    from apo_fast.evaluate import held_out_defects, load_eval_data, generate_synthetic, save_kind_sheet
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     torch.set_num_threads(1)
     base = Path(args.base)

@@ -32,8 +32,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from apo_fast.adapters.gates import GateConfig, build_gate
 from apo_fast.adapters.layer import GatedLoRAConv2d, GatedLoRALinear
-from apo_fast.adapters.state import GATE_MODULE_NAME, attach_gate, get_gate_state, install_gate
-from apo_fast.backend import BACKENDS
+from apo_fast.adapters.state import (
+    GATE_MODULE_NAME,
+    attach_gate,
+    get_gate_state,
+    install_gate,
+)
+from apo_fast.ops.backend import BACKENDS
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",

@@ -37,7 +37,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from apo_fast.adapters.gates import GateConfig
-from apo_fast.adapters.inject import AdapterConfig, gated_layers, inject_adapters, set_gate
+from apo_fast.adapters.inject import (
+    AdapterConfig,
+    gated_layers,
+    inject_adapters,
+    set_gate,
+)
 from apo_fast.adapters.state import GATE_MODULE_NAME, get_gate_state
 
 __all__ = [

@@ -113,8 +113,12 @@ def load_eval_data(cfg: APOConfig, guide_normals: str = "train") -> EvalData:
         ValueError: bad ``guide_normals``, no held-out anomalies, or too few
             ``test/good`` images for ``test_split``.
     """
-    from apo_fast.data import AnomalyDataset, NormalDataset, scan_mvtec
-    from apo_fast.train import resolve_data_root
+    from apo_fast.data import (
+        AnomalyDataset,
+        NormalDataset,
+        resolve_data_root,
+        scan_mvtec,
+    )
 
     if guide_normals not in ("train", "test_split"):
         raise ValueError(f"guide_normals must be 'train' or 'test_split', got {guide_normals!r}")
@@ -246,7 +250,7 @@ def generate_synthetic(
     runs get the same guides and the same initial noise.
     """
     from apo_fast.data import category_augment
-    from apo_fast.generate import generate_for_defect, load_run
+    from apo_fast.sampling.runs import generate_for_defect, load_run
 
     run = load_run(run_dir, device=device)
     if run.cfg.data.category != data.category:
@@ -344,7 +348,7 @@ def _judge_lines(record: dict | None) -> list[str]:
 def save_kind_sheet(path: Path, data: EvalData, synthetic: dict, per_row: int = 6) -> Path:
     """One picture per product: for each defect kind, real held-out anomalies, then each source's
     guided and free anomalies of that kind (CutPaste's: any), mask outlines in red."""
-    from apo_fast.sampling import overlay, save_grid
+    from apo_fast.sampling.images import overlay, save_grid
 
     held = data.test_labels == 1
     kinds = held_out_defects(data)
@@ -374,7 +378,7 @@ def has_trained_run(run_dir: str | Path) -> bool:
 
 
 def _train(cfg: APOConfig) -> None:
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     trainer = APOTrainer(cfg, resume=True)
     try:
@@ -594,7 +598,7 @@ def evaluate(
         file provenance), ``runs``, ``timings_s``, ``markdown`` and ``files``.
     """
     from apo_fast.eval.downstream import downstream_comparison
-    from apo_fast.eval.generation import generation_metrics
+    from apo_fast.eval.generation_metrics import generation_metrics
     from apo_fast.eval.report import (
         atomic_write_bytes,
         summarize,

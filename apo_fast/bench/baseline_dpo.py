@@ -3,7 +3,7 @@
 This follows the approach of diffusers' ``examples/research_projects/diffusion_dpo/
 train_diffusion_dpo.py`` (Wallace et al., "Diffusion Model Alignment Using Direct
 Preference Optimization"), written here from the published algorithm so that
-apo-fast can be measured against it side by side (:mod:`apo_fast.bench`):
+apo-fast can be measured against it side by side (:mod:`apo_fast.bench.step`):
 
 * setup: the base UNet (and VAE) frozen and cast to the mixed-precision weight
   dtype; a peft LoRA added with ``unet.add_adapter(LoraConfig(r, lora_alpha=r,

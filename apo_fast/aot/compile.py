@@ -422,7 +422,7 @@ def _compile_in_child(specs: list[KernelSpec]) -> list[CompiledReport]:
         request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_path.write_text(json.dumps(requests))
         proc = subprocess.run(
-            [sys.executable, "-m", "apo_fast.ops.aot", str(request_path), str(result_path)],
+            [sys.executable, "-m", "apo_fast.aot.compile", str(request_path), str(result_path)],
             env=env,
             capture_output=True,
             text=True,

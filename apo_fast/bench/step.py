@@ -1,16 +1,16 @@
 """Training-step benchmark: apo-fast against the diffusers Diffusion-DPO baseline, side by side.
 
 ``run_step_benchmark(StepBenchConfig(model="tiny"))`` builds both trainers on the
-same UNet config (random weights, :data:`apo_fast.unet_presets.UNET_PRESETS`),
+same UNet config (random weights, :data:`apo_fast.models.presets.UNET_PRESETS`),
 the same data (the bundled demo dataset), batch and precision, and times their
 training steps interleaved (A B B A ...), so that a machine whose speed drifts
 (a shared CPU, GPU clocks) affects both alike:
 
-* apo-fast: its real step, :meth:`apo_fast.train.APOTrainer.micro_step`, on the
-  DeepSpeed engine that :meth:`~apo_fast.train.APOTrainer.setup` builds (time-gated
+* apo-fast: its real step, :meth:`apo_fast.training.trainer.APOTrainer.micro_step`, on the
+  DeepSpeed engine that :meth:`~apo_fast.training.trainer.APOTrainer.setup` builds (time-gated
   adapters, fused loss and adapter kernels on CUDA, cached latents), in paired
   mode with a constant ``beta_t = beta_dpo``: the Diffusion-DPO objective;
-* baseline: :class:`apo_fast.baseline_dpo.DiffusionDPOBaseline`, the approach of
+* baseline: :class:`apo_fast.bench.baseline_dpo.DiffusionDPOBaseline`, the approach of
   diffusers' ``train_diffusion_dpo.py`` (peft LoRA, eager loss, adapters disabled
   for the reference, the VAE encoding every step).
 
@@ -373,7 +373,7 @@ class APOFastSide:
     name = "apo_fast"
 
     def __init__(self, cfg: StepBenchConfig, device: torch.device, workdir: Path, vae_dir: Path | None):
-        from apo_fast.train import APOTrainer
+        from apo_fast.training.trainer import APOTrainer
 
         self.apo_cfg = apo_config_for(cfg, device, workdir, vae_dir)
         self.trainer = APOTrainer(self.apo_cfg, resume=False).setup()
@@ -417,7 +417,7 @@ class BaselineSide:
     name = "baseline"
 
     def __init__(self, cfg: StepBenchConfig, device: torch.device, apo: APOFastSide, vae_dir: Path | None):
-        from apo_fast.baseline_dpo import BaselineDPOConfig, DiffusionDPOBaseline
+        from apo_fast.bench.baseline_dpo import BaselineDPOConfig, DiffusionDPOBaseline
         from apo_fast.models import build_scheduler, build_unet
 
         model_cfg = apo.apo_cfg.model
@@ -570,7 +570,7 @@ def _machine(device: torch.device) -> dict:
 def _notes(cfg: StepBenchConfig, device: torch.device) -> list[str]:
     notes = [
         (
-            "baseline: apo_fast.baseline_dpo, a re-implementation of the diffusers train_diffusion_dpo.py step "
+            "baseline: apo_fast.bench.baseline_dpo, a re-implementation of the diffusers train_diffusion_dpo.py step "
             "(peft LoRA on to_k/to_q/to_v/to_out.0, eager loss, disable_adapters() reference under no_grad, "
             "autocast + frozen weights cast to the weight dtype, plain torch optimizer step)"
         ),
@@ -907,7 +907,7 @@ def measure_training_memory(apo_cfg, steps: int = 3, workdir: str | Path | None 
     the process RSS after the steps instead.
     """
     from apo_fast.telemetry import read_rss_bytes
-    from apo_fast.train import APOTrainer
+    from apo_fast.training.trainer import APOTrainer
 
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
     trainer = APOTrainer(apo_cfg, resume=False).setup()

@@ -29,7 +29,7 @@ class ModelConfig:
 
     ``pretrained``: a local diffusers folder or hub id (Stable Diffusion 1.x/2.x/XL);
     the UNet is read from ``subfolder``. Without it the UNet is built from
-    ``preset`` (see :mod:`apo_fast.unet_presets`) updated by ``unet`` overrides,
+    ``preset`` (see :mod:`apo_fast.models.presets`) updated by ``unet`` overrides,
     with random weights: nothing is downloaded.
     """
 
@@ -47,7 +47,7 @@ class ModelConfig:
     conditions: str | None = None  # safetensors file to initialise condition embeddings from
     # CLIP prompt conditioning (SD checkpoints): with a template, each condition row starts
     # from the text encoder's encoding of its prompt, computed once before training
-    # (apo_fast.text_conditions); rows found in `conditions` still take precedence.
+    # (apo_fast.models.text_encoders); rows found in `conditions` still take precedence.
     prompt_template: str | None = None  # e.g. "a photo of a {product} with {defect}"
     good_prompt_template: str = "a photo of a {product}"
     text_encoder: str | None = None  # diffusers folder with tokenizer/ + text_encoder/ (default: pretrained)
@@ -169,7 +169,7 @@ EVAL_SOURCES = ("none", "cutpaste", "lora", "apo")
 
 @dataclass
 class EvalConfig:
-    """``apo-fast eval``: generation metrics and the downstream detector test (see :mod:`apo_fast.evaluate`).
+    """``apo-fast eval``: generation metrics and the downstream detector test (see :mod:`apo_fast.eval.evaluate`).
 
     The defaults are the demo-size settings (32 px, a CPU in minutes). Synthetic
     sources: ``none`` (normals only), ``cutpaste``, ``lora`` (plain LoRA
@@ -444,11 +444,11 @@ def validate_config(cfg: APOConfig) -> None:
     _positive("model.num_train_timesteps", m.num_train_timesteps)
     _positive("model.cond_tokens", m.cond_tokens)
     if m.pretrained is None:
-        from apo_fast.unet_presets import UNET_PRESETS
+        from apo_fast.models.presets import UNET_PRESETS
 
         _choice("model.preset", m.preset, tuple(UNET_PRESETS))
     if m.prompt_template is not None:
-        from apo_fast.text_conditions import check_template
+        from apo_fast.models.text_encoders import check_template
 
         for key, template in (("model.prompt_template", m.prompt_template),
                               ("model.good_prompt_template", m.good_prompt_template)):

@@ -2,7 +2,7 @@
 
 The kernels live in ``apo_fast.kernels.apo_loss``; the PyTorch reference and the
 public :func:`apo_fast.loss.apo_loss` (which dispatches here on CUDA) live in
-``apo_fast.loss``.
+``apo_fast.losses``.
 
 Forward: one pass over (policy, reference, target[, mask]) gives each sample's
 chunk partial sums; one single-program kernel turns them into the loss,
@@ -30,16 +30,14 @@ import functools
 
 import torch
 
-from apo_fast.backend import interpreter_enabled
 from apo_fast.kernels import apo_loss as K
-from apo_fast.loss import (
-    FUSED_DTYPES,
-    NUM_METRIC_SLOTS,
-    beta_per_term,
+from apo_fast.ops.apo_loss.checks import (
     check_number,
     validate_mask,
     validate_predictions,
 )
+from apo_fast.ops.apo_loss.naive import FUSED_DTYPES, NUM_METRIC_SLOTS, beta_per_term
+from apo_fast.ops.backend import interpreter_enabled
 
 MAX_SAMPLE_NUMEL = 2**31 - 2**20  # in-sample offsets are 32-bit
 MAX_CHUNKS = 1024  # chunk partials per sample (the finalize kernel holds them in registers)

@@ -24,10 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import socket
+import sys
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from apo_fast.config import APOConfig
+    from apo_fast.training.model import APOModel
 
 __all__ = [
     "OWNED_DEEPSPEED_KEYS",
@@ -246,3 +254,120 @@ def client_optimizer(optimizer) -> torch.optim.Optimizer:
         if seen > 8:
             break
     return optimizer
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def ensure_distributed_env() -> bool:
+    """Set the single-process rendezvous variables when no launcher did. Returns True if set here."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return True
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index means this rank's GPU (``LOCAL_RANK`` of the launcher)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def clips_outside_deepspeed(cfg: APOConfig) -> bool:
+    """Whether the trainer clips the gradient norm itself rather than DeepSpeed.
+
+    At ZeRO stage 0 in fp32, DeepSpeed clips with a Python loop over every module
+    parameter (the frozen base UNet included); the trainer then clips the
+    trainable parameters with torch's foreach ``clip_grad_norm_`` instead (the
+    same rule: scale by ``max_norm / (norm + 1e-6)`` when the norm exceeds
+    ``max_norm``). ZeRO 1-3 and the bf16/fp16 optimizers keep DeepSpeed's
+    clipping: there the gradients are partitioned or held by DeepSpeed.
+    """
+    return cfg.train.zero_stage == 0 and cfg.train.mixed_precision == "no" and cfg.optim.max_grad_norm > 0
+
+
+def deepspeed_config(cfg: APOConfig, micro_batch: int) -> dict:
+    """The DeepSpeed config of a run: ZeRO stage, offload, precision and batch from
+    ``cfg.train``, then ``cfg.train.deepspeed`` merged over it (bucket sizes, ZeRO-3
+    prefetch/persistence, loss-scale settings...; entries that ``train.*`` fields
+    own are refused with a ValueError naming the field).
+
+    The optimizer is always the client optimizer of :func:`build_optimizer`; with
+    ZeRO, bitsandbytes' 8-bit optimizers are "untested" to DeepSpeed and need
+    ``zero_allow_untested_optimizer``, and a client optimizer other than
+    DeepSpeedCPUAdam under ZeRO-Offload needs ``zero_force_ds_cpu_optimizer: false``.
+    """
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    base = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(cfg) else max(cfg.optim.max_grad_norm, 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.mixed_precision == "bf16"},
+        # fp16: dynamic loss scaling (loss_scale 0), starting at 2**12.
+        "fp16": {"enabled": t.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 12},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return merge_deepspeed_overrides(base, t.deepspeed)
+
+
+def build_optimizer(cfg: APOConfig, model: APOModel):
+    """The client optimizer over the trainable parameters (adapters, gates, conditions)."""
+    o = cfg.optim
+    cond_params = [p for p in model.conditions.parameters() if p.requires_grad]
+    cond_ids = {id(p) for p in cond_params}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in cond_ids]
+    groups = [{"params": other, "lr": o.lr}]
+    if cond_params and (o.cond_lr is None or o.cond_lr > 0):
+        groups.append({"params": cond_params, "lr": o.cond_lr if o.cond_lr is not None else o.lr})
+    kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        # torch's fused AdamW (one kernel over all tensors, CPU and CUDA): same update as the loop.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    if o.name == "ds_cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    import bitsandbytes as bnb
+
+    if o.name == "adamw8bit":
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    if o.name == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+    if o.name == "lion8bit":
+        return bnb.optim.Lion8bit(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    raise ValueError(f"optim.name {o.name!r} is not supported")
+
+
+def shutdown_distributed() -> None:
+    """Tear down the process group at the end of a program (two-rank gloo runs can abort at
+    interpreter exit otherwise).
+
+    Goes through DeepSpeed when it set the group up, so DeepSpeed also drops its cached
+    groups and a later trainer in the same process starts cleanly on a new group.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+
+

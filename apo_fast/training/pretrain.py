@@ -76,7 +76,7 @@ def sample_product(unet, conds, cfg: APOConfig, cond_id: int, num: int, *, seed:
 
 
 def _save_samples(unet, conds, cfg, data, path: Path, num: int = 16) -> None:
-    from apo_fast.sampling import save_grid
+    from apo_fast.sampling.images import save_grid
 
     was_training = unet.training
     unet.eval()
@@ -107,9 +107,22 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
 
     from apo_fast.data import category_augment
     from apo_fast.io_utils import atomic_save, atomic_write_text
-    from apo_fast.models import (ConditionEmbedding, build_scheduler, build_unet, pooled_dim, resolve_device,
-                                 save_unet, set_attention)
-    from apo_fast.train import augment, load_train_data, noisy_inputs, save_conditions, stream_indices
+    from apo_fast.models import (
+        ConditionEmbedding,
+        build_scheduler,
+        build_unet,
+        pooled_dim,
+        resolve_device,
+        save_unet,
+        set_attention,
+    )
+    from apo_fast.training.model import save_conditions
+    from apo_fast.training.streaming import (
+        augment,
+        load_train_data,
+        noisy_inputs,
+        stream_indices,
+    )
 
     p = cfg.pretrain
     out_dir = Path(out_dir)

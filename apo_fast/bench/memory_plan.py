@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from apo_fast.unet_presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
+from apo_fast.models.presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
 
 MIB = 2**20
 GIB = 2**30
@@ -468,7 +468,11 @@ def trace_activations(
         attention: ``naive`` or a fused kind (``sdpa``, ``xformers``, ``auto``).
         targets, rank: the adapter (LoRA) placement and rank.
     """
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnProcessor,
+        AttnProcessor2_0,
+    )
 
     unet = build_meta_unet(unet_cfg, dtype)
     naive = attention == "naive"

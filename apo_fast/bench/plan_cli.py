@@ -1,4 +1,4 @@
-"""``apo-fast plan-memory``: the memory planner (:mod:`apo_fast.memory_plan`) for a run config.
+"""``apo-fast plan-memory``: the memory planner (:mod:`apo_fast.bench.memory_plan`) for a run config.
 
 :func:`planner_settings` maps an :class:`~apo_fast.config.APOConfig` to the
 planner's settings dict:
@@ -71,7 +71,7 @@ def _vae_geometry(cfg: APOConfig, use_local: bool = True) -> dict:
 def _unet_config(cfg: APOConfig, in_channels: int, preset: str | None = None) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.models.presets import UNET_PRESETS
 
     m = cfg.model
     if preset is not None:
@@ -98,7 +98,7 @@ def _unet_config(cfg: APOConfig, in_channels: int, preset: str | None = None) ->
 
 def _num_conditions(cfg: APOConfig) -> int:
     """Named conditions (``good`` + defect types); the dataset folder is listed, not read."""
-    from apo_fast.train import resolve_data_root
+    from apo_fast.data import resolve_data_root
 
     d = cfg.data
     if d.defect_types:
@@ -114,7 +114,7 @@ def _num_conditions(cfg: APOConfig) -> int:
 
 def _extra_trainable(cfg: APOConfig, cross_attention_dim: int) -> int:
     from apo_fast.adapters import build_gate
-    from apo_fast.train import adapter_config
+    from apo_fast.training.model import adapter_config
 
     conditions = (_num_conditions(cfg) + 1) * cfg.model.cond_tokens * cross_attention_dim  # + the null row
     gate = build_gate(adapter_config(cfg).gate, cfg.adapter.rank)
@@ -122,7 +122,7 @@ def _extra_trainable(cfg: APOConfig, cross_attention_dim: int) -> int:
 
 
 def planner_settings(cfg: APOConfig, world_size: int = 1, unet_preset: str | None = None) -> dict[str, Any]:
-    """The :func:`apo_fast.memory_plan.plan_memory` settings for run config ``cfg``
+    """The :func:`apo_fast.bench.memory_plan.plan_memory` settings for run config ``cfg``
     (see the module docstring for the mapping).
 
     ``unet_preset`` (``tiny``/``sd15``/``sdxl``) replaces ``model.pretrained``/``model.preset``:
@@ -143,7 +143,7 @@ def planner_settings(cfg: APOConfig, world_size: int = 1, unet_preset: str | Non
         size //= vae["scale_factor"]
     cross = unet.get("cross_attention_dim", 1280)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    from apo_fast.unet_presets import UNET_PRESETS
+    from apo_fast.models.presets import UNET_PRESETS
 
     preset_name = next((n for n, c in UNET_PRESETS.items() if dict(c) == unet), None)  # named in the report
     t = cfg.train
@@ -175,7 +175,7 @@ def planner_settings(cfg: APOConfig, world_size: int = 1, unet_preset: str | Non
 
 def plan_for_config(cfg: APOConfig, world_size: int = 1, unet_preset: str | None = None):
     """``(MemoryPlan, model name)`` for run config ``cfg`` on ``world_size`` ranks."""
-    from apo_fast.memory_plan import plan_memory
+    from apo_fast.bench.memory_plan import plan_memory
 
     if unet_preset is not None:
         name = f"preset {unet_preset}"

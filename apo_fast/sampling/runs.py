@@ -20,7 +20,8 @@ from apo_fast.models import (
     set_attention,
     vae_scale_factor,
 )
-from apo_fast.sampling import hierarchical_sample, overlay, save_grid, save_images
+from apo_fast.sampling.hierarchical import hierarchical_sample
+from apo_fast.sampling.images import overlay, save_grid, save_images
 
 
 @dataclass
@@ -38,7 +39,7 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     from safetensors import safe_open
 
     from apo_fast.adapters import load_adapters
-    from apo_fast.train import load_conditions
+    from apo_fast.training.model import load_conditions
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -140,8 +141,12 @@ def generate_for_defect(
 
 def heldout_guides(cfg: APOConfig, defect: str, num: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normal test images and held-out real masks of ``defect`` (cycled) for mask-guided runs."""
-    from apo_fast.data import AnomalyDataset, NormalDataset, scan_mvtec
-    from apo_fast.train import resolve_data_root
+    from apo_fast.data import (
+        AnomalyDataset,
+        NormalDataset,
+        resolve_data_root,
+        scan_mvtec,
+    )
 
     index = scan_mvtec(resolve_data_root(cfg.data.root), cfg.data.category, cfg.data.defect_types, cfg.data.shots)
     normals = NormalDataset(index, cfg.data.image_size, split="test")

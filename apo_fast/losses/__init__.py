@@ -1,0 +1,35 @@
+"""The loss family, all under one output contract (:class:`APOLossOutput`).
+
+| loss | where | what |
+|---|---|---|
+| :func:`apo_loss` | :mod:`apo_fast.ops.apo_loss` (the fused op) | APO (unpaired) and its Diffusion-DPO form (paired) |
+| :func:`diffusion_dpo_loss` | :mod:`.dpo` | the public Diffusion-DPO scripts' numbers, convention by convention |
+| :func:`diffusion_loss` | :mod:`.diffusion` | plain mask-weighted diffusion loss (the LoRA baseline) |
+| :func:`beta_schedule` | :mod:`.schedules` | the per-sample temperature ``beta_t`` |
+
+Every form returns ``loss``, per-sample ``e_theta`` / ``e_ref`` and the metrics vector laid
+out by :data:`METRIC_SLOTS`; a new form adds a module here and fills the same contract.
+"""
+from apo_fast.losses.diffusion import diffusion_loss
+from apo_fast.losses.dpo import DPO_CONVENTIONS, diffusion_dpo_loss
+from apo_fast.losses.schedules import BETA_SCHEDULES, beta_schedule
+from apo_fast.ops.apo_loss import apo_loss
+from apo_fast.ops.apo_loss.naive import (
+    METRIC_SLOTS,
+    NUM_METRIC_SLOTS,
+    APOLossOutput,
+    metric_names_for,
+)
+
+__all__ = [
+    "APOLossOutput",
+    "BETA_SCHEDULES",
+    "DPO_CONVENTIONS",
+    "METRIC_SLOTS",
+    "NUM_METRIC_SLOTS",
+    "apo_loss",
+    "beta_schedule",
+    "diffusion_dpo_loss",
+    "diffusion_loss",
+    "metric_names_for",
+]
