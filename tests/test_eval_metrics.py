@@ -10,7 +10,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from apo_fast.eval import generation, metrics, pretrained
+from apo_fast.eval import generation_metrics as generation
+from apo_fast.eval import metrics, pretrained
 from apo_fast.eval.metrics import (
     MissingWeightsError,
     UndefinedMetricError,
