@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from apo_fast.config.choices import GATE_KINDS
+
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config file (see configs/)")
@@ -206,7 +208,7 @@ def cmd_bench(args) -> int:
     )
 
     cfg = StepBenchConfig(
-        model=args.model, batch=args.batch, rank=args.rank, precision=args.precision, steps=args.steps,
+        model=args.model, batch=args.batch, r=args.rank, precision=args.precision, steps=args.steps,
         warmup=args.warmup, device=args.device, resolution=args.resolution, cond_tokens=args.cond_tokens,
         gate=args.gate, gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
         attention=args.attention, seed=args.seed, threads=args.threads,
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: tiny 32, sd15 512, sdxl 1024)")
     p.add_argument("--cond-tokens", type=int, default=None, help="condition tokens (default: SD 77, tiny 4)")
-    p.add_argument("--gate", choices=("rank_prefix", "constant", "sigmoid", "learned"), default="rank_prefix",
+    p.add_argument("--gate", choices=GATE_KINDS, default="rank_prefix",
                    help="apo-fast's timestep gate (constant = the baseline's plain LoRA)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit on both sides")

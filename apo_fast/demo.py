@@ -23,7 +23,7 @@ DEMO_CONFIG: dict = {
     "model": {"preset": "tiny", "num_train_timesteps": 1000, "noise_schedule": "squaredcos_cap_v2", "cond_tokens": 4,
               "prediction_type": "v_prediction"},
     "data": {"root": "builtin:demo", "category": "brick", "shots": "third", "image_size": 32, "augment": True},
-    "adapter": {"rank": 8, "alpha": 8.0, "gate": {"kind": "rank_prefix"}},
+    "adapter": {"r": 8, "lora_alpha": 8.0, "gate": {"kind": "rank_prefix"}},
     "loss": {"mode": "unpaired", "beta": 5000.0, "beta_schedule": "dlogsnr", "lambda_mask": 2.0, "lambda_sft": 0.0},
     "optim": {"name": "adamw", "lr": 1e-3, "cond_lr": 1e-2},
     "train": {"steps": 200, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},

@@ -19,9 +19,9 @@ from apo_fast.bench.step import StepBenchConfig, run_step_benchmark
 
 CASES = {
     # name: (config, needs CUDA)
-    "tiny_b4_r16": (StepBenchConfig(model="tiny", batch=4, rank=16, steps=10, warmup=2, threads=1), False),
-    "sd15_512_b8_r16_bf16": (StepBenchConfig(model="sd15", batch=8, rank=16, precision="bf16", steps=10, warmup=3), True),
-    "sdxl_1024_b1_r16_bf16": (StepBenchConfig(model="sdxl", batch=1, rank=16, precision="bf16", steps=5, warmup=2), True),
+    "tiny_b4_r16": (StepBenchConfig(model="tiny", batch=4, r=16, steps=10, warmup=2, threads=1), False),
+    "sd15_512_b8_r16_bf16": (StepBenchConfig(model="sd15", batch=8, r=16, precision="bf16", steps=10, warmup=3), True),
+    "sdxl_1024_b1_r16_bf16": (StepBenchConfig(model="sdxl", batch=1, r=16, precision="bf16", steps=5, warmup=2), True),
 }
 
 

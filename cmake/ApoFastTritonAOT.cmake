@@ -60,6 +60,9 @@ function(apo_fast_triton_aot)
   string(REPLACE ";" "," archs "${AOT_ARCHS}")
   set(src "${PROJECT_SOURCE_DIR}")
   file(GLOB kernel_sources CONFIGURE_DEPENDS "${src}/kernels/*.py")
+  # the generator and the host constants it reads (tile sizes, rank padding)
+  file(GLOB host_sources CONFIGURE_DEPENDS "${src}/apo_fast/aot/*.py" "${src}/apo_fast/ops/apo_loss/*.py"
+       "${src}/apo_fast/ops/gated_lora/*.py")
   set(outputs
     "${AOT_OUT_DIR}/apo_fast_kernels_cubins.c"
     "${AOT_OUT_DIR}/apo_fast_kernels_args.h"
@@ -71,9 +74,7 @@ function(apo_fast_triton_aot)
       --out-dir "${AOT_OUT_DIR}" --archs "${archs}" --jobs ${APO_FAST_KERNELS_AOT_JOBS}
     DEPENDS
       ${kernel_sources}
-      "${src}/apo_fast/kernels_aot.py"
-      "${src}/apo_fast/ops/apo_loss.py"
-      "${src}/apo_fast/ops/gated_lora.py"
+      ${host_sources}
     WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
     COMMENT "Compiling the Triton kernels ahead of time for archs ${archs} (python -m apo_fast.aot.library)"
     VERBATIM)

@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from apo_fast.eval import generation_metrics as generation
+from apo_fast.eval import generation_metrics as gen_metrics
 from apo_fast.eval import metrics, pretrained
 from apo_fast.eval.metrics import (
     MissingWeightsError,
@@ -418,13 +418,13 @@ def test_generation_metrics_skip_only_what_lacks_weights(tmp_path, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     generated = torch.rand(6, 3, 32, 32, generator=gen) * 2 - 1
     train = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
-    res = generation.generation_metrics(generated, train)
-    assert set(res["metrics"]) == set(generation.WEIGHT_FREE_METRICS)
+    res = gen_metrics.generation_metrics(generated, train)
+    assert set(res["metrics"]) == set(gen_metrics.WEIGHT_FREE_METRICS)
     assert all(math.isfinite(v) and v > 0 for v in res["metrics"].values())
-    assert set(res["skipped"]) == set(generation.PRETRAINED_METRICS)
+    assert set(res["skipped"]) == set(gen_metrics.PRETRAINED_METRICS)
     assert all(isinstance(m, str) and m for m in res["skipped"].values())
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        generation.generation_metrics(generated * 255, train)
+        gen_metrics.generation_metrics(generated * 255, train)
 
 
 class _FakeInception(nn.Module):

@@ -164,7 +164,7 @@ def test_lora_baseline_is_the_same_run_with_constant_gate_and_plain_loss(evaluat
     assert (apo.loss.mode, apo.adapter.gate.kind) == ("unpaired", "rank_prefix")
     assert (lora.loss.mode, lora.adapter.gate.kind) == ("diffusion", "constant")
     assert lora.train.steps == apo.train.steps and lora.model == apo.model and lora.optim == apo.optim
-    assert lora.adapter.rank == apo.adapter.rank and lora.data == apo.data
+    assert lora.adapter.r == apo.adapter.r and lora.data == apo.data
     # A trained baseline is reused; one trained with other settings is refused, not mixed in.
     assert ensure_lora_run(root / "run", train_missing=False) == root / "run-lora"
     other = root / "other-lora"

@@ -42,12 +42,12 @@ def test_planner_settings_follow_the_run_config(tmp_path):
     cfg = demo_config(None, [
         "train.zero_stage=3", "train.offload_optimizer=true", "train.mixed_precision=bf16",
         "train.gradient_checkpointing=true", "train.attention=sdpa", "train.batch_size=3", "loss.mode=paired",
-        "adapter.rank=16", "optim.name=adamw8bit", "model.cond_tokens=6",
+        "adapter.r=16", "optim.name=adamw8bit", "model.cond_tokens=6",
         "train.deepspeed={zero_optimization: {reduce_bucket_size: 2.0e+7, stage3_prefetch_bucket_size: 1000}}",
     ])
     s = planner_settings(cfg, world_size=2)
     assert s["unet"]["in_channels"] == 3  # the tiny preset on pixels
-    assert (s["latent_size"], s["batch_size"], s["paired"], s["condition_tokens"], s["rank"]) == (32, 3, True, 6, 16)
+    assert (s["latent_size"], s["batch_size"], s["paired"], s["condition_tokens"], s["r"]) == (32, 3, True, 6, 16)
     assert (s["precision"], s["gradient_checkpointing"]) == ("bf16", True)
     assert (s["attention"], s["optimizer"]) == ("sdpa", "adamw8bit")
     assert (s["zero_stage"], s["world_size"], s["offload_optimizer"], s["offload_params"]) == (3, 2, True, False)

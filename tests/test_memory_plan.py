@@ -25,7 +25,7 @@ TINY_FULL_RES = dict(
 
 
 def tiny(**overrides):
-    cfg = dict(unet="tiny", batch_size=2, rank=4, precision="fp32", condition_tokens=8)
+    cfg = dict(unet="tiny", batch_size=2, r=4, precision="fp32", condition_tokens=8)
     cfg.update(overrides)
     return cfg
 
@@ -58,7 +58,7 @@ def test_lora_param_count_tiny_by_hand(rank):
     # self-attention q, k, v, out: 64 -> 64, r * (64 + 64) each          -> 4 * 128 r
     # cross-attention q, out: 64 -> 64; k, v: 32 (context) -> 64          -> 2 * 128 r + 2 * 96 r
     per_block = 4 * 128 + 2 * 128 + 2 * 96
-    plan = plan_memory(tiny(rank=rank))
+    plan = plan_memory(tiny(r=rank))
     assert plan.params_trainable == 4 * per_block * rank
     shapes = adapter_shapes(build_meta_unet(UNET_PRESETS["tiny"]), TARGETS, rank)
     assert len(shapes) == 4 * 8
@@ -72,7 +72,7 @@ def test_adapter_targets_must_match_something():
 
 
 def test_sd15_adapter_count_and_weights():
-    plan = plan_memory(dict(unet="sd15", resolution=256, rank=16, gradient_checkpointing=True))
+    plan = plan_memory(dict(unet="sd15", resolution=256, r=16, gradient_checkpointing=True))
     # 16 transformer blocks; per channel width C: self 4 * r * 2C, cross 2 * r * 2C + 2 * r * (768 + C)
     widths = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
     expected = sum(16 * (4 * 2 * c + 2 * 2 * c + 2 * (768 + c)) for c in widths)
@@ -119,7 +119,7 @@ def test_activation_estimate_matches_real_saved_tensors(unet_cfg, attention):
     batch, hw, tokens, rank = 2, ((32, 32) if unet_cfg is UNET_PRESETS["tiny"] else (16, 16)), 8, 4
     real = _measure_saved_bytes(unet_cfg, batch, hw, tokens, attention, rank)
     trace = trace_activations(unet_cfg, batch=batch, latent_hw=hw, condition_tokens=tokens,
-                              dtype=torch.float32, attention=attention, targets=TARGETS, rank=rank)
+                              dtype=torch.float32, attention=attention, targets=TARGETS, r=rank)
     assert abs(trace.saved - real) <= 0.30 * real, (trace.saved, real)
     assert trace.checkpointed < trace.saved
 
@@ -144,17 +144,17 @@ def test_checkpointed_estimate_matches_profiled_peak():
     totals = [sum(s) for s in sizes]
     measured = max(totals) - totals[0]
     trace = trace_activations(cfg, batch=2, latent_hw=(32, 32), condition_tokens=8, dtype=torch.float32,
-                              attention="sdpa", targets=TARGETS, rank=4)
+                              attention="sdpa", targets=TARGETS, r=4)
     assert abs(trace.checkpointed - measured) <= 0.30 * measured, (trace.checkpointed, measured)
 
 
 def test_activations_scale_with_batch_and_dtype():
     base = trace_activations(UNET_PRESETS["tiny"], batch=2, latent_hw=(16, 16), condition_tokens=8,
-                             dtype=torch.float32, attention="sdpa", targets=TARGETS, rank=4)
+                             dtype=torch.float32, attention="sdpa", targets=TARGETS, r=4)
     double = trace_activations(UNET_PRESETS["tiny"], batch=4, latent_hw=(16, 16), condition_tokens=8,
-                               dtype=torch.float32, attention="sdpa", targets=TARGETS, rank=4)
+                               dtype=torch.float32, attention="sdpa", targets=TARGETS, r=4)
     half = trace_activations(UNET_PRESETS["tiny"], batch=2, latent_hw=(16, 16), condition_tokens=8,
-                             dtype=torch.bfloat16, attention="sdpa", targets=TARGETS, rank=4)
+                             dtype=torch.bfloat16, attention="sdpa", targets=TARGETS, r=4)
     assert double.saved == pytest.approx(2 * base.saved, rel=0.02)
     assert half.saved < 0.6 * base.saved  # bf16 halves all but the fp32 statistics
     assert set(base.by_block) >= {"down_blocks.1", "mid_block", "up_blocks.0"}
@@ -173,18 +173,18 @@ def test_checkpointing_lowers_activations():
 
 
 def test_zero2_on_two_ranks_lowers_grads_and_optimizer_per_rank():
-    z0 = plan_memory(tiny(rank=64))
-    z2 = plan_memory(tiny(rank=64, zero_stage=2, world_size=2))
+    z0 = plan_memory(tiny(r=64))
+    z2 = plan_memory(tiny(r=64, zero_stage=2, world_size=2))
     assert z2.grads + z2.optimizer < z0.grads + z0.optimizer
     assert z2.grads == pytest.approx(z0.grads / 2, abs=4)
     assert z2.weights == z0.weights  # the frozen base is replicated below stage 3
-    z3 = plan_memory(tiny(rank=64, zero_stage=3, world_size=2))
+    z3 = plan_memory(tiny(r=64, zero_stage=3, world_size=2))
     assert z3.weights == pytest.approx(z0.weights / 2, abs=4)
 
 
 def test_eight_bit_optimizer_lowers_optimizer_state():
-    adam = plan_memory(tiny(rank=64))
-    adam8 = plan_memory(tiny(rank=64, optimizer="adamw8bit"))
+    adam = plan_memory(tiny(r=64))
+    adam8 = plan_memory(tiny(r=64, optimizer="adamw8bit"))
     assert adam8.optimizer < adam.optimizer
     assert optimizer_state_bytes("adamw", [4096], flat=False) == 2 * 4 * 4096
     assert optimizer_state_bytes("adamw8bit", [4096], flat=False) == 2 * (4096 + 4 * 16)
@@ -199,8 +199,8 @@ def test_eight_bit_optimizer_lowers_optimizer_state():
 
 
 def test_mixed_precision_adds_master_weights():
-    fp32 = plan_memory(tiny(rank=64))
-    bf16 = plan_memory(tiny(rank=64, precision="bf16"))
+    fp32 = plan_memory(tiny(r=64))
+    bf16 = plan_memory(tiny(r=64, precision="bf16"))
     assert bf16.trainable == fp32.trainable // 2
     assert bf16.optimizer == fp32.optimizer + 4 * fp32.params_trainable
     assert bf16.activations < fp32.activations

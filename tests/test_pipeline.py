@@ -61,7 +61,8 @@ def test_sd15_config_loads():
         ("train.steps=0", "train.steps"),
         ("loss.mode=pairwise", "loss.mode"),
         ("train.bogus=1", "train.bogus"),
-        ("adapter.rank=x", "adapter.rank"),
+        ("adapter.r=x", "adapter.r"),
+        ("adapter.rank=x", "adapter.r"),  # the 0.1 name, read as r
         ("train.offload_optimizer=true", "zero_stage"),
         ("data.image_size=30", "multiple of 8"),
         ("loss.lambda_mask=0.5", "lambda_mask"),

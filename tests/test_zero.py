@@ -140,14 +140,14 @@ def test_attention_choice_is_logged_once_and_xformers_on_cpu_is_refused(caplog):
     from apo_fast.models.presets import UNET_PRESETS
 
     unet = UNet2DConditionModel(**dict(UNET_PRESETS["tiny"], in_channels=3, out_channels=3, sample_size=16))
-    with caplog.at_level(logging.INFO, logger="apo_fast.models"):
+    with caplog.at_level(logging.INFO, logger="apo_fast.models.build"):
         assert set_attention(unet, "auto", torch.device("cpu")) == "sdpa"
-    records = [r.getMessage() for r in caplog.records if r.name == "apo_fast.models"]
+    records = [r.getMessage() for r in caplog.records if r.name == "apo_fast.models.build"]
     assert len(records) == 1 and "SDPA" in records[0] and "xformers unavailable" in records[0]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="apo_fast.models"):
+    with caplog.at_level(logging.INFO, logger="apo_fast.models.build"):
         assert set_attention(unet, "sdpa", torch.device("cpu")) == "sdpa"
-    assert [r.getMessage() for r in caplog.records if r.name == "apo_fast.models"] == ["attention: PyTorch SDPA"]
+    assert [r.getMessage() for r in caplog.records if r.name == "apo_fast.models.build"] == ["attention: PyTorch SDPA"]
     with pytest.raises(ValueError, match="xformers has no kernels for device cpu"):
         set_attention(unet, "xformers", torch.device("cpu"))
     with pytest.raises(ValueError, match="train.attention must be"):
@@ -362,7 +362,7 @@ def test_8bit_optimizer_state_is_uint8(tmp_path, name, stage):
 
     classes = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
     moments = ("state1",) if name == "lion8bit" else ("state1", "state2")
-    common = (f"optim.name={name}", f"train.zero_stage={stage}", "adapter.rank=64", "train.checkpoint_every=2")
+    common = (f"optim.name={name}", f"train.zero_stage={stage}", "adapter.r=64", "train.checkpoint_every=2")
     trainer, _ = run_train(tiny_cfg(tmp_path, *common, "train.steps=2"))
     opt = client_optimizer(trainer.engine.optimizer)
     assert type(opt).__name__ == classes[name]

@@ -30,13 +30,13 @@ Timesteps outside ``[0, T]`` are clamped into it (no device sync to check them).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from apo_fast.config.adapter import GATE_KINDS, GateConfig
 
 __all__ = [
     "GATE_KINDS",
@@ -51,96 +51,10 @@ __all__ = [
     "timestep_embedding",
 ]
 
-GATE_KINDS = ("rank_prefix", "constant", "sigmoid", "learned")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """How the adapter's rank dimensions are gated by the timestep.
-
-    Attributes:
-        kind: one of ``GATE_KINDS`` (see the module docstring).
-        r_min: active dims at ``t = T``; ``None`` means ``max(1, r_max // 4)``.
-        r_max: active dims at ``t = 0``; ``None`` means the adapter's rank ``r``.
-        num_train_timesteps: ``T``, the scheduler's number of training steps.
-        temperature: soft-edge width in rank dims (``sigmoid``, and the
-            ``learned`` gate's starting point); must be > 0.
-        embedding_dim: sinusoidal timestep embedding size (``learned``; even).
-        hidden_size: hidden width of the gate MLP (``learned``).
-    """
-
-    kind: str = "rank_prefix"
-    r_min: int | None = None
-    r_max: int | None = None
-    num_train_timesteps: int = 1000
-    temperature: float = 1.0
-    embedding_dim: int = 64
-    hidden_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.kind not in GATE_KINDS:
-            raise ValueError(f"GateConfig.kind must be one of {GATE_KINDS}, got {self.kind!r}")
-        for name in ("r_min", "r_max"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"GateConfig.{name} must be an int >= 1 or None, got {value!r}")
-        if self.r_min is not None and self.r_max is not None and self.r_min > self.r_max:
-            raise ValueError(
-                f"GateConfig.r_min ({self.r_min}) must be <= GateConfig.r_max ({self.r_max})"
-            )
-        if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
-            raise ValueError(
-                "GateConfig.num_train_timesteps must be an int >= 1, "
-                f"got {self.num_train_timesteps!r}"
-            )
-        temperature = self.temperature
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(f"GateConfig.temperature must be a finite number > 0, got {temperature!r}")
-        if not _is_int(self.embedding_dim) or self.embedding_dim < 2 or self.embedding_dim % 2:
-            raise ValueError(
-                f"GateConfig.embedding_dim must be an even int >= 2, got {self.embedding_dim!r}"
-            )
-        if not _is_int(self.hidden_size) or self.hidden_size < 1:
-            raise ValueError(f"GateConfig.hidden_size must be an int >= 1, got {self.hidden_size!r}")
-
-    @property
-    def is_constant(self) -> bool:
-        return self.kind == "constant"
-
-    def rank_range(self, rank: int) -> tuple[int, int]:
-        """``(r_min, r_max)`` resolved for an adapter of rank ``rank``; validated."""
-        if not _is_int(rank) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        r_max = self.r_max if self.r_max is not None else rank
-        if r_max > rank:
-            raise ValueError(f"GateConfig.r_max ({r_max}) must be <= the adapter rank ({rank})")
-        r_min = self.r_min if self.r_min is not None else max(1, r_max // 4)
-        if r_min > r_max:
-            raise ValueError(f"GateConfig.r_min ({r_min}) must be <= r_max ({r_max}) for rank {rank}")
-        return r_min, r_max
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GateConfig":
-        """Build from a mapping (YAML/JSON); unknown keys raise ValueError."""
-        if not isinstance(data, dict):
-            raise TypeError(f"gate config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown gate config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 def _timesteps_as_float(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from apo_fast.adapters.gates import GateConfig, build_gate
+from apo_fast.adapters.gates import build_gate
 from apo_fast.adapters.layer import GatedLoRAConv2d, GatedLoRALinear
 from apo_fast.adapters.state import (
     GATE_MODULE_NAME,
@@ -38,7 +36,7 @@ from apo_fast.adapters.state import (
     get_gate_state,
     install_gate,
 )
-from apo_fast.ops.backend import BACKENDS
+from apo_fast.config.adapter import DEFAULT_TARGET_MODULES, AdapterConfig, GateConfig
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -52,91 +50,8 @@ __all__ = [
     "set_gate",
 ]
 
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 # The adapter layer for each base layer type that takes one.
 LAYER_FOR = {nn.Linear: GatedLoRALinear, nn.Conv2d: GatedLoRAConv2d}
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Which layers get adapters and how.
-
-    Attributes:
-        r: adapter rank.
-        lora_alpha: scaling numerator; ``None`` means ``r`` (scaling 1, the
-            diffusers training scripts' choice).
-        target_modules: module-path suffixes (peft rule: a module matches if its
-            path equals the entry or ends with ``"." + entry``).
-        gate: the timestep gate (a ``GateConfig`` or a mapping for one).
-        adapter_name: peft adapter name (dropped in saved files).
-        dropout: LoRA dropout on the adapter branch's input (0 keeps the fused path).
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``None`` (environment).
-    """
-
-    r: int = 4
-    lora_alpha: float | None = None
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    gate: GateConfig = field(default_factory=GateConfig)
-    adapter_name: str = "default"
-    dropout: float = 0.0
-    backend: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"AdapterConfig.r must be an int >= 1, got {self.r!r}")
-        alpha = self.lora_alpha
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0):
-            raise ValueError(f"AdapterConfig.lora_alpha must be a number > 0 or None, got {alpha!r}")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            targets = (targets,)
-        if not isinstance(targets, (list, tuple)) or not targets:
-            raise ValueError(f"AdapterConfig.target_modules must be a non-empty list of names, got {targets!r}")
-        for name in targets:
-            if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
-                raise ValueError(f"AdapterConfig.target_modules entries must be module-path suffixes, got {name!r}")
-        object.__setattr__(self, "target_modules", tuple(targets))
-        gate = self.gate
-        if isinstance(gate, dict):
-            gate = GateConfig.from_dict(gate)
-        if not isinstance(gate, GateConfig):
-            raise TypeError(f"AdapterConfig.gate must be a GateConfig or a mapping, got {type(gate).__name__}")
-        gate.rank_range(self.r)
-        object.__setattr__(self, "gate", gate)
-        if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
-            raise ValueError(
-                f"AdapterConfig.adapter_name must be a non-empty name without dots, got {self.adapter_name!r}"
-            )
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"AdapterConfig.dropout must be a number in [0, 1), got {dropout!r}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"AdapterConfig.backend must be one of {BACKENDS} or None, got {self.backend!r}")
-
-    @property
-    def alpha(self) -> float:
-        """``lora_alpha`` resolved (``r`` when unset)."""
-        return self.r if self.lora_alpha is None else self.lora_alpha
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        """Build from a mapping (YAML/JSON); unknown keys raise ValueError."""
-        if not isinstance(data, dict):
-            raise TypeError(f"adapter config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown adapter config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 def _matches(path: str, targets: tuple[str, ...]) -> bool:

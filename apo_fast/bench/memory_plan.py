@@ -21,7 +21,8 @@ key                        default                meaning
 ``batch_size``             1                      samples per rank per micro-batch
 ``paired``                 False                  paired (Diffusion-DPO) mode: the UNet sees 2x batch
 ``condition_tokens``       77                     sequence length of ``encoder_hidden_states``
-``rank``                   16                     adapter (LoRA) rank
+``r``                      16                     adapter (LoRA) rank (``AdapterConfig.r``;
+                                                  ``rank`` is read as ``r``)
 ``target_modules``         to_q,to_k,to_v,to_out.0  module-name suffixes that get an adapter
                                                   (``nn.Linear`` or ``nn.Conv2d``)
 ``extra_trainable_params`` 0                      other trainable parameters (condition embeddings)
@@ -84,15 +85,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from apo_fast.config.choices import DEFAULT_TARGET_MODULES, OPTIMIZERS
 from apo_fast.models.presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
 
 MIB = 2**20
 GIB = 2**30
 
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_KINDS = ("sdpa", "xformers", "auto", "naive")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "ds_cpu_adam")
 
 # Optimizer state per trainable element: (number of moment tensors, 8-bit?).
 _OPTIMIZER_STATES = {
@@ -115,7 +115,7 @@ _DEFAULTS: dict[str, Any] = {
     "batch_size": 1,
     "paired": False,
     "condition_tokens": 77,
-    "rank": 16,
+    "r": 16,
     "target_modules": DEFAULT_TARGET_MODULES,
     "extra_trainable_params": 0,
     "precision": "bf16",
@@ -187,7 +187,7 @@ class MemoryPlan:
         lh, lw = c["latent_hw"]
         lines = [
             f"### Memory plan: {c['unet_name']}, latent {lh}x{lw}, batch {c['batch_size']}"
-            f"{' (paired: x2)' if c['paired'] else ''}, rank {c['rank']}, {c['precision']}",
+            f"{' (paired: x2)' if c['paired'] else ''}, rank {c['r']}, {c['precision']}",
             "",
             f"- parameters: base {self.params_base:,}, trainable {self.params_trainable:,}",
             f"- attention {c['attention']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
@@ -257,13 +257,17 @@ def normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(cfg, Mapping):
         raise TypeError(f"cfg must be a mapping of planner settings, got {type(cfg).__name__}")
+    if "rank" in cfg:  # the 0.1 name of ``r``
+        if "r" in cfg:
+            raise ValueError("give the adapter rank once: r (rank is its old name)")
+        cfg = {("r" if k == "rank" else k): v for k, v in cfg.items()}
     unknown = sorted(set(cfg) - set(_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown memory-plan keys {unknown}; expected a subset of {sorted(_DEFAULTS)}")
     out = {**_DEFAULTS, **cfg}
     out["unet_config"] = unet_config(out["unet"])
     out["unet_name"] = out["unet"] if isinstance(out["unet"], str) else "custom UNet"
-    for key, low in (("batch_size", 1), ("condition_tokens", 1), ("rank", 1), ("extra_trainable_params", 0),
+    for key, low in (("batch_size", 1), ("condition_tokens", 1), ("r", 1), ("extra_trainable_params", 0),
                      ("vae_scale_factor", 1), ("world_size", 1), ("reduce_bucket_elements", 1), ("prefetch_elements", 0)):
         _check_int(out, key, low)
     _check_int(out, "zero_stage", 0, 3)
@@ -338,7 +342,7 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def adapter_shapes(model: nn.Module, targets: tuple[str, ...], rank: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+def adapter_shapes(model: nn.Module, targets: tuple[str, ...], r: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """LoRA ``(A shape, B shape)`` per adapted module: Linear ``A (r, in)``, ``B (out, r)``;
     Conv2d ``A (r, in/groups, kh, kw)``, ``B (out, r, 1, 1)`` (peft's layouts).
 
@@ -349,10 +353,10 @@ def adapter_shapes(model: nn.Module, targets: tuple[str, ...], rank: int) -> dic
         if not _matches(name, targets):
             continue
         if isinstance(module, nn.Linear):
-            shapes[name] = ((rank, module.in_features), (module.out_features, rank))
+            shapes[name] = ((r, module.in_features), (module.out_features, r))
         elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
-            shapes[name] = ((rank, module.in_channels // module.groups, kh, kw), (module.out_channels, rank, 1, 1))
+            shapes[name] = ((r, module.in_channels // module.groups, kh, kw), (module.out_channels, r, 1, 1))
     if not shapes:
         raise ValueError(f"target_modules {list(targets)} match no nn.Linear or nn.Conv2d in the UNet")
     return shapes
@@ -455,7 +459,7 @@ def trace_activations(
     dtype: torch.dtype,
     attention: str,
     targets: tuple[str, ...],
-    rank: int,
+    r: int,
 ) -> ActivationTrace:
     """Trace one APO policy forward of the UNet on meta tensors (see the module docstring).
 
@@ -466,7 +470,7 @@ def trace_activations(
         condition_tokens: ``encoder_hidden_states`` length.
         dtype: weights and activations dtype.
         attention: ``naive`` or a fused kind (``sdpa``, ``xformers``, ``auto``).
-        targets, rank: the adapter (LoRA) placement and rank.
+        targets, r: the adapter (LoRA) placement and rank.
     """
     from diffusers.models.attention_processor import (
         Attention,
@@ -483,7 +487,7 @@ def trace_activations(
     handles = []
 
     # Adapters exactly as peft computes them: y = base(x) + B(A(x)) * scale, only A and B trainable.
-    for name, (a_shape, b_shape) in adapter_shapes(unet, targets, rank).items():
+    for name, (a_shape, b_shape) in adapter_shapes(unet, targets, r).items():
         module = unet.get_submodule(name)
         a = torch.empty(a_shape, device="meta", dtype=dtype, requires_grad=True)
         b = torch.empty(b_shape, device="meta", dtype=dtype, requires_grad=True)
@@ -638,7 +642,7 @@ def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
 
     Args:
         cfg: planner settings (keys and defaults in the module docstring), e.g.
-            ``{"unet": "sd15", "resolution": 512, "batch_size": 4, "rank": 16,
+            ``{"unet": "sd15", "resolution": 512, "batch_size": 4, "r": 16,
             "precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw8bit"}``.
 
     Returns:
@@ -657,7 +661,7 @@ def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
     params_by_type = count_params_by_module_type(unet)
     params_base = sum(params_by_type.values())
     largest_module = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in unet.modules()), default=0)
-    shapes = adapter_shapes(unet, c["target_modules"], c["rank"])
+    shapes = adapter_shapes(unet, c["target_modules"], c["r"])
     del unet
     adapter_sizes = [math.prod(s) for pair in shapes.values() for s in pair]
     if c["extra_trainable_params"]:
@@ -667,7 +671,7 @@ def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
     batch = c["batch_size"] * (2 if c["paired"] else 1)
     trace = trace_activations(
         c["unet_config"], batch=batch, latent_hw=c["latent_hw"], condition_tokens=c["condition_tokens"],
-        dtype=dtype, attention=c["attention"], targets=c["target_modules"], rank=c["rank"],
+        dtype=dtype, attention=c["attention"], targets=c["target_modules"], r=c["r"],
     )
 
     # Parameters: ZeRO-3 partitions every parameter, the frozen base included.

@@ -13,7 +13,7 @@ planner key                    from the run config
                                the VAE config is read when local, else 8) or the image size
 ``batch_size``, ``paired``     ``train.batch_size``, ``loss.mode == "paired"``
 ``condition_tokens``           ``model.cond_tokens``
-``rank``, ``target_modules``   ``adapter.rank``, ``adapter.target_modules``
+``r``, ``target_modules``      ``adapter.r``, ``adapter.target_modules``
 ``extra_trainable_params``     condition embeddings (defect types found under
                                ``data.root``, or ``data.defect_types``) + a learned gate
 ``precision``                  ``train.mixed_precision`` (``no`` is fp32)
@@ -114,10 +114,9 @@ def _num_conditions(cfg: APOConfig) -> int:
 
 def _extra_trainable(cfg: APOConfig, cross_attention_dim: int) -> int:
     from apo_fast.adapters import build_gate
-    from apo_fast.training.model import adapter_config
 
     conditions = (_num_conditions(cfg) + 1) * cfg.model.cond_tokens * cross_attention_dim  # + the null row
-    gate = build_gate(adapter_config(cfg).gate, cfg.adapter.rank)
+    gate = build_gate(cfg.adapter.gate, cfg.adapter.r)
     return conditions + sum(p.numel() for p in gate.parameters())
 
 
@@ -153,7 +152,7 @@ def planner_settings(cfg: APOConfig, world_size: int = 1, unet_preset: str | Non
         "batch_size": t.batch_size,
         "paired": cfg.loss.mode == "paired",
         "condition_tokens": cfg.model.cond_tokens,
-        "rank": cfg.adapter.rank,
+        "r": cfg.adapter.r,
         "target_modules": list(cfg.adapter.target_modules),
         "extra_trainable_params": _extra_trainable(cfg, int(cross)),
         "precision": "fp32" if t.mixed_precision == "no" else t.mixed_precision,

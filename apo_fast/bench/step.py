@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from apo_fast.config.choices import GATE_KINDS
+
 log = logging.getLogger(__name__)
 
 MIB = 2**20
@@ -96,7 +98,7 @@ class StepBenchConfig:
     Attributes:
         model: ``tiny`` (pixel space, the CPU demo UNet), ``sd15`` or ``sdxl`` (latents).
         batch: preference pairs per step (each UNet pass sees ``2 * batch`` images).
-        rank: adapter / LoRA rank (alpha = rank on both sides).
+        r: adapter / LoRA rank (lora_alpha = r on both sides; the CLI flag is ``--rank``).
         precision: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``no``/``fp32``, ``bf16``, ``fp16``.
         steps: timed steps per side; warmup: untimed steps per side first.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
@@ -116,7 +118,7 @@ class StepBenchConfig:
 
     model: str = "tiny"
     batch: int = 4
-    rank: int = 16
+    r: int = 16
     precision: str = "auto"
     steps: int = 20
     warmup: int = 3
@@ -139,7 +141,7 @@ class StepBenchConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name, low in (("batch", 1), ("rank", 1), ("steps", 1), ("warmup", 0), ("seed", 0)):
+        for name, low in (("batch", 1), ("r", 1), ("steps", 1), ("warmup", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -149,7 +151,7 @@ class StepBenchConfig:
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if self.gate not in ("rank_prefix", "constant", "sigmoid", "learned"):
+        if self.gate not in GATE_KINDS:
             raise ValueError(f"gate must be rank_prefix, constant, sigmoid or learned, got {self.gate!r}")
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
@@ -326,7 +328,7 @@ def apo_config_for(cfg: StepBenchConfig, device: torch.device, workdir: Path, va
             "unet": {"addition_embed_type": None} if cfg.model == "sdxl" else {},
         },
         "data": {"root": "builtin:demo", "category": "brick", "image_size": cfg.pixel_size, "augment": False},
-        "adapter": {"rank": cfg.rank, "alpha": float(cfg.rank), "gate": {"kind": cfg.gate}},
+        "adapter": {"r": cfg.r, "lora_alpha": float(cfg.r), "gate": {"kind": cfg.gate}},
         "loss": {
             "mode": "paired",
             "beta": cfg.beta_dpo,
@@ -437,7 +439,7 @@ class BaselineSide:
 
             vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
         bcfg = BaselineDPOConfig(
-            rank=cfg.rank,
+            rank=cfg.r,  # the diffusers script's --rank
             beta_dpo=cfg.beta_dpo,
             learning_rate=cfg.learning_rate,
             mixed_precision=apo.apo_cfg.train.mixed_precision,
@@ -580,7 +582,7 @@ def _notes(cfg: StepBenchConfig, device: torch.device) -> list[str]:
         ),
         (
             f"same UNet config ({cfg.model}, random weights, seed {cfg.seed}), batch {cfg.batch} pairs "
-            f"({2 * cfg.batch} images per UNet pass), rank {cfg.rank}, {cfg.pixel_size} px, "
+            f"({2 * cfg.batch} images per UNet pass), rank {cfg.r}, {cfg.pixel_size} px, "
             f"{cfg.tokens} condition tokens"
         ),
         "steps interleaved A B B A ...; samples/s counts UNet images (2 per pair)",
@@ -793,7 +795,7 @@ def to_markdown(result: dict) -> str:
     sa, sb = a["step_time_s"], b["step_time_s"]
     lines = [
         (
-            f"### Step benchmark: {c['model']}, {c['pixel_size']} px, batch {c['batch']} pairs, rank {c['rank']}, "
+            f"### Step benchmark: {c['model']}, {c['pixel_size']} px, batch {c['batch']} pairs, rank {c['r']}, "
             f"{_precision_label(c['mixed_precision'])}"
         ),
         "",
@@ -868,7 +870,7 @@ def plot_result(result: dict, path: str | Path) -> Path:
     ax.set_title("peak memory (MiB)" + ("" if result["ratios"]["peak_memory"] is not None else ", process RSS"))
     c = result["config"]
     fig.suptitle(
-        f"{c['model']} {c['pixel_size']}px, batch {c['batch']} pairs, rank {c['rank']}, "
+        f"{c['model']} {c['pixel_size']}px, batch {c['batch']} pairs, rank {c['r']}, "
         f"{_precision_label(c['mixed_precision'])}, "
         f"{result['machine'].get('gpu') or 'CPU'}",
         fontsize=10,

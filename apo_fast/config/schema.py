@@ -1,26 +1,35 @@
-"""Typed run configuration, loaded from YAML and validated before any work starts.
+"""The run configuration's sections as typed dataclasses (loaded by :mod:`.loading`,
+checked by :mod:`.checks`).
 
 A config file mirrors :class:`APOConfig`: one mapping per section (``model``,
 ``data``, ``adapter``, ``loss``, ``optim``, ``train``, ``pretrain``, ``sample``,
-``eval``).
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
-naming the offending key (``train.batch_size``) and what was expected.
+``eval``). The ``adapter`` section *is* an :class:`~apo_fast.config.adapter.AdapterConfig`
+(peft's names: ``r``, ``lora_alpha``, ``target_modules``, ``gate``), the object the
+adapters package takes. Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the offending key (``train.batch_size``) and what was expected.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from apo_fast.config.adapter import AdapterConfig
+from apo_fast.config.choices import EVAL_SOURCES
+
+__all__ = [
+    "RUN_DEFAULTS", "APOConfig", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig",
+    "OptimConfig", "PretrainConfig", "SampleConfig", "TrainConfig", "to_plain",
+]
 
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+# Where a run's default differs from the section class's own default: the run config's
+# adapter rank is 8 (the demo's), while AdapterConfig() keeps r=4 for Python callers.
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {"adapter": {"r": 8}}
 
 
 @dataclass
@@ -65,26 +74,6 @@ class DataConfig:
     image_size: int = 32
     augment: bool = True
     num_workers: int = 0
-
-
-@dataclass
-class GateSettings:
-    """Time-aware capacity allocation gate (APO_SPEC "TACA")."""
-
-    kind: str = "rank_prefix"  # rank_prefix | constant | sigmoid | learned
-    r_min: int | None = None  # default: max(1, r // 4)
-    r_max: int | None = None  # default: r
-    temperature: float = 1.0
-    hidden: int = 64
-
-
-@dataclass
-class AdapterSettings:
-    rank: int = 8
-    alpha: float | None = None  # default: rank (scaling 1)
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    gate: GateSettings = field(default_factory=GateSettings)
 
 
 @dataclass
@@ -164,9 +153,6 @@ class SampleConfig:
     batch_size: int = 8
 
 
-EVAL_SOURCES = ("none", "cutpaste", "lora", "apo")
-
-
 @dataclass
 class EvalConfig:
     """``apo-fast eval``: generation metrics and the downstream detector test (see :mod:`apo_fast.eval.evaluate`).
@@ -211,7 +197,7 @@ class APOConfig:
     output_dir: str = "runs/apo"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(**RUN_DEFAULTS["adapter"]))
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -220,340 +206,21 @@ class APOConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "APOConfig":
+        from apo_fast.config.checks import validate_config
+
         validate_config(self)
         return self
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, tuples and dicts as plain YAML/JSON values."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     return obj
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        arm = args[0] if args else Any
-        out = [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(where + u for u in unknown)}; "
-            f"{cls.__name__} accepts: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a section")
-    node[parts[-1]] = value
-
-
-def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> APOConfig:
-    """Build and validate an :class:`APOConfig` from a plain mapping.
-
-    ``overrides`` are ``section.key=value`` strings (value parsed as YAML), as the
-    CLI's ``--set`` takes them.
-    """
-    data = copy.deepcopy(dict(data or {}))  # overrides write into nested sections
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        dotted, raw = item.split("=", 1)
-        # `--set key=` (nothing after '=') means the empty string, as `--set key=''` does.
-        value = "" if raw.strip() == "" else yaml.safe_load(raw)
-        _set_dotted(data, dotted.strip(), value)
-    cfg = _build(APOConfig, data)
-    return cfg.validate()
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> APOConfig:
-    """Read a YAML config file; errors name the file and the offending key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return config_from_dict(data, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def _looks_local(name: str) -> bool:
-    """A model name meant as a local path rather than a hub id ("org/name")."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def check_paths(cfg: APOConfig) -> None:
-    """Refuse missing data folders and model files with the key named, before any heavy
-    import (torch, diffusers, DeepSpeed take tens of seconds to import on a busy machine).
-
-    Hub ids (``org/name``) are left to the loader, which reads only the local cache.
-    """
-    d, m = cfg.data, cfg.model
-    if d.root != "builtin:demo":
-        root = Path(d.root).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"data.root {d.root!r} is not a folder (expected an MVTec AD layout root)")
-        if not (root / d.category).is_dir():
-            found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-            raise ConfigError(f"data.category {d.category!r}: no folder {root / d.category}; "
-                              f"categories there: {', '.join(found) or 'none'}")
-    for key, value in (("model.pretrained", m.pretrained), ("model.vae", m.vae), ("model.text_encoder", m.text_encoder)):
-        if value and _looks_local(value) and not Path(value).expanduser().is_dir():
-            raise ConfigError(f"{key} {value!r} is not a folder (expected a local diffusers model folder)")
-    if m.pretrained and Path(m.pretrained).expanduser().is_dir() and m.subfolder:
-        sub = Path(m.pretrained).expanduser() / m.subfolder
-        if not sub.is_dir():
-            raise ConfigError(f"model.subfolder {m.subfolder!r}: {sub} is not a folder (set model.subfolder= "
-                              "to the UNet's folder, or to nothing when model.pretrained is the UNet folder itself)")
-    if m.conditions and not Path(m.conditions).expanduser().is_file():
-        raise ConfigError(f"model.conditions {m.conditions!r} is not a file (expected a conditions.safetensors)")
-
-
-def save_config(cfg: APOConfig, path: str | Path) -> None:
-    from apo_fast.io_utils import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if (value < 0) if allow_zero else (value <= 0):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
-
-
-def _schedule_ok(key: str, value: Any) -> None:
-    if isinstance(value, (int, float)):
-        return
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key} must be a number or a list of [fraction, value] pairs; got {value!r}")
-    last = -1.0
-    for i, pair in enumerate(value):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)):
-            raise ConfigError(f"{key}[{i}] must be a [fraction, value] pair of numbers; got {pair!r}")
-        if not 0.0 <= pair[0] <= 1.0 or pair[0] <= last:
-            raise ConfigError(f"{key}[{i}]: fractions must increase within [0, 1]; got {pair[0]!r}")
-        last = pair[0]
-
-
-def validate_config(cfg: APOConfig) -> None:
-    m, d, a, lo, o, t, p, s = cfg.model, cfg.data, cfg.adapter, cfg.loss, cfg.optim, cfg.train, cfg.pretrain, cfg.sample
-    _choice("model.prediction_type", m.prediction_type, ("epsilon", "v_prediction"))
-    _choice("model.noise_schedule", m.noise_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
-    _positive("model.num_train_timesteps", m.num_train_timesteps)
-    _positive("model.cond_tokens", m.cond_tokens)
-    if m.pretrained is None:
-        from apo_fast.models.presets import UNET_PRESETS
-
-        _choice("model.preset", m.preset, tuple(UNET_PRESETS))
-    if m.prompt_template is not None:
-        from apo_fast.models.text_encoders import check_template
-
-        for key, template in (("model.prompt_template", m.prompt_template),
-                              ("model.good_prompt_template", m.good_prompt_template)):
-            try:
-                check_template(key, template)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        if not (m.text_encoder or m.pretrained):
-            raise ConfigError("model.prompt_template needs a text encoder: set model.text_encoder or model.pretrained")
-    if m.latent and not (m.pretrained or m.vae):
-        raise ConfigError("model.latent is true but neither model.pretrained nor model.vae names a VAE")
-    _positive("data.image_size", d.image_size)
-    if d.image_size % 8:
-        raise ConfigError(f"data.image_size must be a multiple of 8; got {d.image_size}")
-    if isinstance(d.shots, str):
-        _choice("data.shots", d.shots, ("third",))
-    else:
-        _positive("data.shots", d.shots)
-    _positive("adapter.rank", a.rank)
-    _positive("adapter.alpha", a.alpha)
-    if not 0.0 <= a.dropout < 1.0:
-        raise ConfigError(f"adapter.dropout must be in [0, 1); got {a.dropout}")
-    if not a.target_modules:
-        raise ConfigError("adapter.target_modules must name at least one module")
-    _choice("adapter.gate.kind", a.gate.kind, ("rank_prefix", "constant", "sigmoid", "learned"))
-    r_min = a.gate.r_min if a.gate.r_min is not None else max(1, a.rank // 4)
-    r_max = a.gate.r_max if a.gate.r_max is not None else a.rank
-    if not 0 <= r_min <= r_max <= a.rank:
-        raise ConfigError(f"adapter.gate needs 0 <= r_min <= r_max <= rank; got r_min={r_min}, r_max={r_max}, rank={a.rank}")
-    _positive("adapter.gate.temperature", a.gate.temperature)
-    _choice("loss.mode", lo.mode, ("unpaired", "paired", "diffusion"))
-    _choice("loss.beta_schedule", lo.beta_schedule, ("dlogsnr", "constant", "snr"))
-    _choice("loss.backend", lo.backend, ("auto", "triton", "torch"))
-    _positive("loss.beta", lo.beta)
-    if lo.lambda_mask < 1.0:
-        raise ConfigError(f"loss.lambda_mask must be >= 1 (1 = unweighted); got {lo.lambda_mask}")
-    _positive("loss.lambda_sft", lo.lambda_sft, allow_zero=True)
-    _choice("optim.name", o.name, ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "ds_cpu_adam"))
-    _positive("optim.lr", o.lr)
-    _positive("optim.cond_lr", o.cond_lr, allow_zero=True)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _positive("optim.max_grad_norm", o.max_grad_norm, allow_zero=True)
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    for i, b in enumerate(o.betas):
-        if not 0.0 <= b < 1.0:
-            raise ConfigError(f"optim.betas[{i}] must be in [0, 1); got {b}")
-    _positive("train.steps", t.steps)
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.grad_accum", t.grad_accum)
-    _choice("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
-    _choice("train.attention", t.attention, ("auto", "xformers", "sdpa"))
-    _choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
-    if t.offload_optimizer and t.zero_stage < 2:
-        raise ConfigError("train.offload_optimizer needs train.zero_stage 2 or 3")
-    if t.offload_params and t.zero_stage != 3:
-        raise ConfigError("train.offload_params needs train.zero_stage 3")
-    if o.name == "ds_cpu_adam" and not t.offload_optimizer:
-        raise ConfigError("optim.name ds_cpu_adam needs train.offload_optimizer: true (ZeRO-Offload)")
-    _positive("train.log_every", t.log_every)
-    _positive("train.checkpoint_every", t.checkpoint_every)
-    _positive("train.keep_checkpoints", t.keep_checkpoints)
-    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
-    if not (t.threads == "auto" or (isinstance(t.threads, int) and t.threads >= 1)):
-        raise ConfigError(f"train.threads must be auto or an integer >= 1; got {t.threads!r}")
-    _positive("pretrain.steps", p.steps, allow_zero=True)
-    _positive("pretrain.batch_size", p.batch_size)
-    _positive("pretrain.lr", p.lr)
-    if not 0.0 <= p.uncond_prob < 1.0:
-        raise ConfigError(f"pretrain.uncond_prob must be in [0, 1); got {p.uncond_prob}")
-    if not 0.0 <= p.ema_decay < 1.0:
-        raise ConfigError(f"pretrain.ema_decay must be in [0, 1); got {p.ema_decay}")
-    _positive("pretrain.warmup_steps", p.warmup_steps, allow_zero=True)
-    _positive("pretrain.checkpoint_every", p.checkpoint_every)
-    _positive("pretrain.sample_every", p.sample_every, allow_zero=True)
-    _positive("sample.num_inference_steps", s.num_inference_steps)
-    _choice("sample.scheduler", s.scheduler, ("ddim", "ddpm"))
-    _schedule_ok("sample.s_text", s.s_text)
-    _schedule_ok("sample.s_align", s.s_align)
-    _positive("sample.num_per_defect", s.num_per_defect)
-    _positive("sample.batch_size", s.batch_size)
-    if not 0.0 < s.mask_threshold < 1.0:
-        raise ConfigError(f"sample.mask_threshold must be in (0, 1); got {s.mask_threshold}")
-    _positive("sample.mask_sigma", s.mask_sigma, allow_zero=True)
-    _validate_eval(cfg.eval)
-
-
-def _validate_eval(e: EvalConfig) -> None:
-    if not e.sources or len(set(e.sources)) != len(e.sources):
-        raise ConfigError(f"eval.sources must be a non-empty list without repeats; got {e.sources!r}")
-    for i, name in enumerate(e.sources):
-        _choice(f"eval.sources[{i}]", name, EVAL_SOURCES)
-    _positive("eval.num_per_defect", e.num_per_defect)
-    if not 0.0 <= e.guided_fraction <= 1.0:
-        raise ConfigError(f"eval.guided_fraction must be in [0, 1]; got {e.guided_fraction}")
-    _choice("eval.guide_normals", e.guide_normals, ("train", "test_split"))
-    _positive("eval.num_inference_steps", e.num_inference_steps)
-    if not e.seeds or len(set(e.seeds)) != len(e.seeds):
-        raise ConfigError(f"eval.seeds must be a non-empty list of distinct integers; got {e.seeds!r}")
-    for key in ("segmenter_steps", "segmenter_batch_size", "segmenter_channels", "segmenter_depth",
-                "kid_subsets", "segmenter_lr", "judge_steps"):
-        _positive(f"eval.{key}", getattr(e, key))
-    if e.kid_subset_size < 2:
-        raise ConfigError(f"eval.kid_subset_size must be >= 2; got {e.kid_subset_size}")
-    _choice("eval.lpips_net", e.lpips_net, ("alex", "vgg", "squeeze"))
-    _positive("eval.num_threads", e.num_threads, allow_zero=True)
-    if not (e.device in ("auto", "cpu", "cuda") or e.device.startswith("cuda:")):
-        raise ConfigError(f"eval.device must be auto, cpu, cuda or cuda:N; got {e.device!r}")

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from apo_fast.config import APOConfig, EvalConfig, load_config, validate_config
+from apo_fast.config.choices import GUIDE_NORMALS
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def load_eval_data(cfg: APOConfig, guide_normals: str = "train") -> EvalData:
         scan_mvtec,
     )
 
-    if guide_normals not in ("train", "test_split"):
+    if guide_normals not in GUIDE_NORMALS:
         raise ValueError(f"guide_normals must be 'train' or 'test_split', got {guide_normals!r}")
     d = cfg.data
     index = scan_mvtec(resolve_data_root(d.root), d.category, d.defect_types, d.shots)
@@ -415,7 +416,7 @@ def lora_baseline_config(apo_cfg: APOConfig, lora_dir: str | Path) -> APOConfig:
     """The plain-LoRA baseline of an APO run: same config, constant gate, plain diffusion loss."""
     cfg = copy.deepcopy(apo_cfg)
     cfg.output_dir = str(lora_dir)
-    cfg.adapter.gate.kind = "constant"
+    cfg.adapter = dataclasses.replace(cfg.adapter, gate=dataclasses.replace(cfg.adapter.gate, kind="constant"))
     cfg.loss.mode = "diffusion"
     validate_config(cfg)
     return cfg

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from apo_fast.config.choices import DPO_CONVENTIONS
 from apo_fast.ops.apo_loss.checks import check_number, validate_predictions
 from apo_fast.ops.apo_loss.naive import (
     METRIC_SLOTS,
@@ -13,9 +14,6 @@ from apo_fast.ops.apo_loss.naive import (
     APOLossOutput,
     metric_names_for,
 )
-
-DPO_CONVENTIONS = ("diffusers", "salesforce")
-
 
 # --------------------------------------------------------------------------- Diffusion-DPO
 

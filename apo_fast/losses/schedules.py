@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from apo_fast.config.choices import BETA_SCHEDULES
 from apo_fast.ops.apo_loss.checks import check_number
-
-BETA_SCHEDULES = ("dlogsnr", "constant", "snr")
 
 # --------------------------------------------------------------------------- beta_t
 

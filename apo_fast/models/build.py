@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from apo_fast.config.choices import ATTENTION
+
 if TYPE_CHECKING:  # the config imports this package's presets
     from apo_fast.config import ModelConfig
 
@@ -99,7 +101,7 @@ def check_attention(kind: str, device: torch.device) -> None:
         ValueError: ``kind`` is not auto, xformers or sdpa, or is xformers on a
             non-CUDA device (xformers has no CPU kernels).
     """
-    if kind not in ("auto", "xformers", "sdpa"):
+    if kind not in ATTENTION:
         raise ValueError(f"train.attention must be auto, xformers or sdpa; got {kind!r}")
     if kind == "xformers" and device.type != "cuda":
         raise ValueError(

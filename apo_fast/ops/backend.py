@@ -18,7 +18,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from apo_fast.config.choices import BACKENDS  # noqa: E402  (re-exported)
+
 ENV_VAR = "APO_FAST_BACKEND"
 
 

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from apo_fast.config.choices import MIXED_PRECISIONS
+
 if TYPE_CHECKING:
     from apo_fast.config import APOConfig
     from apo_fast.training.model import APOModel
@@ -105,7 +107,7 @@ def check_precision_supported(mixed_precision: str, device: torch.device) -> Non
     fp16 training needs CUDA: DeepSpeed's CPU accelerator refuses fp16 ("Type fp16
     is not supported"). bf16 runs on CPU and on CUDA GPUs with bf16 support (Ampere+).
     """
-    if mixed_precision not in ("no", "fp16", "bf16"):
+    if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"train.mixed_precision must be no, fp16 or bf16; got {mixed_precision!r}")
     if mixed_precision == "fp16" and device.type != "cuda":
         raise ValueError(

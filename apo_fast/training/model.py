@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apo_fast.config import APOConfig
 from apo_fast.models import (
     ConditionEmbedding,
 )
@@ -41,28 +40,6 @@ class APOModel(nn.Module):
             with adapters_disabled(self.unet):
                 return self.unet(z, t, **cond).sample
         return self.unet(z, t, **cond).sample
-
-
-def adapter_config(cfg: APOConfig):
-    """The adapters package's config from the run config."""
-    from apo_fast.adapters import AdapterConfig, GateConfig
-
-    a = cfg.adapter
-    gate = GateConfig(
-        kind=a.gate.kind,
-        r_min=a.gate.r_min if a.gate.r_min is not None else max(1, a.rank // 4),
-        r_max=a.gate.r_max if a.gate.r_max is not None else a.rank,
-        num_train_timesteps=cfg.model.num_train_timesteps,
-        temperature=a.gate.temperature,
-        hidden_size=a.gate.hidden,
-    )
-    return AdapterConfig(
-        r=a.rank,
-        lora_alpha=a.alpha if a.alpha is not None else float(a.rank),
-        target_modules=list(a.target_modules),
-        gate=gate,
-        dropout=a.dropout,
-    )
 
 
 def load_conditions(path: Path | None, names: list[str], tokens: int, dim: int, pooled: int | None = None,

@@ -62,7 +62,6 @@ from apo_fast.training.distributed import (
 )
 from apo_fast.training.model import (
     APOModel,
-    adapter_config,
     load_conditions,
     save_conditions,
 )
@@ -124,7 +123,7 @@ class APOTrainer:
                 f"({'latents' if cfg.model.latent else 'pixels'}); set model.latent accordingly"
             )
         self.attention = set_attention(unet, cfg.train.attention, self.device)
-        self.adapter_names = inject_adapters(unet, adapter_config(cfg))
+        self.adapter_names = inject_adapters(unet, cfg.adapter)
         freeze_base(unet)  # everything but the adapters (and a learned gate)
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

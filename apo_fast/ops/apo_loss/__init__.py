@@ -8,7 +8,6 @@ conventions, the beta schedules, the plain diffusion loss) is in :mod:``apo_fast
 
 from __future__ import annotations
 
-
 import torch
 
 from apo_fast.ops.apo_loss.checks import (

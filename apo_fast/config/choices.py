@@ -1,0 +1,43 @@
+"""Every choice list of the engine, defined once (no torch import: the CLI checks a
+config before it loads torch).
+
+The modules that implement a choice import its list from here (the gates, the beta
+schedules, the backend switch, the optimizer builder, ...), and the config checks name
+the same tuple in their error messages, so a new choice is added in one place.
+"""
+from __future__ import annotations
+
+# adapters (apo_fast.adapters.gates): how the rank dims are gated by the timestep
+GATE_KINDS = ("rank_prefix", "constant", "sigmoid", "learned")
+# the modules that get an adapter by default (peft's rule: path suffixes)
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+# fused ops (apo_fast.ops.backend): Triton kernels or the PyTorch reference
+BACKENDS = ("auto", "triton", "torch")
+
+# losses (apo_fast.losses)
+LOSS_MODES = ("unpaired", "paired", "diffusion")  # diffusion: the plain LoRA baseline, no preference
+BETA_SCHEDULES = ("dlogsnr", "constant", "snr")
+DPO_CONVENTIONS = ("diffusers", "salesforce")
+
+# models (apo_fast.models)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' beta_schedule names
+ATTENTION = ("auto", "xformers", "sdpa")
+
+# training (apo_fast.training)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "ds_cpu_adam")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+
+# sampling (apo_fast.sampling)
+SAMPLE_SCHEDULERS = ("ddim", "ddpm")
+
+# data (apo_fast.data)
+SHOTS = ("third",)  # or a number of images per defect type
+
+# evaluation (apo_fast.eval)
+EVAL_SOURCES = ("none", "cutpaste", "lora", "apo")
+GUIDE_NORMALS = ("train", "test_split")
+LPIPS_NETS = ("alex", "vgg", "squeeze")
