@@ -10,8 +10,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from apo_fast.eval import generation_metrics as gen_metrics
 from apo_fast.eval import metrics, pretrained
+from apo_fast.eval import sample_quality as gen_metrics
 from apo_fast.eval.metrics import (
     MissingWeightsError,
     UndefinedMetricError,

@@ -13,7 +13,7 @@ import torch
 from apo_fast.config import ConfigError, EvalConfig, load_config
 from apo_fast.demo import demo_config
 from apo_fast.eval.detection import DETECTION_METRICS
-from apo_fast.eval.generation_metrics import PRETRAINED_METRICS, WEIGHT_FREE_METRICS
+from apo_fast.eval.sample_quality import PRETRAINED_METRICS, WEIGHT_FREE_METRICS
 
 SOURCES = ["none", "cutpaste", "lora", "apo"]
 DEFECTS = ["crack", "hole", "stain"]

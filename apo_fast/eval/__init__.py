@@ -2,13 +2,13 @@
 
 Modules: :mod:`.metrics` (every metric), :mod:`.segmentation` (DRAEM-style
 detector), :mod:`.judge` (the fidelity judge), :mod:`.cutpaste` (pasted-patch baseline), :mod:`.downstream`
-(one detector per data source and seed), :mod:`.generation_metrics` (generation
+(one detector per data source and seed), :mod:`.sample_quality` (generation
 metrics with missing-weight skipping), :mod:`.report` (JSON, Markdown, figures);
 :mod:`.evaluate` is the entry point (`apo-fast eval`).
 """
 from .cutpaste import cutpaste_anomalies
 from .downstream import downstream_comparison
-from .generation_metrics import GENERATION_METRICS, generation_metrics
+from .sample_quality import GENERATION_METRICS, generation_metrics
 from .metrics import DETECTION_METRICS, MissingWeightsError
 from .report import save_sample_grid, summarize, write_report
 from .segmentation import DiscriminativeUNet, evaluate_segmenter, train_segmenter

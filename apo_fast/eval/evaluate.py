@@ -599,7 +599,7 @@ def evaluate(
         file provenance), ``runs``, ``timings_s``, ``markdown`` and ``files``.
     """
     from apo_fast.eval.downstream import downstream_comparison
-    from apo_fast.eval.generation_metrics import generation_metrics
+    from apo_fast.eval.sample_quality import generation_metrics
     from apo_fast.eval.report import (
         atomic_write_bytes,
         summarize,

@@ -2,7 +2,7 @@
 
 Input is what :func:`~apo_fast.eval.downstream.downstream_comparison` returns
 (per-source lists of per-seed metric dicts) and, optionally, per-source
-generation metrics from :func:`~apo_fast.eval.generation_metrics.generation_metrics`
+generation metrics from :func:`~apo_fast.eval.sample_quality.generation_metrics`
 and per-source sample images with masks for the sample grid.
 
 Aggregation: mean over seeds and sample standard deviation (ddof 1; 0 for a
