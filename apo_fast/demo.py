@@ -164,12 +164,13 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
 
 
 def short_comparison(cfg: APOConfig, run_dir: Path, progress: bool = True) -> dict:
-    """The evaluation at demo size (:func:`apo_fast.eval.evaluate.demo_eval_config`): detectors trained
+    """The evaluation at demo size (:func:`apo_fast.eval.runs.demo_eval_config`): detectors trained
     with no / CutPaste / plain-LoRA / APO anomalies, tested on the held-out real ones. Prints the table."""
     import copy
 
-    from apo_fast.eval.evaluate import demo_eval_config, evaluate
+    from apo_fast.eval.evaluate import evaluate
     from apo_fast.eval.report import markdown_table
+    from apo_fast.eval.runs import demo_eval_config
 
     short = copy.deepcopy(cfg)
     short.eval = demo_eval_config(cfg.eval)

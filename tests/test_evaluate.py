@@ -156,7 +156,7 @@ def test_missing_weights_skip_only_their_metrics_with_a_message(evaluated):
 
 @pytest.mark.slow
 def test_lora_baseline_is_the_same_run_with_constant_gate_and_plain_loss(evaluated):
-    from apo_fast.eval.evaluate import ensure_lora_run
+    from apo_fast.eval.runs import ensure_lora_run
 
     root = evaluated["root"]
     apo, lora = load_config(root / "run" / "config.yaml"), load_config(root / "run-lora" / "config.yaml")
@@ -214,7 +214,8 @@ def test_heldout_data_never_trains_the_segmenter_or_guides_generation(evaluated)
 
 def test_guides_are_training_masks_on_chosen_normals():
     from apo_fast.data import augment_pair
-    from apo_fast.eval.evaluate import load_eval_data, mask_guides
+    from apo_fast.eval.eval_data import load_eval_data
+    from apo_fast.eval.synthetic import mask_guides
 
     cfg = demo_config("unused", ["data.image_size=16"])
     data = load_eval_data(cfg, "train")
@@ -233,7 +234,7 @@ def test_guides_are_training_masks_on_chosen_normals():
 
 
 def test_test_split_guides_are_removed_from_the_test_set():
-    from apo_fast.eval.evaluate import load_eval_data
+    from apo_fast.eval.eval_data import load_eval_data
 
     cfg = demo_config("unused", ["data.image_size=16"])
     held = heldout_files(cfg)
@@ -248,7 +249,7 @@ def test_test_split_guides_are_removed_from_the_test_set():
 
 
 def test_compare_sources_counts_wins_and_spread():
-    from apo_fast.eval.evaluate import compare_sources
+    from apo_fast.eval.verdict import compare_sources
 
     def stat(mean, std):
         return {"mean": mean, "std": std, "n": 3}
@@ -341,7 +342,7 @@ def test_cli_eval_reuses_the_trained_runs(evaluated, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_ends_with_the_short_comparison(evaluated):
     from apo_fast.demo import run_demo
-    from apo_fast.eval.evaluate import demo_eval_config
+    from apo_fast.eval.runs import demo_eval_config
 
     short = demo_eval_config(EvalConfig())
     assert len(short.seeds) < len(EvalConfig().seeds) or short.segmenter_steps < EvalConfig().segmenter_steps
@@ -356,7 +357,7 @@ def test_demo_ends_with_the_short_comparison(evaluated):
 def test_eval_at_demo_settings_starts_from_the_shipped_base(tmp_path, monkeypatch):
     """`apo-fast eval --config configs/demo.yaml` with no run yet takes the base the demo takes
     (the shipped one), instead of pretraining 3000 steps first."""
-    import apo_fast.eval.evaluate as evaluate_mod
+    import apo_fast.eval.runs as eval_runs
     import apo_fast.training.pretrain as pretrain
 
     def no_pretraining(*args, **kwargs):
@@ -364,7 +365,7 @@ def test_eval_at_demo_settings_starts_from_the_shipped_base(tmp_path, monkeypatc
 
     trained = []
     monkeypatch.setattr(pretrain, "pretrain_base", no_pretraining)
-    monkeypatch.setattr(evaluate_mod, "_train", trained.append)
-    evaluate_mod.ensure_apo_run(demo_config(str(tmp_path / "run")), tmp_path / "run")
+    monkeypatch.setattr(eval_runs, "_train", trained.append)
+    eval_runs.ensure_apo_run(demo_config(str(tmp_path / "run")), tmp_path / "run")
     assert (tmp_path / "run" / "base" / "base_unet" / "config.json").is_file()
     assert trained and trained[0].model.pretrained == str(tmp_path / "run" / "base" / "base_unet")

@@ -41,7 +41,7 @@ def test_not_the_product_changes_every_crop():
 @pytest.fixture(scope="module")
 def brick():
     from apo_fast.demo import demo_config
-    from apo_fast.eval.evaluate import held_out_defects, load_eval_data
+    from apo_fast.eval.eval_data import held_out_defects, load_eval_data
 
     data = load_eval_data(demo_config(None, ["data.image_size=32"]))
     held = data.test_labels == 1

@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_fast.losses import METRIC_SLOTS, APOLossOutput, apo_loss, beta_schedule, diffusion_dpo_loss
+from apo_fast.losses import (
+    METRIC_SLOTS,
+    APOLossOutput,
+    apo_loss,
+    beta_schedule,
+    diffusion_dpo_loss,
+)
 
 F64 = torch.float64
 

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from apo_fast.losses import METRIC_SLOTS, apo_loss, metric_names_for  # noqa: E402
-from apo_fast.ops.apo_loss.naive import apo_loss_reference, beta_per_term  # noqa: E402
 from apo_fast.ops.apo_loss import fused as ops  # noqa: E402
+from apo_fast.ops.apo_loss.naive import apo_loss_reference, beta_per_term  # noqa: E402
 from apo_fast.ops.backend import interpreter_enabled  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")

@@ -59,13 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from apo_fast.demo import _tail_mean, demo_config
-    from apo_fast.eval.evaluate import (
-        generate_synthetic,
-        held_out_defects,
-        load_eval_data,
-        save_kind_sheet,
-    )
+    from apo_fast.eval.eval_data import held_out_defects, load_eval_data
     from apo_fast.eval.judge import judge_metrics, mask_crops, train_judge
+    from apo_fast.eval.judging import save_kind_sheet
+    from apo_fast.eval.synthetic import generate_synthetic
     from apo_fast.training.trainer import APOTrainer
 
     torch.set_num_threads(1)

@@ -8,9 +8,9 @@ metrics with missing-weight skipping), :mod:`.report` (JSON, Markdown, figures);
 """
 from .cutpaste import cutpaste_anomalies
 from .downstream import downstream_comparison
-from .sample_quality import GENERATION_METRICS, generation_metrics
 from .metrics import DETECTION_METRICS, MissingWeightsError
 from .report import save_sample_grid, summarize, write_report
+from .sample_quality import GENERATION_METRICS, generation_metrics
 from .segmentation import DiscriminativeUNet, evaluate_segmenter, train_segmenter
 
 __all__ = [

@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,6 +98,88 @@ def _load_state(path: Path, cfg: APOConfig) -> dict | None:
     return state
 
 
+@dataclass
+class _Base:
+    """What the pretraining updates and checkpoints: the base, its conditions, their EMA."""
+
+    unet: torch.nn.Module
+    conds: torch.nn.Module
+    ema_unet: torch.nn.Module
+    ema_conds: torch.nn.Module
+    opt: torch.optim.Optimizer
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.unet.parameters()) + list(self.conds.parameters())
+
+    @property
+    def ema_params(self) -> list[torch.Tensor]:
+        return list(self.ema_unet.parameters()) + list(self.ema_conds.parameters())
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).state_dict() for name in ("unet", "conds", "ema_unet", "ema_conds", "opt")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("unet", "conds", "ema_unet", "ema_conds", "opt"):
+            getattr(self, name).load_state_dict(state[name])
+
+    def saved(self, ema: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return (self.ema_unet, self.ema_conds) if ema else (self.unet, self.conds)
+
+
+def _build_base(cfg: APOConfig, data, device: torch.device) -> _Base:
+    from apo_fast.models import (
+        ConditionEmbedding,
+        build_unet,
+        pooled_dim,
+        set_attention,
+    )
+
+    unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1],
+                      seed=cfg.train.seed).to(device)
+    set_attention(unet, "sdpa", device)
+    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim,
+                               pooled_dim(unet)).to(device)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(conds.parameters()), lr=cfg.pretrain.lr, weight_decay=0.0)
+    return _Base(unet, conds, copy.deepcopy(unet).eval(), copy.deepcopy(conds), opt)
+
+
+def _base_step(base: _Base, cfg: APOConfig, data, step: int, mode: str, ac: torch.Tensor, device) -> float:
+    """One optimisation step; every draw seeded by ``(seed, step)`` (a resumed run matches)."""
+    from apo_fast.training.streaming import augment, noisy_inputs, stream_indices
+
+    p = cfg.pretrain
+    g = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
+    idx = stream_indices(data.normals.shape[0], cfg.train.seed + 2, step * p.batch_size, p.batch_size)
+    x0, _ = augment(data.normals[idx], None, g, mode)
+    t = torch.randint(0, cfg.model.num_train_timesteps, (p.batch_size,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    ids = torch.full((p.batch_size,), data.normal_cond, dtype=torch.int64)
+    ids[torch.rand(p.batch_size, generator=g) < p.uncond_prob] = -1  # classifier-free guidance's null row
+    x0, t, noise, ids = x0.to(device), t.to(device), noise.to(device), ids.to(device)
+    z, target = noisy_inputs(x0, noise, t, ac, cfg.model.prediction_type)
+    pred = base.unet(z, t, **base.conds.unet_kwargs(ids, z.dtype, cfg.data.image_size)).sample
+    loss = F.mse_loss(pred.float(), target.float())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"base model step {step + 1}: the loss is {loss.item()}; lower pretrain.lr")
+    base.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = base.params
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for group in base.opt.param_groups:
+        group["lr"] = _lr_at(step, p.steps, p.lr, p.warmup_steps)
+    base.opt.step()
+    if p.ema_decay > 0:
+        _ema_update(base.ema_params, params, step, p.ema_decay)
+    return loss.item()
+
+
+def _write_log(path: Path, records: list[dict]) -> None:
+    from apo_fast.io_utils import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: bool = True) -> tuple[Path, Path]:
     """Train the base UNet on the normal images of ``cfg.data``; returns (unet folder, conditions file).
 
@@ -106,23 +189,9 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
     from tqdm.auto import tqdm
 
     from apo_fast.data import category_augment
-    from apo_fast.io_utils import atomic_save, atomic_write_text
-    from apo_fast.models import (
-        ConditionEmbedding,
-        build_scheduler,
-        build_unet,
-        pooled_dim,
-        resolve_device,
-        save_unet,
-        set_attention,
-    )
-    from apo_fast.training.model import save_conditions
-    from apo_fast.training.streaming import (
-        augment,
-        load_train_data,
-        noisy_inputs,
-        stream_indices,
-    )
+    from apo_fast.io_utils import atomic_save
+    from apo_fast.models import build_scheduler, resolve_device
+    from apo_fast.training.streaming import load_train_data
 
     p = cfg.pretrain
     out_dir = Path(out_dir)
@@ -130,70 +199,43 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # the condition table's initial draw
     data = load_train_data(cfg)
-    unet = build_unet(cfg.model, in_channels=data.normals.shape[1], sample_size=data.normals.shape[-1],
-                      seed=cfg.train.seed).to(device)
-    set_attention(unet, "sdpa", device)
-    conds = ConditionEmbedding(len(data.condition_names), cfg.model.cond_tokens, unet.config.cross_attention_dim,
-                               pooled_dim(unet)).to(device)
-    params = list(unet.parameters()) + list(conds.parameters())
-    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
-    ema_unet, ema_conds = copy.deepcopy(unet).eval(), copy.deepcopy(conds)
-    ema_params = list(ema_unet.parameters()) + list(ema_conds.parameters())
+    base = _build_base(cfg, data, device)
     state_path, log_path = out_dir / STATE_FILE, out_dir / "pretrain_log.jsonl"
     start, records = 0, []
     state = _load_state(state_path, cfg) if resume else None
     if state is not None:
-        unet.load_state_dict(state["unet"])
-        conds.load_state_dict(state["conds"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_conds.load_state_dict(state["ema_conds"])
-        opt.load_state_dict(state["opt"])
+        base.load_state_dict(state)
         start, records = state["step"], state["records"]
         log.info("base model: resumed from %s at step %d", state_path, start)
     ac = build_scheduler(cfg.model, "ddpm").alphas_cumprod.to(device=device, dtype=torch.float64)
     mode = category_augment(cfg.data.category, data.normals, log) if cfg.data.augment else "none"
     smooth = records[-1]["loss_ema"] if records else None
-    unet.train()
+    base.unet.train()
     bar = tqdm(total=p.steps, initial=start, desc="base model", disable=not progress, dynamic_ncols=True)
     for step in range(start, p.steps):
-        g = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
-        idx = stream_indices(data.normals.shape[0], cfg.train.seed + 2, step * p.batch_size, p.batch_size)
-        x0, _ = augment(data.normals[idx], None, g, mode)
-        t = torch.randint(0, cfg.model.num_train_timesteps, (p.batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        ids = torch.full((p.batch_size,), data.normal_cond, dtype=torch.int64)
-        ids[torch.rand(p.batch_size, generator=g) < p.uncond_prob] = -1
-        x0, t, noise, ids = x0.to(device), t.to(device), noise.to(device), ids.to(device)
-        z, target = noisy_inputs(x0, noise, t, ac, cfg.model.prediction_type)
-        pred = unet(z, t, **conds.unet_kwargs(ids, z.dtype, cfg.data.image_size)).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"base model step {step + 1}: the loss is {loss.item()}; lower pretrain.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, p.steps, p.lr, p.warmup_steps)
-        opt.step()
-        if p.ema_decay > 0:
-            _ema_update(ema_params, params, step, p.ema_decay)
-        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-        records.append({"step": step + 1, "loss": loss.item(), "loss_ema": smooth, "lr": opt.param_groups[0]["lr"]})
+        loss = _base_step(base, cfg, data, step, mode, ac, device)
+        smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+        records.append({"step": step + 1, "loss": loss, "loss_ema": smooth, "lr": base.opt.param_groups[0]["lr"]})
         bar.set_postfix_str(f"loss {smooth:.4f}")
         bar.update(1)
         done = step + 1
         if p.sample_every and done % p.sample_every == 0 and done < p.steps:
-            _save_samples(ema_unet if p.ema_decay > 0 else unet, ema_conds if p.ema_decay > 0 else conds, cfg, data,
-                          out_dir / f"samples_step-{done:06d}.png")
+            _save_samples(*base.saved(p.ema_decay > 0), cfg, data, out_dir / f"samples_step-{done:06d}.png")
         if done % p.checkpoint_every == 0 and done < p.steps:
             snapshot = {"step": done, "records": records, "pretrain": p.__dict__, "seed": cfg.train.seed,
-                        "unet": unet.state_dict(), "conds": conds.state_dict(), "ema_unet": ema_unet.state_dict(),
-                        "ema_conds": ema_conds.state_dict(), "opt": opt.state_dict()}
+                        **base.state_dict()}
             atomic_save(state_path, lambda tmp, s=snapshot: torch.save(s, tmp))
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+            _write_log(log_path, records)
     bar.close()
-    final_unet, final_conds = (ema_unet, ema_conds) if p.ema_decay > 0 else (unet, conds)
-    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    _write_log(log_path, records)
+    return _save_base(base, cfg, data, out_dir, state_path)
+
+
+def _save_base(base: _Base, cfg: APOConfig, data, out_dir: Path, state_path: Path) -> tuple[Path, Path]:
+    from apo_fast.models import save_unet
+    from apo_fast.training.model import save_conditions
+
+    final_unet, final_conds = base.saved(cfg.pretrain.ema_decay > 0)
     _save_samples(final_unet, final_conds, cfg, data, out_dir / "samples.png")
     unet_dir, cond_path = out_dir / "base_unet", out_dir / "base_conditions.safetensors"
     save_unet(copy.deepcopy(final_unet).cpu(), unet_dir)

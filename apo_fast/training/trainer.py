@@ -93,11 +93,7 @@ class APOTrainer:
 
     # ---- setup
     def setup(self):
-        import deepspeed
-
-        from apo_fast.adapters import freeze_base, inject_adapters
-        from apo_fast.data import category_augment
-
+        """Refuse what cannot run here, then build the data, the model and the DeepSpeed engine."""
         cfg = self.cfg
         # Everything that can be refused is refused before data, models or ranks are touched.
         check_precision_supported(cfg.train.mixed_precision, self.device)
@@ -106,15 +102,31 @@ class APOTrainer:
         ds_config = deepspeed_config(cfg, self.micro_batch)
         self.device = rank_device(self.device)
         torch.manual_seed(cfg.train.seed)
-        self.augment_mode = "none"
         if self.device.type == "cuda" and cfg.train.allow_tf32:
             # TF32 matmuls/convolutions on Ampere+ (fp32 runs only; a no-op before Ampere).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self._setup_data()
+        model = self._setup_model()
+        self._setup_optimizer(model, ds_config)
+        return self
+
+    def _setup_data(self) -> None:
+        """The training tensors (VAE latents once, for latent models) and the augmentation."""
+        from apo_fast.data import category_augment
+
+        cfg = self.cfg
         vae = build_vae(cfg.model)
         self.data = load_train_data(cfg, vae, self.device)
+        self.augment_mode = "none"
         if cfg.data.augment:
             self.augment_mode = category_augment(cfg.data.category, self.data.normal_images, log)
+
+    def _setup_model(self) -> APOModel:
+        """The UNet with adapters (base frozen) and the condition embeddings, as one module."""
+        from apo_fast.adapters import freeze_base, inject_adapters
+
+        cfg = self.cfg
         in_ch = self.data.anomalies.shape[1]
         unet = build_unet(cfg.model, in_channels=in_ch, sample_size=self.data.anomalies.shape[-1], seed=cfg.train.seed)
         if unet.config.in_channels != in_ch:
@@ -127,27 +139,37 @@ class APOTrainer:
         freeze_base(unet)  # everything but the adapters (and a learned gate)
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        init = None
-        if cfg.model.prompt_template is not None:
-            from apo_fast.models.text_encoders import prompt_condition_table
-
-            table, pooled_table, prompts = prompt_condition_table(
-                cfg.model, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
-                pooled_dim(unet), self.device,
-            )
-            init = (table, pooled_table)
-            log.info("condition embeddings start from the CLIP encodings of %d prompts, e.g. %r", len(prompts) - 1,
-                     prompts[-1])
         conditions = load_conditions(
             cfg.model.conditions, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
-            pooled_dim(unet), init=init,
+            pooled_dim(unet), init=self._prompt_init(unet),
         )
         if cfg.optim.cond_lr == 0:  # frozen conditions: no gradient through the context projections
             conditions.requires_grad_(False)
-        model = APOModel(unet, conditions, cfg.data.image_size)
         # channels_last: the inputs are made channels_last in micro_step and convolutions
         # propagate the layout (cuDNN picks NHWC kernels for a channels_last input). The
         # parameters stay contiguous: DeepSpeed broadcasts and flattens them as byte views.
+        return APOModel(unet, conditions, cfg.data.image_size)
+
+    def _prompt_init(self, unet):
+        """CLIP encodings of the conditions' prompts (``model.prompt_template``), else None."""
+        cfg = self.cfg
+        if cfg.model.prompt_template is None:
+            return None
+        from apo_fast.models.text_encoders import prompt_condition_table
+
+        table, pooled_table, prompts = prompt_condition_table(
+            cfg.model, self.data.condition_names, cfg.model.cond_tokens, unet.config.cross_attention_dim,
+            pooled_dim(unet), self.device,
+        )
+        log.info("condition embeddings start from the CLIP encodings of %d prompts, e.g. %r", len(prompts) - 1,
+                 prompts[-1])
+        return table, pooled_table
+
+    def _setup_optimizer(self, model: APOModel, ds_config: dict) -> None:
+        """The client optimizer and LR schedule, wrapped by ``deepspeed.initialize``."""
+        import deepspeed
+
+        cfg = self.cfg
         self.scheduler = build_scheduler(cfg.model, "ddpm")
         if self.device.type == "cpu":
             # DeepSpeed JIT-builds its CPU ops on first use; build them under a file lock
@@ -190,7 +212,6 @@ class APOTrainer:
                 ", parameters offloaded to CPU" if cfg.train.offload_params else "", self.attention,
                 ", gradient checkpointing" if cfg.train.gradient_checkpointing else "",
             )
-        return self
 
     # ---- one step
     def batch_for_step(self, step: int, micro: int):

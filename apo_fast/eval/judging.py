@@ -1,0 +1,87 @@
+"""The fidelity judge in the evaluation: trained on the held-out real crops, scoring each source's
+anomalies (right kind, looks like the product, KID), and the picture of every kind beside the real ones.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+
+from apo_fast.eval.eval_data import EvalData, held_out_defects
+from apo_fast.eval.synthetic import GENERATED_SOURCES
+
+log = logging.getLogger(__name__)
+
+def judge_sources(data: EvalData, synthetic: dict, ecfg, generation: dict) -> dict:
+    """Train the fidelity judge (:mod:`apo_fast.eval.judge`) on the held-out real anomalies and
+    test/good images, and add its metrics to ``generation`` (per source, and per mode for the
+    generated sources). Returns the judge's classes, crop size and validation accuracy."""
+    from apo_fast.data import category_augment
+    from apo_fast.eval.judge import judge_metrics, mask_crops, train_judge
+
+    held = data.test_labels == 1
+    good = data.test_images[~held]
+    if good.shape[0] < 2:  # too few test/good images: the normal training images stand in
+        good = data.normal_train
+    judge = train_judge(data.test_images[held], data.test_masks[held], held_out_defects(data), good, data.defects,
+                        steps=ecfg.judge_steps, seed=ecfg.sample_seed,
+                        texture=category_augment(data.category, data.normal_train) == "dihedral")
+    real = mask_crops(data.test_images[held], data.test_masks[held], judge.crop)
+    for source, syn in synthetic.items():
+        if syn is None:
+            continue
+        parts = {source: list(range(len(syn.modes)))}
+        if source in GENERATED_SOURCES:
+            parts.update({f"{source} ({m})": [i for i, x in enumerate(syn.modes) if x == m] for m in ("guided", "free")})
+        for name, rows in parts.items():
+            if len(rows) < 2:
+                continue
+            metrics = judge_metrics(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows], real,
+                                    kid_subsets=ecfg.kid_subsets, seed=ecfg.sample_seed)
+            generation.setdefault(name, {"metrics": {}, "skipped": {}})["metrics"].update(metrics)
+    return {"classes": judge.classes, "crop": judge.crop, "val_accuracy": judge.val_accuracy,
+            "trained_on": {"anomalies": int(held.sum()), "good": int(good.shape[0])}}
+
+
+def judge_lines(record: dict | None) -> list[str]:
+    if not record:
+        return []
+    acc = ", ".join(f"{k} {v:.2f}" for k, v in record["val_accuracy"].items())
+    return [
+        "## Fidelity judge", "",
+        (f"A classifier of {', '.join(record['classes'])} on {record['crop']} px crops, trained on the "
+         f"{record['trained_on']['anomalies']} held-out real anomalies and {record['trained_on']['good']} good "
+         "images (never on what APO trained on). `judge_right_kind`: generated anomalies whose mask crop it "
+         "calls the kind they were made for; `judge_defect`: any defect kind; `judge_product`: images it "
+         "calls the product rather than `other`; `judge_kid`: KID of its features, generated vs real "
+         "held-out defect crops (lower is closer)."),
+        f"Its accuracy on a held-back quarter of its real crops: {acc}.", "",
+    ]
+
+
+def save_kind_sheet(path: Path, data: EvalData, synthetic: dict, per_row: int = 6) -> Path:
+    """One picture per product: for each defect kind, real held-out anomalies, then each source's
+    guided and free anomalies of that kind (CutPaste's: any), mask outlines in red."""
+    from apo_fast.sampling.images import overlay, save_grid
+
+    held = data.test_labels == 1
+    kinds = held_out_defects(data)
+    rows: dict[str, torch.Tensor] = {}
+    for kind in data.defects:
+        idx = [i for i, k in enumerate(kinds) if k == kind][:per_row]
+        if idx:
+            rows[f"{kind}: real"] = overlay(data.test_images[held][idx], data.test_masks[held][idx])
+        for source, syn in synthetic.items():
+            if syn is None:
+                continue
+            modes = ("guided", "free") if source in GENERATED_SOURCES else ("cutpaste",)
+            for mode in modes:
+                sel = [i for i, (d, m) in enumerate(zip(syn.defects, syn.modes))
+                       if m == mode and (d == kind or source not in GENERATED_SOURCES)][:per_row]
+                if sel:
+                    label = f"{kind}: {source}" + (f" {mode}" if source in GENERATED_SOURCES else "")
+                    rows[label] = overlay(syn.images[sel], syn.masks[sel])
+    save_grid(rows, path)
+    return path
+
+

@@ -1,0 +1,114 @@
+"""The runs an evaluation compares: the APO run (trained from the config when missing) and its
+plain-LoRA baseline (same base, data, rank, optimiser and steps; constant gate, diffusion loss).
+"""
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+from apo_fast.config import APOConfig, EvalConfig, load_config, validate_config
+
+log = logging.getLogger(__name__)
+
+MODEL_TRAINING_KEYS = ("model", "data", "adapter", "loss", "optim", "pretrain")
+TRAIN_KEYS_IGNORED = ("progress", "device", "log_every", "checkpoint_every", "keep_checkpoints")
+def has_trained_run(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished run (config, adapters and condition embeddings)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "config.yaml").is_file() and (run_dir / "adapters" / "conditions.safetensors").is_file()
+
+
+def _train(cfg: APOConfig) -> None:
+    from apo_fast.training.trainer import APOTrainer
+
+    trainer = APOTrainer(cfg, resume=True)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def ensure_apo_run(cfg: APOConfig, run_dir: str | Path, *, train_missing: bool = True, progress: bool = False) -> Path:
+    """The APO run in ``run_dir``, trained from ``cfg`` if it is not there yet.
+
+    Without ``model.pretrained`` and with ``pretrain.steps > 0`` the base UNet comes
+    first into ``<run>/base``, as in the demo (:func:`apo_fast.demo.prepare_base`: the
+    shipped base when it matches the config, else trained on the normal images).
+    """
+    from apo_fast.demo import prepare_base
+
+    run_dir = Path(run_dir)
+    if has_trained_run(run_dir):
+        return run_dir
+    if not train_missing:
+        raise FileNotFoundError(f"{run_dir} holds no trained APO run (no adapters/conditions.safetensors); "
+                                "train it first (apo-fast train) or allow training")
+    cfg = copy.deepcopy(cfg)
+    cfg.output_dir = str(run_dir)
+    cfg.train.progress = progress
+    if cfg.model.pretrained is None and cfg.pretrain.steps > 0:
+        prepare_base(cfg, run_dir / "base", progress=progress, say=lambda what: log.info("base model: %s", what))
+    _train(cfg)
+    return run_dir
+
+
+def lora_baseline_config(apo_cfg: APOConfig, lora_dir: str | Path) -> APOConfig:
+    """The plain-LoRA baseline of an APO run: same config, constant gate, plain diffusion loss."""
+    cfg = copy.deepcopy(apo_cfg)
+    cfg.output_dir = str(lora_dir)
+    cfg.adapter = dataclasses.replace(cfg.adapter, gate=dataclasses.replace(cfg.adapter.gate, kind="constant"))
+    cfg.loss.mode = "diffusion"
+    validate_config(cfg)
+    return cfg
+
+
+def _training_settings(cfg: APOConfig) -> dict:
+    plain = cfg.to_dict()
+    out = {k: plain[k] for k in MODEL_TRAINING_KEYS}
+    out["train"] = {k: v for k, v in plain["train"].items() if k not in TRAIN_KEYS_IGNORED}
+    return out
+
+
+def ensure_lora_run(
+    apo_run: str | Path, lora_dir: str | Path | None = None, *, train_missing: bool = True, progress: bool = False
+) -> Path:
+    """The plain-LoRA baseline of ``apo_run``, trained into ``lora_dir`` (default ``<run>-lora``) if missing.
+
+    Raises:
+        ValueError: ``lora_dir`` holds a run trained with other settings.
+        FileNotFoundError: it is missing and ``train_missing`` is False.
+    """
+    apo_run = Path(apo_run)
+    lora_dir = Path(lora_dir) if lora_dir else apo_run.parent / f"{apo_run.name}-lora"
+    expected = lora_baseline_config(load_config(apo_run / "config.yaml"), lora_dir)
+    if (lora_dir / "config.yaml").is_file():
+        found = _training_settings(load_config(lora_dir / "config.yaml"))
+        want = _training_settings(expected)
+        if found != want:
+            differ = sorted(f"{s}.{k}" for s in want for k in set(want[s]) | set(found.get(s, {}))
+                            if want[s].get(k) != found.get(s, {}).get(k))
+            raise ValueError(f"{lora_dir} holds a run trained with other settings ({', '.join(differ)}) than the "
+                             f"LoRA baseline of {apo_run}; delete it or set eval.lora_run to another folder")
+    if has_trained_run(lora_dir):
+        return lora_dir
+    if not train_missing:
+        raise FileNotFoundError(f"the LoRA baseline {lora_dir} is not trained; allow training or set eval.lora_run")
+    expected.train.progress = progress
+    _train(expected)
+    return lora_dir
+
+
+def demo_eval_config(ecfg: EvalConfig, *, seeds: int = 2, segmenter_steps: int = 150, num_per_defect: int = 8) -> EvalConfig:
+    """The short comparison ``apo-fast demo`` ends with: ``ecfg`` capped to ``seeds`` seeds,
+    ``segmenter_steps`` detector steps and ``num_per_defect`` anomalies per defect type.
+
+    Two seeds keep a spread in the table (one seed cannot tell a margin from noise); the
+    plain-LoRA baseline still trains for the APO run's full step count.
+    """
+    return dataclasses.replace(
+        ecfg, seeds=list(ecfg.seeds[:seeds]), segmenter_steps=min(ecfg.segmenter_steps, segmenter_steps),
+        num_per_defect=min(ecfg.num_per_defect, num_per_defect),
+    )
+
+
