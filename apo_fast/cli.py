@@ -200,12 +200,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from apo_fast.bench.step import (
-        StepBenchConfig,
-        run_step_benchmark,
-        to_markdown,
-        write_reports,
-    )
+    from apo_fast.bench.step_config import StepBenchConfig
+    from apo_fast.bench.step import run_step_benchmark
+    from apo_fast.bench.step_report import to_markdown, write_reports
 
     cfg = StepBenchConfig(
         model=args.model, batch=args.batch, r=args.rank, precision=args.precision, steps=args.steps,

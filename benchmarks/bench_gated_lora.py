@@ -37,7 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_fast.bench.step import time_per_call
+from apo_fast.bench.timing import time_per_call
 from apo_fast.ops.backend import use_triton
 from apo_fast.ops.gated_lora import gated_lora_linear, gated_lora_linear_reference
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_fast.bench.step import synchronize, time_per_call
+from apo_fast.bench.timing import synchronize, time_per_call
 from apo_fast.losses import apo_loss
 from apo_fast.ops.apo_loss.naive import apo_loss_reference, beta_per_term
 from apo_fast.ops.backend import use_triton

@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apo_fast.bench.step import StepBenchConfig, run_step_benchmark
+from apo_fast.bench.step import run_step_benchmark
+from apo_fast.bench.step_config import StepBenchConfig
 
 CASES = {
     # name: (config, needs CUDA)

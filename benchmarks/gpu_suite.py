@@ -131,7 +131,7 @@ def _copy_gbps(device, nbytes: int) -> float:
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    from apo_fast.bench.step import time_per_call
+    from apo_fast.bench.timing import time_per_call
 
     return 2 * nbytes / time_per_call(lambda: dst.copy_(src), device, warmup=2, reps=10, rounds=3) / 1e9
 
@@ -141,7 +141,7 @@ def _matmul_tflops(device, n: int, dtype) -> float:
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    from apo_fast.bench.step import time_per_call
+    from apo_fast.bench.timing import time_per_call
 
     return 2 * n**3 / time_per_call(lambda: a @ b, device, warmup=2, reps=5, rounds=3) / 1e12
 
@@ -379,18 +379,15 @@ def part_correctness(ctx: PartContext) -> dict:
 
 
 def _step_part(ctx: PartContext, stem: str, spec: dict) -> dict:
-    from apo_fast.bench.step import (
-        StepBenchConfig,
-        run_step_benchmark,
-        to_markdown,
-        write_reports,
-    )
+    from apo_fast.bench.step import run_step_benchmark
+    from apo_fast.bench.step_config import StepBenchConfig
+    from apo_fast.bench.step_report import to_markdown, write_reports
 
     if ctx.dry_run or not ctx.cuda:  # the same code path on the tiny UNet, as short as it gets
         spec = {
             "model": "tiny",
             "batch": 2,
-            "rank": 4,
+            "r": 4,
             "resolution": 16,
             "precision": "auto",
             "steps": 2 if stem == "step_sd15" else 1,
@@ -416,13 +413,13 @@ def _step_part(ctx: PartContext, stem: str, spec: dict) -> dict:
 
 def part_step_sd15(ctx: PartContext) -> dict:
     """SD 1.5 UNet, 512 px (64x64 latents), batch 8 pairs, rank 16, bf16: the issue's main target."""
-    spec = {"model": "sd15", "batch": 8, "rank": 16, "precision": "bf16", "steps": 10, "warmup": 2}
+    spec = {"model": "sd15", "batch": 8, "r": 16, "precision": "bf16", "steps": 10, "warmup": 2}
     return _step_part(ctx, "step_sd15", spec)
 
 
 def part_step_sdxl(ctx: PartContext) -> dict:
     """SDXL UNet, 1024 px (128x128 latents), batch 1 pair, rank 16, bf16."""
-    spec = {"model": "sdxl", "batch": 1, "rank": 16, "precision": "bf16", "steps": 8, "warmup": 2}
+    spec = {"model": "sdxl", "batch": 1, "r": 16, "precision": "bf16", "steps": 8, "warmup": 2}
     return _step_part(ctx, "step_sdxl", spec)
 
 
@@ -461,8 +458,9 @@ def _issue5_config(model: str, vae_dir, device, dry_run: bool, optimizer: str):
 
 def part_memory(ctx: PartContext, which: str) -> dict:
     """Measured peak memory of an issue-5 config (``which``: sd15 or sdxl) vs the planner's estimate."""
+    from apo_fast.bench.measured_memory import measure_training_memory
     from apo_fast.bench.memory_plan import plan_memory
-    from apo_fast.bench.step import measure_training_memory, save_random_vae
+    from apo_fast.bench.sides import save_random_vae
     from apo_fast.models.presets import UNET_PRESETS
 
     try:

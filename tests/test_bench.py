@@ -195,7 +195,7 @@ def test_baseline_rejects_bad_inputs():
 
 
 def test_step_bench_config_validation():
-    from apo_fast.bench.step import StepBenchConfig
+    from apo_fast.bench.step_config import StepBenchConfig
 
     for kwargs, words in [
         ({"model": "sd3"}, "model"),
@@ -211,7 +211,7 @@ def test_step_bench_config_validation():
 
 
 def test_phase_timer_on_cpu_adds_up():
-    from apo_fast.bench.step import PhaseTimer
+    from apo_fast.bench.timing import PhaseTimer
 
     timer = PhaseTimer(torch.device("cpu"))
     timer.start()
@@ -228,7 +228,7 @@ def test_phase_timer_on_cpu_adds_up():
 
 
 def test_bench_cli_tiny_writes_json_markdown_and_png(tmp_path):
-    from apo_fast.bench.step import PHASES
+    from apo_fast.bench.step_config import PHASES
     from apo_fast.cli import build_parser
 
     out = tmp_path / "bench"
@@ -356,7 +356,7 @@ def test_gpu_suite_isolated_part_and_budget_skip(tmp_path, capsys):
 
 
 def test_time_per_call_runs_warmup_then_rounds_of_reps():
-    from apo_fast.bench.step import time_per_call
+    from apo_fast.bench.timing import time_per_call
 
     calls = []
     seconds = time_per_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=3, rounds=4)
