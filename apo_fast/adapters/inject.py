@@ -36,7 +36,7 @@ from apo_fast.adapters.state import (
     get_gate_state,
     install_gate,
 )
-from apo_fast.config.adapter import DEFAULT_TARGET_MODULES, AdapterConfig, GateConfig
+from apo_fast.config.adapter import DEFAULT_TARGET_MODULES, AdapterConfig, GateConfig, module_matches
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -52,10 +52,6 @@ __all__ = [
 
 # The adapter layer for each base layer type that takes one.
 LAYER_FOR = {nn.Linear: GatedLoRALinear, nn.Conv2d: GatedLoRAConv2d}
-
-
-def _matches(path: str, targets: tuple[str, ...]) -> bool:
-    return any(path == t or path.endswith("." + t) for t in targets)
 
 
 def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -89,7 +85,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
         raise ValueError(f"{type(model).__name__} already has time-gated adapters")
     targets = []
     for path, module in model.named_modules():
-        if not path or not _matches(path, config.target_modules):
+        if not path or not module_matches(path, config.target_modules):
             continue
         if isinstance(module, BaseTunerLayer):
             raise ValueError(

@@ -16,13 +16,19 @@ from typing import Any
 
 from apo_fast.config.choices import BACKENDS, DEFAULT_TARGET_MODULES, GATE_KINDS
 
-__all__ = ["DEFAULT_TARGET_MODULES", "GATE_KINDS", "AdapterConfig", "GateConfig", "default_r_min", "from_mapping"]
+__all__ = ["DEFAULT_TARGET_MODULES", "GATE_KINDS", "AdapterConfig", "GateConfig", "default_r_min", "from_mapping", "module_matches"]
 
 
 def default_r_min(r_max: int) -> int:
     """The rank-prefix gate's active dims at ``t = T`` when ``r_min`` is not set: a quarter
     of ``r_max`` (at least 1). The one place this default is computed."""
     return max(1, r_max // 4)
+
+
+def module_matches(path: str, targets: tuple[str, ...]) -> bool:
+    """peft's ``target_modules`` rule: a module matches if its path equals an entry or ends
+    with ``"." + entry``."""
+    return any(path == t or path.endswith("." + t) for t in targets)
 
 
 def from_mapping(cls: type, data: dict[str, Any], what: str):
