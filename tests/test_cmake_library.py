@@ -246,7 +246,7 @@ def test_manifest_matches_library_and_kernel_sources(build_dir, manifest, fake):
     """The embedded table is the manifest, and its parameter lists are the current kernels'."""
     import hashlib
 
-    from apo_fast.aot import library as kernels_aot
+    from apo_fast.aot import variants as kernels_aot
 
     lib, _ = fake
     assert lib.apo_fk_variant_count() == len(manifest["variants"]) == len(kernels_aot.library_variants())

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from apo_fast.aot import library as kernels_aot
+from apo_fast.aot import variants as aot_variants
 
 # Columns of the per-variant tables: (header, SASS opcode counted by CompiledReport.count).
 INSTRUCTION_COLUMNS = (
@@ -167,7 +168,7 @@ def render_markdown(pairs: Sequence[tuple], triton_version: str, seconds: float)
     header.append("SASS")
     for kernel, rows in by_kernel.items():
         out += [f"## {KERNEL_TITLES.get(kernel, kernel)}", ""]
-        fields = ", ".join(f"`{f}`" for f in kernels_aot.KEY_FIELDS[kernel])
+        fields = ", ".join(f"`{f}`" for f in aot_variants.KEY_FIELDS[kernel])
         out += [f"Variant key: dtype, {fields}.", ""]
         for arch in sorted({v.arch for v, _ in rows}):
             out += [f"### sm_{arch}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -185,17 +186,17 @@ def render_markdown(pairs: Sequence[tuple], triton_version: str, seconds: float)
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile report of the apo_fast_kernels variants (Markdown).")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
-    parser.add_argument("--archs", type=kernels_aot._parse_archs, default=kernels_aot.ARCHS, help="e.g. 80,90")
-    parser.add_argument("--kernels", default="", help="comma-separated subset of " + ",".join(kernels_aot.KERNEL_IDS))
+    parser.add_argument("--archs", type=kernels_aot._parse_archs, default=aot_variants.ARCHS, help="e.g. 80,90")
+    parser.add_argument("--kernels", default="", help="comma-separated subset of " + ",".join(aot_variants.KERNEL_IDS))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(list(argv) if argv is not None else None)
     wanted = {k.strip().upper() for k in args.kernels.split(",") if k.strip()}
-    unknown = wanted - set(kernels_aot.KERNEL_IDS)
+    unknown = wanted - set(aot_variants.KERNEL_IDS)
     if unknown:
-        parser.error(f"--kernels: unknown {sorted(unknown)}; choose from {sorted(kernels_aot.KERNEL_IDS)}")
+        parser.error(f"--kernels: unknown {sorted(unknown)}; choose from {sorted(aot_variants.KERNEL_IDS)}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    variants = [v for v in kernels_aot.library_variants(args.archs) if not wanted or v.kernel in wanted]
+    variants = [v for v in aot_variants.library_variants(args.archs) if not wanted or v.kernel in wanted]
     start = time.perf_counter()
     reports = compile_reports(variants, jobs=args.jobs)
     seconds = time.perf_counter() - start
