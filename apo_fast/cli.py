@@ -9,7 +9,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from apo_fast.config.choices import GATE_KINDS
+from apo_fast.config.choices import (
+    BENCH_ATTENTION,
+    BENCH_MODELS,
+    BENCH_PRECISIONS,
+    GATE_KINDS,
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -200,8 +205,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from apo_fast.bench.step_config import StepBenchConfig
     from apo_fast.bench.step import run_step_benchmark
+    from apo_fast.bench.step_config import StepBenchConfig
     from apo_fast.bench.step_report import to_markdown, write_reports
 
     cfg = StepBenchConfig(
@@ -231,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_pretrain, _add_train, _add_sample, _add_eval, _add_bench):
+        add(sub)
+    from apo_fast.bench.plan_cli import add_plan_memory_parser
 
+    add_plan_memory_parser(sub, _add_config_args)
+    return parser
+
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole job on the bundled demo dataset (CPU, minutes)")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None, help="run folder (default runs/demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -242,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
 
+
+def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train a small base UNet on a product's normal images (resumable)")
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: pretrain.steps)")
@@ -249,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_pretrain)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="APO fine-tuning from a config (resumes from the last checkpoint)")
     _add_config_args(p)
     p.add_argument("--no-resume", action="store_true", help="start from step 0 even if checkpoints exist")
@@ -256,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(fn=cmd_train)
 
+
+def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate anomalies with masks from a trained run")
     p.add_argument("--run", required=True, help="run folder written by apo-fast train/demo")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
@@ -270,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_sample)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="generation metrics and the downstream detector test: none/cutpaste/lora/apo")
     _add_config_args(p)
     p.add_argument("--run", default=None,
@@ -278,12 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="training-step benchmark: apo-fast vs the diffusers Diffusion-DPO baseline")
-    p.add_argument("--model", choices=("tiny", "sd15", "sdxl"), default="tiny", help="UNet preset (random weights)")
+    p.add_argument("--model", choices=BENCH_MODELS, default="tiny", help="UNet preset (random weights)")
     p.add_argument("--batch", type=int, default=4, help="preference pairs per step (2x images per UNet pass)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--precision", choices=("auto", "no", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--rank", type=int, default=16, help="adapter rank r (the diffusers scripts' --rank)")
+    p.add_argument("--precision", choices=BENCH_PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--device", default="auto")
@@ -293,18 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apo-fast's timestep gate (constant = the baseline's plain LoRA)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit on both sides")
-    p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa", help="on both sides")
+    p.add_argument("--attention", choices=BENCH_ATTENTION, default="sdpa", help="on both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads during the run")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/bench",
                    help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_bench)
-
-    from apo_fast.bench.plan_cli import add_plan_memory_parser
-
-    add_plan_memory_parser(sub, _add_config_args)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,12 @@ from apo_fast.adapters.state import (
     get_gate_state,
     install_gate,
 )
-from apo_fast.config.adapter import DEFAULT_TARGET_MODULES, AdapterConfig, GateConfig, module_matches
+from apo_fast.config.adapter import (
+    DEFAULT_TARGET_MODULES,
+    AdapterConfig,
+    GateConfig,
+    module_matches,
+)
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",

@@ -251,7 +251,32 @@ def load_adapters(
     taca = json.loads(header[TACA_METADATA_KEY]) if TACA_METADATA_KEY in header else {}
     lora_meta = json.loads(header[LORA_METADATA_KEY]) if LORA_METADATA_KEY in header else {}
     lora_meta = {k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else k: v for k, v in lora_meta.items()}
+    ranks, alphas = _ranks_and_alphas(file, modules, tensors, lora_meta)
+    gate_config = GateConfig.from_dict(taca["gate"]) if taca.get("gate") else GateConfig(kind="constant")
+    layers = _layers_for(model, file, ranks, alphas, gate_config, taca, adapter_name)
+    name = _resolve_adapter_name(model, sorted(layers.items()), adapter_name)
+    with torch.no_grad():
+        for path, parts in modules.items():
+            _copy_into(layers[path], name, parts, tensors, file, path)
+            layers[path].lora_alpha[name] = alphas[path]
+            layers[path].set_scale(name, 1.0)
+        if taca.get("gate_file"):
+            _load_gate(model, Path(file).parent / taca["gate_file"])
+    state = get_gate_state(model)
+    if state is not None and state.adapter_config is not None:
+        return state.adapter_config
+    return AdapterConfig(
+        r=collections.Counter(ranks.values()).most_common(1)[0][0],
+        lora_alpha=collections.Counter(alphas.values()).most_common(1)[0][0],
+        target_modules=tuple(sorted(ranks)),
+        gate=gate_config,
+        adapter_name=name,
+    )
 
+
+def _ranks_and_alphas(file, modules: dict, tensors: dict, lora_meta: dict) -> tuple[dict, dict]:
+    """Each saved module's rank (checked against its A/B shapes) and lora_alpha (peft's
+    ``alpha_pattern``, else ``lora_alpha``, else the rank)."""
     ranks = {}
     for path, parts in modules.items():
         A, B = tensors[parts["lora_A"]], tensors[parts["lora_B"]]
@@ -265,8 +290,12 @@ def load_adapters(
     alphas = {
         path: alpha_pattern.get(path, alpha_default if alpha_default is not None else ranks[path]) for path in ranks
     }
-    gate_config = GateConfig.from_dict(taca["gate"]) if taca.get("gate") else GateConfig(kind="constant")
+    return ranks, alphas
 
+
+def _layers_for(model, file, ranks: dict, alphas: dict, gate_config: GateConfig, taca: dict, adapter_name) -> dict:
+    """The model's gated layers for the saved modules: injected when the model has none (one
+    rank and alpha), else checked to be exactly the saved set; the saved gate is restored."""
     layers = dict(gated_layers(model))
     if not layers:
         if len(set(ranks.values())) != 1 or len(set(alphas.values())) != 1:
@@ -285,44 +314,27 @@ def load_adapters(
             backend=saved.get("backend"),
         )
         inject_adapters(model, config)
-        layers = dict(gated_layers(model))
-    else:
-        missing, unexpected = sorted(set(layers) - set(ranks)), sorted(set(ranks) - set(layers))
-        if missing or unexpected:
-            raise ValueError(
-                f"{str(file)!r} does not match the model's adapter layers: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        if _model_gate_config(model) != gate_config or get_gate_state(model) is None:
-            set_gate(model, gate_config)
-    name = _resolve_adapter_name(model, sorted(layers.items()), adapter_name)
+        return dict(gated_layers(model))
+    missing, unexpected = sorted(set(layers) - set(ranks)), sorted(set(ranks) - set(layers))
+    if missing or unexpected:
+        raise ValueError(
+            f"{str(file)!r} does not match the model's adapter layers: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    if _model_gate_config(model) != gate_config or get_gate_state(model) is None:
+        set_gate(model, gate_config)
+    return layers
 
-    with torch.no_grad():
-        for path, parts in modules.items():
-            layer = layers[path]
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part)[name].weight
-                value = tensors[parts[part]]
-                if param.shape != value.shape:
-                    raise ValueError(
-                        f"{str(file)!r}: {path}.{part} has shape {tuple(value.shape)}, "
-                        f"the model's is {tuple(param.shape)}"
-                    )
-                param.copy_(value)
-            layer.lora_alpha[name] = alphas[path]
-            layer.set_scale(name, 1.0)
-        if taca.get("gate_file"):
-            _load_gate(model, Path(file).parent / taca["gate_file"])
-    state = get_gate_state(model)
-    if state is not None and state.adapter_config is not None:
-        return state.adapter_config
-    return AdapterConfig(
-        r=collections.Counter(ranks.values()).most_common(1)[0][0],
-        lora_alpha=collections.Counter(alphas.values()).most_common(1)[0][0],
-        target_modules=tuple(sorted(ranks)),
-        gate=gate_config,
-        adapter_name=name,
-    )
+
+def _copy_into(layer, name: str, parts: dict, tensors: dict, file, path: str) -> None:
+    for part in ("lora_A", "lora_B"):
+        param = getattr(layer, part)[name].weight
+        value = tensors[parts[part]]
+        if param.shape != value.shape:
+            raise ValueError(
+                f"{str(file)!r}: {path}.{part} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}"
+            )
+        param.copy_(value)
 
 
 def _load_gate(model: nn.Module, gate_file: Path) -> None:

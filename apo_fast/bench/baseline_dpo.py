@@ -388,6 +388,48 @@ class DiffusionDPOBaseline:
         timer = _NoTimer() if timer is None else timer
         self._check_batch(pixel_values, encoder_hidden_states)
         timer.phase("data")
+        noisy_model_input, timesteps, encoder_hidden_states, target = self._noised_batch(
+            pixel_values, encoder_hidden_states, noise, timesteps)
+        timer.phase("policy_forward")
+        model_pred = self._unet(noisy_model_input, timesteps, encoder_hidden_states)
+        timer.phase("loss")
+        model_diff, raw_model_loss = _policy_terms(model_pred, target)
+        timer.phase("reference_forward")
+        self.unet.disable_adapters()
+        try:
+            with torch.no_grad():
+                ref_pred = self._unet(noisy_model_input, timesteps, encoder_hidden_states).detach()
+                timer.phase("loss")
+                ref_diff, raw_ref_loss = _reference_terms(ref_pred, target)
+        finally:
+            self.unet.enable_adapters()
+        terms = _final_loss(
+            model_diff, raw_model_loss, ref_diff, raw_ref_loss, self.config.beta_dpo, self.config.loss_type
+        )
+        loss = terms["loss"]
+        timer.phase("backward")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        timer.phase("optimizer")
+        self._optimizer_step()
+        timer.phase("other")
+        logs = {
+            "loss": loss.detach().item(),
+            "raw_model_loss": terms["raw_model_loss"].item(),
+            "ref_loss": terms["raw_ref_loss"].item(),
+            "implicit_acc": terms["implicit_acc"].item(),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+        }
+        out = BaselineStepOutput(loss.detach(), logs, timesteps)
+        if return_predictions:
+            out.model_pred, out.ref_pred, out.target = model_pred.detach().float(), ref_pred.float(), target.float()
+        return out
+
+    def _noised_batch(self, pixel_values, encoder_hidden_states, noise, timesteps):
+        """The script's data step: VAE latents of winners then losers, one noise and timestep per
+        pair, the noised input and the regression target."""
         pixel_values = pixel_values.to(self.device, dtype=self.weight_dtype, non_blocking=True)
         feed_pixel_values = torch.cat(pixel_values.chunk(2, dim=1))
         latents = self.encode(feed_pixel_values)
@@ -415,31 +457,10 @@ class DiffusionDPOBaseline:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unknown prediction type {prediction_type!r}")
+        return noisy_model_input, timesteps, encoder_hidden_states, target
 
-        timer.phase("policy_forward")
-        model_pred = self._unet(noisy_model_input, timesteps, encoder_hidden_states)
-        timer.phase("loss")
-        model_diff, raw_model_loss = _policy_terms(model_pred, target)
-        timer.phase("reference_forward")
-        self.unet.disable_adapters()
-        try:
-            with torch.no_grad():
-                ref_pred = self._unet(noisy_model_input, timesteps, encoder_hidden_states).detach()
-                timer.phase("loss")
-                ref_diff, raw_ref_loss = _reference_terms(ref_pred, target)
-        finally:
-            self.unet.enable_adapters()
-        terms = _final_loss(
-            model_diff, raw_model_loss, ref_diff, raw_ref_loss, self.config.beta_dpo, self.config.loss_type
-        )
-        loss = terms["loss"]
-
-        timer.phase("backward")
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        timer.phase("optimizer")
+    def _optimizer_step(self) -> None:
+        """Unscale (fp16), clip, step, schedule, zero the gradients: the script's order."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params_to_optimize, self.config.max_grad_norm)
@@ -450,19 +471,6 @@ class DiffusionDPOBaseline:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad()
-
-        timer.phase("other")
-        logs = {
-            "loss": loss.detach().item(),
-            "raw_model_loss": terms["raw_model_loss"].item(),
-            "ref_loss": terms["raw_ref_loss"].item(),
-            "implicit_acc": terms["implicit_acc"].item(),
-            "lr": self.lr_scheduler.get_last_lr()[0],
-        }
-        out = BaselineStepOutput(loss.detach(), logs, timesteps)
-        if return_predictions:
-            out.model_pred, out.ref_pred, out.target = model_pred.detach().float(), ref_pred.float(), target.float()
-        return out
 
     def _check_batch(self, pixel_values, encoder_hidden_states) -> None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] % 2:

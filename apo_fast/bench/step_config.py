@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from apo_fast.config.choices import GATE_KINDS
+from apo_fast.config.choices import BENCH_ATTENTION, BENCH_MODELS, BENCH_PRECISIONS, GATE_KINDS
 
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-MODELS = ("tiny", "sd15", "sdxl")
-PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
+MODELS = BENCH_MODELS
+PRECISIONS = BENCH_PRECISIONS
 SIDES = ("apo_fast", "baseline")
 PHASES = ("data", "policy_forward", "reference_forward", "loss", "backward", "optimizer", "other")
 SCHEMA = "apo-fast-step-bench/1"
@@ -93,7 +93,7 @@ class StepBenchConfig:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.gate not in GATE_KINDS:
             raise ValueError(f"gate must be rank_prefix, constant, sigmoid or learned, got {self.gate!r}")
-        if self.attention not in ("sdpa", "xformers"):
+        if self.attention not in BENCH_ATTENTION:
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
         for name in ("beta_dpo", "learning_rate", "telemetry_period_s"):
             value = getattr(self, name)

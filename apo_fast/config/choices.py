@@ -31,6 +31,11 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 
+# benchmarks (apo_fast.bench): the step benchmark's UNet presets and precisions
+BENCH_MODELS = ("tiny", "sd15", "sdxl")
+BENCH_PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 elsewhere
+BENCH_ATTENTION = ("sdpa", "xformers")
+
 # sampling (apo_fast.sampling)
 SAMPLE_SCHEDULERS = ("ddim", "ddpm")
 

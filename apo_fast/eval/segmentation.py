@@ -141,6 +141,42 @@ def train_segmenter(
     Returns:
         The trained model, in eval mode, on ``device``.
     """
+    has_anomalies = _check_segmenter_inputs(normal_images, anomaly_images, anomaly_masks, steps, batch_size,
+                                            anomaly_fraction)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiscriminativeUNet(3, base_channels, depth).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    normals = normal_images.detach().float().to(device)
+    if has_anomalies:
+        anomalies = anomaly_images.detach().float().to(device)
+        masks = (anomaly_masks.detach().float() > 0.5).float().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    model.train()
+    bar = tqdm(range(steps), desc="segmenter", disable=not progress, leave=False)
+    for _ in bar:
+        images, target = _draw_batch(normals, anomalies if has_anomalies else None, masks if has_anomalies else None,
+                                     batch_size, anomaly_fraction, augment, gen)
+        logits = model(images)
+        loss = focal_loss(logits, target.long(), gamma=focal_gamma)
+        if dice_weight or smooth_l1_weight:
+            prob = logits.float().softmax(dim=1)[:, 1]
+            if dice_weight:
+                loss = loss + dice_weight * dice_loss(prob, target)
+            if smooth_l1_weight:
+                loss = loss + smooth_l1_weight * F.smooth_l1_loss(prob, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval()
+
+
+def _check_segmenter_inputs(normal_images, anomaly_images, anomaly_masks, steps, batch_size, anomaly_fraction) -> bool:
+    """Refuse malformed training inputs; True when there are synthetic anomalies."""
     check_images(normal_images, "normal_images")
     if normal_images.shape[0] == 0:
         raise ValueError("normal_images must hold at least one image")
@@ -161,48 +197,29 @@ def train_segmenter(
     if not 0.0 <= anomaly_fraction <= 1.0:
         raise ValueError(f"anomaly_fraction must be in [0, 1], got {anomaly_fraction}")
 
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DiscriminativeUNet(3, base_channels, depth).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    normals = normal_images.detach().float().to(device)
-    if has_anomalies:
-        anomalies = anomaly_images.detach().float().to(device)
-        masks = (anomaly_masks.detach().float() > 0.5).float().to(device)
-    height, width = normals.shape[-2:]
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    return has_anomalies
 
-    model.train()
-    bar = tqdm(range(steps), desc="segmenter", disable=not progress, leave=False)
-    for _ in bar:
-        images = normals[torch.randint(normals.shape[0], (batch_size,), generator=gen).to(device)]
-        target = torch.zeros(batch_size, height, width, device=device)
-        if has_anomalies:
-            is_anomaly = (torch.rand(batch_size, generator=gen) < anomaly_fraction).to(device)
-            picks = torch.randint(anomalies.shape[0], (batch_size,), generator=gen).to(device)
-            images = torch.where(is_anomaly[:, None, None, None], anomalies[picks], images)
-            target = torch.where(is_anomaly[:, None, None], masks[picks, 0], target)
-        if augment:
-            flips = torch.rand(batch_size, 2, generator=gen).to(device) < 0.5
-            images = torch.where(flips[:, 0, None, None, None], images.flip(-1), images)
-            target = torch.where(flips[:, 0, None, None], target.flip(-1), target)
-            images = torch.where(flips[:, 1, None, None, None], images.flip(-2), images)
-            target = torch.where(flips[:, 1, None, None], target.flip(-2), target)
-        logits = model(images)
-        loss = focal_loss(logits, target.long(), gamma=focal_gamma)
-        if dice_weight or smooth_l1_weight:
-            prob = logits.float().softmax(dim=1)[:, 1]
-            if dice_weight:
-                loss = loss + dice_weight * dice_loss(prob, target)
-            if smooth_l1_weight:
-                loss = loss + smooth_l1_weight * F.smooth_l1_loss(prob, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if progress:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return model.eval()
+
+def _draw_batch(normals, anomalies, masks, batch_size: int, anomaly_fraction: float, augment: bool,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DRAEM mix batch: each sample an anomaly with its mask (probability
+    ``anomaly_fraction``) or a normal image with an empty mask, optionally flipped."""
+    device = normals.device
+    height, width = normals.shape[-2:]
+    images = normals[torch.randint(normals.shape[0], (batch_size,), generator=gen).to(device)]
+    target = torch.zeros(batch_size, height, width, device=device)
+    if anomalies is not None:
+        is_anomaly = (torch.rand(batch_size, generator=gen) < anomaly_fraction).to(device)
+        picks = torch.randint(anomalies.shape[0], (batch_size,), generator=gen).to(device)
+        images = torch.where(is_anomaly[:, None, None, None], anomalies[picks], images)
+        target = torch.where(is_anomaly[:, None, None], masks[picks, 0], target)
+    if augment:
+        flips = torch.rand(batch_size, 2, generator=gen).to(device) < 0.5
+        images = torch.where(flips[:, 0, None, None, None], images.flip(-1), images)
+        target = torch.where(flips[:, 0, None, None], target.flip(-1), target)
+        images = torch.where(flips[:, 1, None, None, None], images.flip(-2), images)
+        target = torch.where(flips[:, 1, None, None], target.flip(-2), target)
+    return images, target
 
 
 @torch.no_grad()

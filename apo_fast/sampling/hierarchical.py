@@ -112,19 +112,10 @@ def hierarchical_sample(
     from apo_fast.adapters import adapters_disabled
     from apo_fast.models import cat_unet_kwargs, vae_scale_factor
 
-    if cond_ids.dim() != 1:
-        raise ValueError(f"cond_ids must be (B,), got shape {tuple(cond_ids.shape)}")
-    if (known is None) != (known_mask is None):
-        raise ValueError("mask-guided sampling needs both `known` and `known_mask`")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
+    known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
     b = cond_ids.shape[0]
-    if known is not None:
-        if known.shape != (b, *shape):
-            raise ValueError(f"known must have shape {(b, *shape)}, got {tuple(known.shape)}")
-        if known_mask.shape != (b, 1, *shape[1:]):
-            raise ValueError(f"known_mask must have shape {(b, 1, *shape[1:])}, got {tuple(known_mask.shape)}")
-        known, known_mask = known.to(device, torch.float32), known_mask.to(device, torch.float32)
     cond_ids = cond_ids.to(device)
     pixel_size = image_size or shape[-1] * (vae_scale_factor(vae) if vae is not None else 1)
     kw_c = conditions.unet_kwargs(cond_ids, dtype, pixel_size)
@@ -149,13 +140,38 @@ def hierarchical_sample(
         z = scheduler.step(eps, t, z).prev_sample
         if known is not None:
             t_prev = int(timesteps[i + 1]) if i + 1 < n else -1
-            if t_prev >= 0:
-                noise = torch.randn(known.shape, generator=generator).to(device)
-                a = alphas[t_prev]
-                background = a.sqrt() * known + (1 - a).sqrt() * noise
-            else:
-                background = known
-            z = known_mask * z + (1 - known_mask) * background
+            z = known_mask * z + (1 - known_mask) * _noised_background(known, alphas, t_prev, generator, device)
+    return _finish(z, acc, vae, image_size, known_mask, mask_sigma, mask_threshold, device)
+
+
+def _check_guides(cond_ids, shape, known, known_mask, device):
+    """Mask-guided sampling's inputs checked and moved to ``device`` (float32)."""
+    if cond_ids.dim() != 1:
+        raise ValueError(f"cond_ids must be (B,), got shape {tuple(cond_ids.shape)}")
+    if (known is None) != (known_mask is None):
+        raise ValueError("mask-guided sampling needs both `known` and `known_mask`")
+    if known is None:
+        return None, None
+    b = cond_ids.shape[0]
+    if known.shape != (b, *shape):
+        raise ValueError(f"known must have shape {(b, *shape)}, got {tuple(known.shape)}")
+    if known_mask.shape != (b, 1, *shape[1:]):
+        raise ValueError(f"known_mask must have shape {(b, 1, *shape[1:])}, got {tuple(known_mask.shape)}")
+    return known.to(device, torch.float32), known_mask.to(device, torch.float32)
+
+
+def _noised_background(known, alphas, t_prev: int, generator, device) -> torch.Tensor:
+    """The normal image noised to the next step's level (``t_prev`` < 0: the clean image)."""
+    if t_prev < 0:
+        return known
+    noise = torch.randn(known.shape, generator=generator).to(device)
+    a = alphas[t_prev]
+    return a.sqrt() * known + (1 - a).sqrt() * noise
+
+
+def _finish(z, acc, vae, image_size, known_mask, mask_sigma, mask_threshold, device) -> SampleOutput:
+    """Decode (latent models), clamp, resize to ``image_size``, and the localization map and mask
+    (the user's mask when mask-guided)."""
     images = z.float()
     if vae is not None:
         from apo_fast.models import decode_latents
