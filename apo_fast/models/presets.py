@@ -5,7 +5,7 @@ arguments, so ``UNet2DConditionModel(**UNET_PRESETS["sd15"])`` builds the
 architecture with random weights (nothing is downloaded). Copy a preset before
 changing it: ``cfg = dict(UNET_PRESETS["tiny"], in_channels=3)``.
 
-Parameter counts (checked in ``tests/test_memory_plan.py``):
+Parameter counts (checked in ``tests/bench/test_memory_plan.py``):
 
 ========  ==============  ==========================================================
 preset    parameters      architecture

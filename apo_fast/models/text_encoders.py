@@ -11,7 +11,7 @@ prompt conditioning); otherwise they are fine-tuned from them (textual
 inversion style).
 
 Encoding rules (those of diffusers' ``encode_prompt``, checked against it in
-``tests/test_text_conditions.py``):
+``tests/models/test_text_encoders.py``):
 
 - SD 1.x/2.x (``tokenizer/`` + ``text_encoder/``): prompts padded to the
   tokenizer's ``model_max_length`` (77), the encoder's last hidden state.

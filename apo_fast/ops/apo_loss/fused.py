@@ -43,7 +43,7 @@ MAX_SAMPLE_NUMEL = 2**31 - 2**20  # in-sample offsets are 32-bit
 MAX_CHUNKS = 1024  # chunk partials per sample (the finalize kernel holds them in registers)
 # The finalize kernel loads (terms x chunks) tiles of at most FINALIZE_TILE
 # partials with FINALIZE_WARPS warps: no register spills on sm_80/sm_90
-# (checked by tests/test_loss_compile.py; a 4096 tile with 4 warps spilled).
+# (checked by tests/ops/apo_loss/test_compile.py; a 4096 tile with 4 warps spilled).
 FINALIZE_TILE = 2048
 FINALIZE_WARPS = 8
 INTERPRETER_TARGET_PROGRAMS = 16

@@ -134,7 +134,7 @@ def _build_demo_data():
     """tools/build_demo_data.py (a script outside the package), loaded by path."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "build_demo_data.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "build_demo_data.py"
     spec = importlib.util.spec_from_file_location("tools_build_demo_data", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up

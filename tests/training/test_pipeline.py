@@ -10,7 +10,7 @@ import torch
 from apo_fast.config import ConfigError, config_from_dict, load_config
 from apo_fast.demo import DEMO_CONFIG, demo_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(out: Path, *overrides: str):

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SM_COUNT = 132  # the fake device: an H100/H200
 
 pytestmark = pytest.mark.skipif(

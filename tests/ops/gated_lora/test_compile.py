@@ -9,7 +9,7 @@ GPU config of its autotune list; the test marked ``slow`` checks every other
 autotune candidate (fp16, both archs) too.
 
 Run as a script to print the per-variant report table:
-``python tests/test_gated_lora_compile.py [--all]``.
+``python tests/ops/gated_lora/test_compile.py [--all]``.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from apo_fast.bench.baseline_dpo import (
 )
 from apo_fast.losses import diffusion_dpo_loss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_unet(channels: int = 3, seed: int = 0):

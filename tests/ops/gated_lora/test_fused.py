@@ -2,7 +2,7 @@
 against the plain PyTorch reference in float64: output and every gradient.
 
 bf16 is not run here: the interpreter's tl.dot on bf16 is wrong (see
-ENGINEERING.md); tests/test_gated_lora_compile.py covers the bf16 kernels.
+ENGINEERING.md); tests/ops/gated_lora/test_compile.py covers the bf16 kernels.
 Every buffer the Triton path allocates is filled with NaN first (the
 ``nan_allocations`` fixture), so an element a kernel fails to write shows up.
 """

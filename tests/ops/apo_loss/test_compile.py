@@ -13,7 +13,7 @@ Fails on a compile error or register spills. Variants:
   tile and at the largest tile the launcher uses.
 
 Run as a script to print the per-variant report table:
-``python tests/test_loss_compile.py``.
+``python tests/ops/apo_loss/test_compile.py``.
 """
 
 from __future__ import annotations

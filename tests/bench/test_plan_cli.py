@@ -8,7 +8,7 @@ import pytest
 from apo_fast.config import save_config
 from apo_fast.demo import demo_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_cfg(tmp_path: Path, *overrides: str) -> Path:
