@@ -33,59 +33,6 @@ DEMO_CONFIG: dict = {
 }
 
 
-#: The pretrained demo bases shipped with the package (tools/build_demo_base.py rebuilds them).
-SHIPPED_BASES = Path(__file__).resolve().parent / "assets" / "demo_base"
-
-
-def base_build_record(cfg: APOConfig) -> dict:
-    """The settings that decide what a pretrained base is (written to a shipped base's build.json)."""
-    full = cfg.to_dict()
-    model = {k: v for k, v in full["model"].items() if k not in ("pretrained", "conditions", "subfolder", "revision")}
-    data = {k: full["data"][k] for k in ("root", "category", "image_size", "augment", "defect_types", "shots")}
-    pre = {k: v for k, v in full["pretrain"].items() if k not in ("checkpoint_every", "sample_every")}
-    return {"model": model, "data": data, "pretrain": pre, "seed": cfg.train.seed}
-
-
-def shipped_base(cfg: APOConfig) -> tuple[Path | None, str]:
-    """The shipped pretrained base for ``cfg`` if one was built with exactly its settings,
-    else None; and why (for the log)."""
-    folder = SHIPPED_BASES / cfg.data.category
-    if cfg.data.root != "builtin:demo":
-        return None, "the data is not the bundled demo dataset"
-    record = folder / "build.json"
-    if not record.is_file():
-        return None, f"no shipped base for {cfg.data.category!r}"
-    built = json.loads(record.read_text())
-    want = base_build_record(cfg)
-    diff = sorted(k for k in want if built.get(k) != want[k])
-    if diff:
-        return None, f"the shipped base was built with other {', '.join(diff)} settings"
-    return folder, f"built by `{built.get('command')}`"
-
-
-def prepare_base(cfg: APOConfig, base_dir: Path, *, progress: bool = True, rebuild: bool = False,
-                 say=print) -> None:
-    """Make ``base_dir`` hold the run's base model and point ``cfg.model`` at it: a base
-    already there, else the shipped one for the category when it matches (:func:`shipped_base`),
-    else one trained here (:func:`apo_fast.training.pretrain.pretrain_base`; always with ``rebuild``).
-    ``say`` gets one line saying which."""
-    from apo_fast.training import pretrain
-
-    base_dir = Path(base_dir)
-    if (base_dir / "base_unet" / "config.json").is_file() and (base_dir / "base_conditions.safetensors").is_file():
-        say(f"found in {base_dir}")
-    else:
-        shipped, why = (None, "--rebuild-base") if rebuild else shipped_base(cfg)
-        if shipped is not None:
-            say(f"the pretrained base shipped for {cfg.data.category} ({why}), copied to {base_dir}")
-            _copy_base(shipped, base_dir)
-        else:
-            say(f"training the tiny base UNet on the normal images ({cfg.pretrain.steps} steps; no shipped base: {why})")
-            pretrain.pretrain_base(cfg, base_dir, progress=progress)
-    cfg.model.pretrained, cfg.model.subfolder = str(base_dir / "base_unet"), ""
-    cfg.model.conditions = str(base_dir / "base_conditions.safetensors")
-
-
 def demo_config(output_dir: str | None = None, overrides: list[str] | None = None) -> APOConfig:
     data = json.loads(json.dumps(DEMO_CONFIG))
     if output_dir:
@@ -97,12 +44,13 @@ def run_demo(cfg: APOConfig, progress: bool = True, state: dict | None = None, r
     """Run the demo end to end into ``cfg.output_dir``; returns the metrics written to metrics.json.
 
     The base model is the one shipped for the category when it was built with this
-    config's settings (:func:`shipped_base`), else (or with ``rebuild_base``) trained
+    config's settings (:func:`apo_fast.training.base.shipped_base`), else (or with ``rebuild_base``) trained
     here. ``state["phase"]`` names the phase running (for the CLI's message on Ctrl-C).
     """
     from apo_fast.io_utils import atomic_write_json
     from apo_fast.plots import plot_training
     from apo_fast.sampling.runs import sample_run
+    from apo_fast.training.base import prepare_base
     from apo_fast.training.trainer import APOTrainer
 
     state = {} if state is None else state
@@ -181,16 +129,6 @@ def short_comparison(cfg: APOConfig, run_dir: Path, progress: bool = True) -> di
     print(result["verdict"]["sentence"])
     return {"summary": result["summary"], "verdict": result["verdict"]["sentence"],
             "timings_s": result["timings_s"], "report": result["files"]["markdown"]}
-
-
-def _copy_base(src: Path, dst: Path) -> None:
-    import shutil
-
-    from apo_fast.io_utils import atomic_directory
-
-    with atomic_directory(dst) as tmp:
-        for item in src.iterdir():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
 def _tail_mean(path: Path, key: str, n: int) -> float | None:

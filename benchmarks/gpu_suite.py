@@ -286,7 +286,7 @@ def _unet_adapter_check(device, dry_run: bool) -> dict:
         freeze_base,
         inject_adapters,
     )
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -461,7 +461,7 @@ def part_memory(ctx: PartContext, which: str) -> dict:
     from apo_fast.bench.measured_memory import measure_training_memory
     from apo_fast.bench.memory_plan import plan_memory
     from apo_fast.bench.sides import save_random_vae
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     try:
         import bitsandbytes  # noqa: F401

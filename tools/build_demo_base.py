@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "apo_fast" / "assets" / "demo_base"), help="folder of the bases")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    from apo_fast.demo import base_build_record, demo_config
+    from apo_fast.demo import demo_config
+    from apo_fast.training.base import base_build_record
 
     for category in args.category or CATEGORIES:
         out = Path(args.out) / category

@@ -34,7 +34,7 @@ def base_product_rate(cfg, base: Path, data, judge, num: int = 32) -> float:
 
     from apo_fast.eval.judge import judge_metrics
     from apo_fast.models import pooled_dim
-    from apo_fast.training.model import load_conditions
+    from apo_fast.models.conditions import load_conditions
     from apo_fast.training.pretrain import sample_product
 
     unet = UNet2DConditionModel.from_pretrained(str(base / "base_unet")).eval()

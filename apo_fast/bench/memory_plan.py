@@ -91,7 +91,7 @@ from apo_fast.bench.activation_trace import (
     trace_activations,
 )
 from apo_fast.config.choices import DEFAULT_TARGET_MODULES, OPTIMIZERS
-from apo_fast.models.presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
+from apo_fast.config.unet_presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
 
 MIB = 2**20
 GIB = 2**30

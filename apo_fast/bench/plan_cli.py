@@ -71,7 +71,7 @@ def _vae_geometry(cfg: APOConfig, use_local: bool = True) -> dict:
 def _unet_config(cfg: APOConfig, in_channels: int, preset: str | None = None) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     m = cfg.model
     if preset is not None:
@@ -142,7 +142,7 @@ def planner_settings(cfg: APOConfig, world_size: int = 1, unet_preset: str | Non
         size //= vae["scale_factor"]
     cross = unet.get("cross_attention_dim", 1280)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     preset_name = next((n for n, c in UNET_PRESETS.items() if dict(c) == unet), None)  # named in the report
     t = cfg.train

@@ -1,7 +1,7 @@
 """Training-step benchmark: apo-fast against the diffusers Diffusion-DPO baseline, side by side.
 
 ``run_step_benchmark(StepBenchConfig(model="tiny"))`` builds both trainers on the
-same UNet config (random weights, :data:`apo_fast.models.presets.UNET_PRESETS`),
+same UNet config (random weights, :data:`apo_fast.config.unet_presets.UNET_PRESETS`),
 the same data (the bundled demo dataset), batch and precision, and times their
 training steps interleaved (A B B A ...), so that a machine whose speed drifts
 (a shared CPU, GPU clocks) affects both alike:

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from apo_fast.config.choices import BENCH_ATTENTION, BENCH_MODELS, BENCH_PRECISIONS, GATE_KINDS
+from apo_fast.config.choices import (
+    BENCH_ATTENTION,
+    BENCH_MODELS,
+    BENCH_PRECISIONS,
+    GATE_KINDS,
+)
 
 log = logging.getLogger(__name__)
 

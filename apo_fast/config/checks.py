@@ -3,6 +3,7 @@ names the key and what was expected (``train.batch_size must be > 0; got 0``).
 """
 from __future__ import annotations
 
+import string
 from typing import TYPE_CHECKING, Any
 
 from apo_fast.config import choices as C
@@ -40,6 +41,24 @@ def _schedule_ok(key: str, value: Any) -> None:
         last = pair[0]
 
 
+PLACEHOLDERS = ("product", "defect")
+
+
+def check_template(key: str, template: str) -> None:
+    """Raise ValueError naming ``key`` unless ``template`` is a non-empty format string
+    whose placeholders are among ``{product}`` and ``{defect}``."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"{key} must be a non-empty string; got {template!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{key}={template!r} is not a valid format string: {exc}") from exc
+    bad = [f for f in fields if f not in PLACEHOLDERS]
+    if bad:
+        raise ValueError(f"{key}={template!r} uses placeholder(s) {bad}; only {{product}} and {{defect}} exist")
+
+
+
 def validate_config(cfg: APOConfig) -> None:
     """Raise :class:`ConfigError` for the first out-of-range or inconsistent value."""
     _check_model(cfg.model)
@@ -64,12 +83,10 @@ def _check_model(m) -> None:
     _positive("model.num_train_timesteps", m.num_train_timesteps)
     _positive("model.cond_tokens", m.cond_tokens)
     if m.pretrained is None:
-        from apo_fast.models.presets import UNET_PRESETS
+        from apo_fast.config.unet_presets import UNET_PRESETS
 
         _choice("model.preset", m.preset, tuple(UNET_PRESETS))
     if m.prompt_template is not None:
-        from apo_fast.models.text_encoders import check_template
-
         for key, template in (("model.prompt_template", m.prompt_template),
                               ("model.good_prompt_template", m.good_prompt_template)):
             try:

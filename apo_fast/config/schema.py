@@ -38,7 +38,7 @@ class ModelConfig:
 
     ``pretrained``: a local diffusers folder or hub id (Stable Diffusion 1.x/2.x/XL);
     the UNet is read from ``subfolder``. Without it the UNet is built from
-    ``preset`` (see :mod:`apo_fast.models.presets`) updated by ``unet`` overrides,
+    ``preset`` (see :mod:`apo_fast.config.unet_presets`) updated by ``unet`` overrides,
     with random weights: nothing is downloaded.
     """
 

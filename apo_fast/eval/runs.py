@@ -33,10 +33,10 @@ def ensure_apo_run(cfg: APOConfig, run_dir: str | Path, *, train_missing: bool =
     """The APO run in ``run_dir``, trained from ``cfg`` if it is not there yet.
 
     Without ``model.pretrained`` and with ``pretrain.steps > 0`` the base UNet comes
-    first into ``<run>/base``, as in the demo (:func:`apo_fast.demo.prepare_base`: the
+    first into ``<run>/base``, as in the demo (:func:`apo_fast.training.base.prepare_base`: the
     shipped base when it matches the config, else trained on the normal images).
     """
-    from apo_fast.demo import prepare_base
+    from apo_fast.training.base import prepare_base
 
     run_dir = Path(run_dir)
     if has_trained_run(run_dir):

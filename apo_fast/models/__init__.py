@@ -1,9 +1,9 @@
 """The diffusion model pieces APO trains: UNet, noise scheduler, VAE (:mod:`.build`), the
-condition embeddings (:mod:`.conditions`), the built-in UNet configs (:mod:`.presets`) and
-CLIP prompt encodings for Stable Diffusion checkpoints (:mod:`.text_encoders`).
+condition embeddings and their file (:mod:`.conditions`) and CLIP prompt encodings for
+Stable Diffusion checkpoints (:mod:`.text_encoders`). The built-in UNet configs are plain
+dicts in :mod:`apo_fast.config.unet_presets` (re-exported here).
 
-Names are imported on first use: the config checks read :mod:`.presets` and
-:mod:`.text_encoders` without loading torch.
+Names are imported on first use, so ``import apo_fast.models`` stays cheap.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ _EXPORTS = {
          "resolve_device", "save_unet", "set_attention", "vae_scale_factor"),
         "apo_fast.models.build",
     ),
-    **dict.fromkeys(("ConditionEmbedding", "cat_unet_kwargs", "pooled_dim"), "apo_fast.models.conditions"),
-    **dict.fromkeys(("UNET_PRESETS", "VAE_SCALE_FACTOR", "unet_config"), "apo_fast.models.presets"),
+    **dict.fromkeys(("ConditionEmbedding", "cat_unet_kwargs", "load_conditions", "pooled_dim", "save_conditions"),
+                    "apo_fast.models.conditions"),
+    **dict.fromkeys(("UNET_PRESETS", "VAE_SCALE_FACTOR", "unet_config"), "apo_fast.config.unet_presets"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -60,7 +60,7 @@ def build_unet(cfg: ModelConfig, in_channels: int = 3, sample_size: int | None =
                 f"model.pretrained={cfg.pretrained!r}: no UNet found locally "
                 f"(subfolder {cfg.subfolder!r}; nothing is downloaded, local_files_only={cfg.local_files_only}): {exc}"
             ) from exc
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     unet_cfg = dict(UNET_PRESETS[cfg.preset])
     if cfg.preset == "tiny" or not cfg.latent:

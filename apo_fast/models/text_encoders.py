@@ -24,10 +24,11 @@ Encoding rules (those of diffusers' ``encode_prompt``, checked against it in
 """
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import torch
+
+from apo_fast.config.checks import PLACEHOLDERS, check_template
 
 __all__ = [
     "PLACEHOLDERS",
@@ -37,23 +38,6 @@ __all__ = [
     "has_second_encoder",
     "prompt_condition_table",
 ]
-
-PLACEHOLDERS = ("product", "defect")
-
-
-def check_template(key: str, template: str) -> None:
-    """Raise ValueError naming ``key`` unless ``template`` is a non-empty format string
-    whose placeholders are among ``{product}`` and ``{defect}``."""
-    if not isinstance(template, str) or not template.strip():
-        raise ValueError(f"{key} must be a non-empty string; got {template!r}")
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise ValueError(f"{key}={template!r} is not a valid format string: {exc}") from exc
-    bad = [f for f in fields if f not in PLACEHOLDERS]
-    if bad:
-        raise ValueError(f"{key}={template!r} uses placeholder(s) {bad}; only {{product}} and {{defect}} exist")
-
 
 def condition_prompts(names: list[str], template: str, good_template: str) -> list[str]:
     """The prompts of the rows of a condition table: ``""`` (null), then one per name.

@@ -39,7 +39,7 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     from safetensors import safe_open
 
     from apo_fast.adapters import load_adapters
-    from apo_fast.training.model import load_conditions
+    from apo_fast.models.conditions import load_conditions
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"

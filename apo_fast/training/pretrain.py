@@ -233,7 +233,7 @@ def pretrain_base(cfg: APOConfig, out_dir: Path, progress: bool = True, resume: 
 
 def _save_base(base: _Base, cfg: APOConfig, data, out_dir: Path, state_path: Path) -> tuple[Path, Path]:
     from apo_fast.models import save_unet
-    from apo_fast.training.model import save_conditions
+    from apo_fast.models.conditions import save_conditions
 
     final_unet, final_conds = base.saved(cfg.pretrain.ema_decay > 0)
     _save_samples(final_unet, final_conds, cfg, data, out_dir / "samples.png")

@@ -40,6 +40,7 @@ from apo_fast.models import (
     resolve_device,
     set_attention,
 )
+from apo_fast.models.conditions import load_conditions, save_conditions
 from apo_fast.training.checkpoints import (
     _read_log,
     latest_checkpoint,
@@ -60,11 +61,7 @@ from apo_fast.training.distributed import (
     rank_slice,
     register_adapter_params_for_zero3,
 )
-from apo_fast.training.model import (
-    APOModel,
-    load_conditions,
-    save_conditions,
-)
+from apo_fast.training.model import APOModel
 from apo_fast.training.streaming import (
     augment,
     load_train_data,

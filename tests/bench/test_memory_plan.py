@@ -13,7 +13,7 @@ from apo_fast.bench.memory_plan import (
     plan_memory,
     trace_activations,
 )
-from apo_fast.models.presets import UNET_PRESETS, unet_config
+from apo_fast.config.unet_presets import UNET_PRESETS, unet_config
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The tiny UNet with cross-attention at full resolution (the SD layout): large attention maps.

@@ -65,7 +65,7 @@ def test_latents_and_a_local_pretrained_unet_config(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from apo_fast.bench.plan_cli import planner_settings
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,

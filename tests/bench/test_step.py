@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_unet(channels: int = 3, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(

@@ -70,7 +70,7 @@ def test_prompts_per_condition_and_template_checks():
 def _tiny_pipeline_parts():
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from apo_fast.models.presets import UNET_PRESETS
+    from apo_fast.config.unet_presets import UNET_PRESETS
 
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
     return vae, DDIMScheduler(), UNet2DConditionModel(**dict(UNET_PRESETS["tiny"]))

@@ -72,7 +72,8 @@ def test_process_masks_are_exactly_the_changed_pixels():
 def test_build_demo_base_writes_a_base_the_demo_accepts(tmp_path):
     """The rebuild command of the shipped bases, at a few steps: its build.json records the
     settings, and the demo takes such a base only when they are the demo's own."""
-    from apo_fast.demo import base_build_record, demo_config, shipped_base
+    from apo_fast.demo import demo_config
+    from apo_fast.training.base import base_build_record, shipped_base
 
     tool = _tool("build_demo_base")
     assert tool.main(["--category", "brick", "--out", str(tmp_path), "--set", "pretrain.steps=3",

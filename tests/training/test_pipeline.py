@@ -300,6 +300,7 @@ def test_demo_metrics_window_mean(tmp_path):
 def test_demo_copies_the_matching_shipped_base_and_trains_otherwise(tmp_path, monkeypatch):
     """A shipped base is used only when its build.json holds the demo's own settings."""
     import apo_fast.demo as demo
+    import apo_fast.training.base as base_choice
     import apo_fast.training.pretrain as pretrain
     import apo_fast.training.trainer as train
 
@@ -315,8 +316,8 @@ def test_demo_copies_the_matching_shipped_base_and_trains_otherwise(tmp_path, mo
     (base / "base_unet" / "config.json").write_text("{}")
     (base / "base_conditions.safetensors").write_bytes(b"x")
     cfg = demo_config(str(tmp_path / "run"))
-    (base / "build.json").write_text(json.dumps({**demo.base_build_record(cfg), "command": "tools/build_demo_base.py"}))
-    monkeypatch.setattr(demo, "SHIPPED_BASES", shipped)
+    (base / "build.json").write_text(json.dumps({**base_choice.base_build_record(cfg), "command": "tools/build_demo_base.py"}))
+    monkeypatch.setattr(base_choice, "SHIPPED_BASES", shipped)
     monkeypatch.setattr(train, "APOTrainer", no_trainer)
     trained = []
     monkeypatch.setattr(pretrain, "pretrain_base", lambda cfg, out, progress=True: trained.append(out))
@@ -325,7 +326,7 @@ def test_demo_copies_the_matching_shipped_base_and_trains_otherwise(tmp_path, mo
     assert not trained and (tmp_path / "run" / "base" / "base_unet" / "config.json").is_file()
     # other settings: the shipped base does not match, the demo trains its own
     other = demo_config(str(tmp_path / "run2"), ["pretrain.steps=10"])
-    found, why = demo.shipped_base(other)
+    found, why = base_choice.shipped_base(other)
     assert found is None and "pretrain" in why
     with pytest.raises(Stop):
         demo.run_demo(other, progress=False)

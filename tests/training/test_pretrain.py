@@ -82,7 +82,7 @@ def test_the_base_saves_only_the_rows_it_trained_so_apo_starts_defects_from_good
     then starts every defect row from the good row (the textual-inversion start)."""
     from safetensors.torch import load_file
 
-    from apo_fast.training.model import load_conditions
+    from apo_fast.models.conditions import load_conditions
     from apo_fast.training.pretrain import pretrain_base
 
     out = tmp_path / "base"

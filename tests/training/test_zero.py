@@ -136,8 +136,8 @@ def test_cli_reports_fp16_on_cpu_with_exit_code_2(tmp_path, capsys):
 def test_attention_choice_is_logged_once_and_xformers_on_cpu_is_refused(caplog):
     from diffusers import UNet2DConditionModel
 
+    from apo_fast.config.unet_presets import UNET_PRESETS
     from apo_fast.models import set_attention
-    from apo_fast.models.presets import UNET_PRESETS
 
     unet = UNet2DConditionModel(**dict(UNET_PRESETS["tiny"], in_channels=3, out_channels=3, sample_size=16))
     with caplog.at_level(logging.INFO, logger="apo_fast.models.build"):
