@@ -49,26 +49,41 @@ def atomic_save(path: str | Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file below ``folder`` to disk (so a rename publishes complete files)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def publish_directory(tmp: str | Path, path: str | Path) -> None:
+    """Make the finished directory ``tmp`` become ``path`` in one rename (files flushed
+    first); an existing ``path`` is moved aside and removed only after the rename."""
+    tmp, path = Path(tmp), Path(path)
+    fsync_tree(tmp)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it becomes ``path``.
-
-    An existing ``path`` is replaced only after the new one is complete.
+    """Yield a temporary directory beside ``path``; on success it becomes ``path``
+    (:func:`publish_directory`). An existing ``path`` is replaced only after the new one is complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

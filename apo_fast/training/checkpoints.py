@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from apo_fast.io_utils import atomic_write_json, atomic_write_text
+from apo_fast.io_utils import atomic_write_json, atomic_write_text, publish_directory
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder`` to disk (so a rename publishes complete files)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) -> Path:
     """DeepSpeed checkpoint of ``step``, published atomically; call on every rank.
 
@@ -75,13 +66,7 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) ->
     _barrier()
     if is_main:
         atomic_write_json(tmp / "client_state.json", {"step": step, **extra})
-        _fsync_tree(tmp)
-        if final.exists():  # rewritten after a resume from an earlier step
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        publish_directory(tmp, final)  # replaces a step-N rewritten after a resume from an earlier step
         atomic_write_text(root / LATEST_FILE, final.name + "\n")
         for _, stale in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)

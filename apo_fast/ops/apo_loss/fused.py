@@ -26,7 +26,6 @@ the loss, metrics and gradient.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -66,6 +65,7 @@ class StreamPlan:
 
 
 from apo_fast.ops.utils import cdiv as _cdiv  # noqa: E402
+from apo_fast.ops.utils import next_pow2, sm_count
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -80,15 +80,10 @@ def _channels_last_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return 8 * _sm_count(index)
+        return 8 * sm_count(index)
     return INTERPRETER_TARGET_PROGRAMS
 
 
@@ -177,14 +172,10 @@ def launch_residual_sums(p, r, t, m, plan: StreamPlan, lambda_mask: float) -> to
     return partials
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def finalize_blocks(n_terms: int, n_chunks: int) -> tuple[int, int]:
     """(BLOCK_CHUNKS, BLOCK_TERMS) of the finalize kernel: all chunks of a term at once."""
-    block_chunks = max(2, _next_pow2(n_chunks))
-    return block_chunks, max(2, min(_next_pow2(n_terms), FINALIZE_TILE // block_chunks))
+    block_chunks = max(2, next_pow2(n_chunks))
+    return block_chunks, max(2, min(next_pow2(n_terms), FINALIZE_TILE // block_chunks))
 
 
 def launch_finalize(

@@ -10,6 +10,7 @@ import types
 import torch
 
 from apo_fast.ops.utils import cdiv as _cdiv
+from apo_fast.ops.utils import sm_count
 
 # Ranks padded to at most this are accumulated inside the base matmul's loop
 # (h in the forward, u = dy B in the backward), from the tiles already loaded.
@@ -120,7 +121,7 @@ def _token_splits(M: int, col_tiles: int, granule: int, device: torch.device) ->
     """(splits, tokens_per_split) for the dA/dB reductions: about two programs per SM."""
     programs = 4
     if device.type == "cuda":
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = max(1, min(_cdiv(programs, max(col_tiles, 1)), _cdiv(M, granule)))
     tokens_per_split = _cdiv(_cdiv(M, splits), granule) * granule
     return _cdiv(M, tokens_per_split), tokens_per_split
