@@ -307,3 +307,142 @@ def apo_loss_finalize_kernel(
     tl.store(metrics_ptr + 5, wins_sum * inv_terms)
     tl.store(metrics_ptr + 6, beta_sum * inv_terms)
     tl.store(metrics_ptr + 7, tl.where(lambda_sft > 0.0, sft, 0.0))
+
+
+@triton.jit
+def _preference_term(d, beta, label, weight, lambda_d, lambda_u, kl, FORM: tl.constexpr):
+    """(loss, d loss / d d, implicit win) of one term of preference form FORM
+    (0 sigmoid, 1 hinge, 2 ipo, 3 kto, 4 margin; see PreferenceForm in apo_fast.ops.apo_loss.naive)."""
+    z = beta * d
+    if FORM == 1:
+        h = 1.0 + z
+        loss = tl.maximum(h, 0.0)
+        grad = tl.where(h > 0.0, beta, 0.0)
+        win = tl.where(d < 0.0, 1.0, tl.where(d == 0.0, 0.5, 0.0))
+    elif FORM == 2:
+        q = d + 0.5 / beta
+        loss = q * q
+        grad = 2.0 * q
+        win = tl.where(d < 0.0, 1.0, tl.where(d == 0.0, 0.5, 0.0))
+    elif FORM == 3:
+        sign = 2.0 * label - 1.0
+        u = sign * beta * (-d - kl)
+        s = tl.sigmoid(u)
+        lam = label * lambda_d + (1.0 - label) * lambda_u
+        loss = lam * (1.0 - s)
+        grad = lam * s * (1.0 - s) * sign * beta
+        win = tl.where(u > 0.0, 1.0, 0.0)
+    else:
+        loss = _softplus(z)
+        grad = beta * tl.sigmoid(z)
+        win = tl.where(d < 0.0, 1.0, tl.where(d == 0.0, 0.5, 0.0))
+    return loss * weight, grad * weight, win
+
+
+@triton.jit
+def apo_preference_finalize_kernel(
+    partial_ptr,
+    beta_ptr,
+    labels_ptr,
+    weights_ptr,
+    stats_ptr,
+    loss_ptr,
+    n_samples,
+    n_terms,
+    n_chunks,
+    beta_value,
+    inv_numel,
+    inv_terms,
+    inv_samples,
+    lambda_sft,
+    lambda_d,
+    lambda_u,
+    FORM: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BETA_PER_TERM: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_TERMS: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,
+):
+    """:func:`apo_loss_finalize_kernel` for every preference form, per-term weights and KTO labels
+    (same stats layout). The C library keeps the sigmoid-only kernel; this one serves the Python
+    launcher's other forms. KTO's reference point ``max(0, mean(-delta))`` takes a first pass."""
+    e_theta_ptr = stats_ptr
+    e_ref_ptr = stats_ptr + n_samples
+    coef_ptr = stats_ptr + 2 * n_samples
+    metrics_ptr = stats_ptr + 3 * n_samples
+    grad_scale = 2.0 * inv_numel
+    lanes = tl.arange(0, BLOCK_TERMS)
+    chunk_lanes = tl.arange(0, BLOCK_CHUNKS)
+    kl = 0.0
+    if FORM == 3:
+        g_sum = 0.0
+        for j0 in range(0, n_terms, BLOCK_TERMS):
+            j = j0 + lanes
+            live = j < n_terms
+            e_w, r_w = _sample_errors(partial_ptr, j, live, n_chunks, chunk_lanes, inv_numel)
+            g_sum += tl.sum(tl.where(live, r_w - e_w, 0.0), axis=0)
+        kl = tl.maximum(g_sum * inv_terms, 0.0)
+    loss_sum = 0.0
+    e_theta_w_sum = 0.0
+    e_theta_l_sum = 0.0
+    e_ref_sum = 0.0
+    reward_w_sum = 0.0
+    reward_l_sum = 0.0
+    wins_sum = 0.0
+    beta_sum = 0.0
+    for j0 in range(0, n_terms, BLOCK_TERMS):
+        j = j0 + lanes
+        live = j < n_terms
+        if BETA_PER_TERM:
+            beta = tl.load(beta_ptr + j, mask=live, other=1.0).to(tl.float32)
+        else:
+            beta = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + beta_value
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + j, mask=live, other=1.0).to(tl.float32)
+        else:
+            label = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + 1.0
+        if HAS_WEIGHTS:
+            weight = tl.load(weights_ptr + j, mask=live, other=0.0).to(tl.float32)
+        else:
+            weight = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + 1.0
+        e_w, r_w = _sample_errors(partial_ptr, j, live, n_chunks, chunk_lanes, inv_numel)
+        reward_w = -beta * (e_w - r_w)
+        if PAIRED:
+            e_l, r_l = _sample_errors(partial_ptr, j + n_terms, live, n_chunks, chunk_lanes, inv_numel)
+            reward_l = -beta * (e_l - r_l)
+            if FORM == 4:
+                d = e_w - e_l  # reference-free
+            else:
+                d = (e_w - r_w) - (e_l - r_l)
+        else:
+            d = e_w - r_w
+        term, dl_dd, win = _preference_term(d, beta, label, weight, lambda_d, lambda_u, kl, FORM)
+        tl.store(e_theta_ptr + j, e_w, mask=live)
+        tl.store(e_ref_ptr + j, r_w, mask=live)
+        tl.store(coef_ptr + j, (dl_dd + lambda_sft) * inv_terms * grad_scale, mask=live)
+        loss_sum += tl.sum(tl.where(live, term, 0.0), axis=0)
+        e_theta_w_sum += tl.sum(tl.where(live, e_w, 0.0), axis=0)
+        e_ref_sum += tl.sum(tl.where(live, r_w, 0.0), axis=0)
+        reward_w_sum += tl.sum(tl.where(live, reward_w, 0.0), axis=0)
+        wins_sum += tl.sum(tl.where(live, win, 0.0), axis=0)
+        beta_sum += tl.sum(tl.where(live, beta, 0.0), axis=0)
+        if PAIRED:
+            tl.store(e_theta_ptr + n_terms + j, e_l, mask=live)
+            tl.store(e_ref_ptr + n_terms + j, r_l, mask=live)
+            tl.store(coef_ptr + n_terms + j, -dl_dd * inv_terms * grad_scale, mask=live)
+            e_theta_l_sum += tl.sum(tl.where(live, e_l, 0.0), axis=0)
+            e_ref_sum += tl.sum(tl.where(live, r_l, 0.0), axis=0)
+            reward_l_sum += tl.sum(tl.where(live, reward_l, 0.0), axis=0)
+    sft = e_theta_w_sum * inv_terms
+    loss = loss_sum * inv_terms + lambda_sft * sft
+    tl.store(loss_ptr, loss)
+    tl.store(metrics_ptr + 0, loss)
+    tl.store(metrics_ptr + 1, (e_theta_w_sum + e_theta_l_sum) * inv_samples)
+    tl.store(metrics_ptr + 2, e_ref_sum * inv_samples)
+    tl.store(metrics_ptr + 3, reward_w_sum * inv_terms)
+    tl.store(metrics_ptr + 4, reward_l_sum * inv_terms)
+    tl.store(metrics_ptr + 5, wins_sum * inv_terms)
+    tl.store(metrics_ptr + 6, beta_sum * inv_terms)
+    tl.store(metrics_ptr + 7, tl.where(lambda_sft > 0.0, sft, 0.0))

@@ -22,7 +22,7 @@ def check_number(name: str, value: object, *, minimum: float | None = None) -> f
 
 
 def validate_predictions(model_pred: object, ref_pred: object, target: object) -> None:
-    """Same shape (B, ...), same floating dtype, same device; raises TypeError/ValueError."""
+    """Same shape (B, ...) and device, floating dtypes (they may differ); raises TypeError/ValueError."""
     for name, t in (("model_pred", model_pred), ("ref_pred", ref_pred), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -37,8 +37,6 @@ def validate_predictions(model_pred: object, ref_pred: object, target: object) -
             raise ValueError(
                 f"{name} must have the shape of model_pred {tuple(model_pred.shape)}, got {tuple(t.shape)}"
             )
-        if t.dtype != model_pred.dtype:
-            raise TypeError(f"{name} must have the dtype of model_pred ({model_pred.dtype}), got {t.dtype}")
         if t.device != model_pred.device:
             raise ValueError(f"{name} must be on the device of model_pred ({model_pred.device}), got {t.device}")
 
@@ -56,3 +54,41 @@ def validate_mask(mask: object, model_pred: torch.Tensor) -> None:
         raise ValueError(f"mask must have shape {broadcast} or {shape}, got {tuple(mask.shape)}")
     if mask.device != model_pred.device:
         raise ValueError(f"mask must be on the device of model_pred ({model_pred.device}), got {mask.device}")
+
+
+def check_form(loss_type: object, labels: object, weights: object, lambda_desirable: object,
+               lambda_undesirable: object, model_pred: torch.Tensor, paired: bool):
+    """The validated :class:`~apo_fast.ops.apo_loss.naive.PreferenceForm` of an ``apo_loss`` call."""
+    from apo_fast.config.choices import LOSS_TYPES
+    from apo_fast.ops.apo_loss.naive import PreferenceForm
+
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "kto" and paired:
+        raise ValueError("loss_type='kto' is unpaired (a label per sample); use paired=False")
+    if loss_type == "margin" and not paired:
+        raise ValueError("loss_type='margin' compares winners with losers; use paired=True")
+    n = model_pred.shape[0]
+    n_terms = n // 2 if paired else n
+    if labels is not None:
+        if loss_type != "kto":
+            raise ValueError(f"labels are for loss_type='kto', got loss_type={loss_type!r}")
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.is_complex():
+            raise ValueError(f"labels must be a real tensor of shape ({n},), got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if labels.device != model_pred.device:
+            raise ValueError(f"labels must be on the device of model_pred ({model_pred.device}), got {labels.device}")
+        if labels.device.type == "cpu" and not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("labels must be 0 (undesirable) or 1 (desirable)")
+        labels = labels.to(torch.float32)
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or tuple(weights.shape) != (n_terms,):
+            raise ValueError(f"weights must be a floating tensor of shape ({n_terms},) (one per loss term), got "
+                             f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}")
+        if weights.device != model_pred.device:
+            raise ValueError(f"weights must be on the device of model_pred ({model_pred.device}), got {weights.device}")
+        if weights.device.type == "cpu" and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("weights must be finite and >= 0")
+    lam_d = check_number("lambda_desirable", lambda_desirable, minimum=0.0)
+    lam_u = check_number("lambda_undesirable", lambda_undesirable, minimum=0.0)
+    return PreferenceForm(loss_type, labels, weights, lam_d, lam_u)

@@ -1,7 +1,7 @@
 """Fused APO / Diffusion-DPO loss: input plan, Triton launchers and the autograd Function.
 
 The kernels live in ``apo_fast.kernels.apo_loss``; the PyTorch reference and the
-public :func:`apo_fast.loss.apo_loss` (which dispatches here on CUDA) live in
+public :func:`apo_fast.losses.apo_loss` (which dispatches here on CUDA) live in
 ``apo_fast.losses``.
 
 Forward: one pass over (policy, reference, target[, mask]) gives each sample's
@@ -31,11 +31,18 @@ import torch
 
 from apo_fast.kernels import apo_loss as K
 from apo_fast.ops.apo_loss.checks import (
+    check_form,
     check_number,
     validate_mask,
     validate_predictions,
 )
-from apo_fast.ops.apo_loss.naive import FUSED_DTYPES, NUM_METRIC_SLOTS, beta_per_term
+from apo_fast.ops.apo_loss.naive import (
+    FUSED_DTYPES,
+    NUM_METRIC_SLOTS,
+    SIGMOID,
+    PreferenceForm,
+    beta_per_term,
+)
 from apo_fast.ops.backend import interpreter_enabled
 
 MAX_SAMPLE_NUMEL = 2**31 - 2**20  # in-sample offsets are 32-bit
@@ -184,6 +191,7 @@ def launch_finalize(
     beta: float | torch.Tensor,
     paired: bool,
     lambda_sft: float,
+    form: PreferenceForm = SIGMOID,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar float32 loss and the stats vector [e_theta(B), e_ref(B), coef(B), metrics(8)]."""
     n = plan.n_samples
@@ -192,6 +200,36 @@ def launch_finalize(
     loss = torch.empty((), dtype=torch.float32, device=partials.device)
     block_chunks, block_terms = finalize_blocks(n_terms, plan.n_chunks)
     per_term = isinstance(beta, torch.Tensor)
+    if form != SIGMOID:
+        labels = form.labels.to(torch.float32).contiguous() if form.labels is not None else None
+        weights = form.weights.to(torch.float32).contiguous() if form.weights is not None else None
+        K.apo_preference_finalize_kernel[(1,)](
+            partials,
+            beta if per_term else partials,
+            labels if labels is not None else partials,
+            weights if weights is not None else partials,
+            stats,
+            loss,
+            n,
+            n_terms,
+            plan.n_chunks,
+            0.0 if per_term else float(beta),
+            1.0 / plan.sample_numel,
+            1.0 / n_terms,
+            1.0 / n,
+            float(lambda_sft),
+            float(form.lambda_desirable),
+            float(form.lambda_undesirable),
+            FORM=form.form_id,
+            PAIRED=paired,
+            BETA_PER_TERM=per_term,
+            HAS_LABELS=labels is not None,
+            HAS_WEIGHTS=weights is not None,
+            BLOCK_TERMS=block_terms,
+            BLOCK_CHUNKS=block_chunks,
+            num_warps=FINALIZE_WARPS,
+        )
+        return loss, stats
     K.apo_loss_finalize_kernel[(1,)](
         partials,
         beta if per_term else partials,
@@ -247,7 +285,7 @@ class FusedAPOLossFunction(torch.autograd.Function):
     """Autograd Function of the fused loss; gradient only for ``model_pred``.
 
     ``forward(model_pred, ref_pred, target, mask, beta, lambda_mask, paired,
-    lambda_sft, grad_in_forward, grad_enabled) -> (loss, stats)``; ``beta`` is a
+    lambda_sft, grad_in_forward, grad_enabled, form) -> (loss, stats)``; ``beta`` is a
     float or a contiguous float32 (n_terms,) tensor; ``stats`` is
     non-differentiable. ``grad_enabled`` is the caller's grad mode (forward
     itself always runs with grad disabled), so no gradient pass runs under
@@ -256,11 +294,12 @@ class FusedAPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward, grad_enabled
+        ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward, grad_enabled,
+        form=SIGMOID,
     ):
         p, r, t, m, plan = prepare_inputs(model_pred, ref_pred, target, mask)
         partials = launch_residual_sums(p, r, t, m, plan, lambda_mask)
-        loss, stats = launch_finalize(partials, plan, beta, paired, lambda_sft)
+        loss, stats = launch_finalize(partials, plan, beta, paired, lambda_sft, form)
         n = plan.n_samples
         coef = stats[2 * n : 3 * n]
         ctx.grad_in_forward = grad_in_forward
@@ -287,7 +326,7 @@ class FusedAPOLossFunction(torch.autograd.Function):
             else:
                 p, t, m, coef = ctx.saved_tensors
                 grad = launch_grad(p, t, m, coef, ctx.plan, ctx.lambda_mask, scale=grad_loss.float().contiguous())
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_apo_loss(
@@ -301,8 +340,13 @@ def fused_apo_loss(
     paired: bool = False,
     lambda_sft: float = 0.0,
     grad_in_forward: bool | None = None,
+    loss_type: str = "sigmoid",
+    labels: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    lambda_desirable: float = 1.0,
+    lambda_undesirable: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The APO loss through the Triton kernels; arguments as :func:`apo_fast.loss.apo_loss`.
+    """The APO loss through the Triton kernels; arguments as :func:`apo_fast.losses.apo_loss`.
 
     Inputs: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), float32,
     float16 or bfloat16, contiguous NCHW or channels_last (other layouts are copied).
@@ -312,21 +356,23 @@ def fused_apo_loss(
     Returns:
         loss: scalar float32, differentiable w.r.t. ``model_pred``;
         e_theta, e_ref: (B,) float32, detached;
-        metric_values: (8,) float32, slots of ``apo_fast.loss.METRIC_SLOTS``.
+        metric_values: (8,) float32, slots of ``apo_fast.losses.METRIC_SLOTS``.
     """
     validate_predictions(model_pred, ref_pred, target)
     validate_mask(mask, model_pred)
-    if model_pred.dtype not in FUSED_DTYPES:
-        raise TypeError(f"model_pred must be one of {FUSED_DTYPES} for the fused loss, got {model_pred.dtype}")
+    for name, tensor in (("model_pred", model_pred), ("ref_pred", ref_pred), ("target", target)):
+        if tensor.dtype not in FUSED_DTYPES:
+            raise TypeError(f"{name} must be one of {FUSED_DTYPES} for the fused loss, got {tensor.dtype}")
     if not model_pred.is_cuda and not interpreter_enabled():
         raise RuntimeError("the fused APO loss needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
     lambda_mask = check_number("lambda_mask", lambda_mask, minimum=0.0)
     lambda_sft = check_number("lambda_sft", lambda_sft, minimum=0.0)
     beta = beta_per_term(beta_t, model_pred.shape[0], bool(paired), model_pred.device)
+    form = check_form(loss_type, labels, weights, lambda_desirable, lambda_undesirable, model_pred, bool(paired))
     if lambda_mask == 1.0:
         mask = None  # w == 1 everywhere: skip reading the mask
     return apply_fused_apo_loss(
-        model_pred, ref_pred, target, beta, mask, lambda_mask, bool(paired), lambda_sft, grad_in_forward
+        model_pred, ref_pred, target, beta, mask, lambda_mask, bool(paired), lambda_sft, grad_in_forward, form
     )
 
 
@@ -340,9 +386,10 @@ def apply_fused_apo_loss(
     paired: bool,
     lambda_sft: float,
     grad_in_forward: bool | None = None,
+    form: PreferenceForm = SIGMOID,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_apo_loss` on inputs already validated (``beta`` from
-    ``apo_fast.loss.beta_per_term``), as :func:`apo_fast.loss.apo_loss` calls it:
+    ``apo_fast.ops.apo_loss.naive.beta_per_term``), as :func:`apo_fast.losses.apo_loss` calls it:
     no second round of Python checks on the hot path."""
     if isinstance(beta, torch.Tensor):
         beta = beta.to(torch.float32).contiguous()
@@ -359,6 +406,7 @@ def apply_fused_apo_loss(
         lambda_sft,
         bool(grad_in_forward),
         torch.is_grad_enabled(),
+        form,
     )
     n = model_pred.shape[0]
     return loss, stats[:n], stats[n : 2 * n], stats[3 * n :]

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from apo_fast.config.choices import LOSS_TYPES
 from apo_fast.ops.apo_loss.checks import check_number
 
 # Layout of the metrics vector written by both paths: name -> slot.
@@ -39,6 +40,8 @@ METRIC_SLOTS: Mapping[str, int] = {
     "sft": 7,
 }
 NUM_METRIC_SLOTS = len(METRIC_SLOTS)
+# The preference forms (config/choices.LOSS_TYPES), by the id the fused kernel takes.
+LOSS_TYPE_IDS: Mapping[str, int] = {name: i for i, name in enumerate(LOSS_TYPES)}
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -113,6 +116,65 @@ def beta_per_term(beta_t: object, n_samples: int, paired: bool, device: torch.de
 # --------------------------------------------------------------------------- reference
 
 
+@dataclasses.dataclass(frozen=True)
+class PreferenceForm:
+    """Which preference loss turns the per-term residual difference ``d`` into a loss.
+
+    ``d`` is ``delta_i = e_theta_i - e_ref_i`` (unpaired) or ``delta_w - delta_l`` (paired);
+    ``z = beta_t * d``. Per term (validated inputs; see :func:`apo_fast.ops.apo_loss.apo_loss`):
+
+    * ``sigmoid`` (APO / Diffusion-DPO): ``softplus(z) = -log sigmoid(-z)``
+    * ``hinge`` (SLiC, diffusers' ``--loss_type hinge``): ``relu(1 + z)``
+    * ``ipo`` (IPO, Azar et al. eq. 17 with ``tau = beta_t``): ``(d + 1 / (2 beta_t))^2``
+    * ``kto`` (Diffusion-KTO, unpaired): with ``g = -delta``, the reference point
+      ``kl = max(0, mean(g))`` (detached), the label sign ``s = 2 y - 1`` and
+      ``u = s beta_t (g - kl)``: ``lambda_y (1 - sigmoid(u))``
+      (``lambda_desirable`` / ``lambda_undesirable``)
+    * ``margin`` (reference-free, the CPO / MaPO family, paired): ``softplus(beta_t (e_theta_w -
+      e_theta_l))``, usually with ``lambda_sft > 0`` (the SFT term on the winners)
+
+    ``labels``: (B,) 1 desirable / 0 undesirable (``kto``; default all desirable, as APO's real
+    anomalies are). ``weights``: optional (n_terms,) per-term weights of the preference term
+    (per-sample or per-timestep weighting); the mean is over terms, weights included.
+    """
+
+    loss_type: str = "sigmoid"
+    labels: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    lambda_desirable: float = 1.0
+    lambda_undesirable: float = 1.0
+
+    @property
+    def form_id(self) -> int:
+        return LOSS_TYPE_IDS[self.loss_type]
+
+
+SIGMOID = PreferenceForm()
+
+
+def preference_terms(d: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, form: PreferenceForm):
+    """Per-term loss and implicit-accuracy indicator of ``form`` (float math, differentiable in ``d``)."""
+    z = beta * d
+    kind = form.loss_type
+    if kind in ("sigmoid", "margin"):
+        losses = F.softplus(z)
+    elif kind == "hinge":
+        losses = torch.relu(1.0 + z)
+    elif kind == "ipo":
+        losses = (d + 0.5 / beta).square()
+    else:  # kto: unpaired, d = delta
+        g = -d
+        kl = g.detach().mean().clamp(min=0.0)
+        labels = form.labels.to(d.dtype) if form.labels is not None else torch.ones_like(d)
+        sign = 2.0 * labels - 1.0
+        u = sign * beta * (g - kl)
+        lam = labels * form.lambda_desirable + (1.0 - labels) * form.lambda_undesirable
+        losses = lam * (1.0 - torch.sigmoid(u))
+        return losses, (u > 0).to(d.dtype)
+    wins = (d < 0).to(d.dtype) + 0.5 * (d == 0).to(d.dtype)
+    return losses, wins
+
+
 def apo_loss_reference(
     model_pred: torch.Tensor,
     ref_pred: torch.Tensor,
@@ -122,8 +184,10 @@ def apo_loss_reference(
     lambda_mask: float = 1.0,
     paired: bool = False,
     lambda_sft: float = 0.0,
+    form: PreferenceForm = SIGMOID,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain PyTorch APO loss on validated inputs (``beta`` from :func:`beta_per_term`).
+    """Plain PyTorch APO loss on validated inputs (``beta`` from :func:`beta_per_term`), in the
+    preference ``form`` (:class:`PreferenceForm`; the sigmoid form by default).
 
     Computes in float32 (float64 inputs stay float64, and so do the outputs);
     free of host syncs and of Python branching on values, so ``torch.compile``
@@ -133,7 +197,7 @@ def apo_loss_reference(
         loss (scalar), e_theta (B,), e_ref (B,), metric_values (8,) (slots of
         :data:`METRIC_SLOTS`, zero where unused); all but loss detached.
     """
-    compute = torch.promote_types(model_pred.dtype, torch.float32)
+    compute = functools.reduce(torch.promote_types, (model_pred.dtype, ref_pred.dtype, target.dtype), torch.float32)
     dims = tuple(range(1, model_pred.dim()))
     pred = model_pred.to(compute)
     target = target.detach().to(compute)
@@ -147,24 +211,26 @@ def apo_loss_reference(
     e_theta = sq_theta.mean(dim=dims)
     e_ref = sq_ref.mean(dim=dims)
     delta = e_theta - e_ref
-    beta = (
-        beta.to(compute)
-        if isinstance(beta, torch.Tensor)
-        else torch.full_like(delta[: len(delta) // 2 if paired else len(delta)], beta)
-    )
+    n_terms = len(delta) // 2 if paired else len(delta)
+    beta = beta.to(compute) if isinstance(beta, torch.Tensor) else torch.full_like(delta[:n_terms], beta)
     if paired:
         delta_w, delta_l = delta.chunk(2)
         reward_w, reward_l = -beta * delta_w, -beta * delta_l
-        logits = reward_w - reward_l
-        wins = (reward_w > reward_l).to(compute) + 0.5 * (reward_w == reward_l).to(compute)
+        if form.loss_type == "margin":  # reference-free: the policy's own errors
+            e_w, e_l = e_theta.chunk(2)
+            d = e_w - e_l
+        else:
+            d = delta_w - delta_l
         positives = e_theta.chunk(2)[0]
     else:
         reward_w = -beta * delta
         reward_l = torch.zeros_like(reward_w)
-        logits = reward_w
-        wins = (delta < 0).to(compute) + 0.5 * (delta == 0).to(compute)
+        d = delta
         positives = e_theta
-    loss = -F.logsigmoid(logits).mean()
+    losses, wins = preference_terms(d, delta, beta, form)
+    if form.weights is not None:
+        losses = losses * form.weights.to(compute)
+    loss = losses.mean()
     sft = positives.mean()
     if lambda_sft:
         loss = loss + lambda_sft * sft
