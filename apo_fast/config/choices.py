@@ -20,7 +20,8 @@ LOSS_MODES = ("unpaired", "paired", "diffusion")  # diffusion: the plain LoRA ba
 BETA_SCHEDULES = ("dlogsnr", "constant", "snr")
 # the preference form (apo_fast.ops.apo_loss.naive.PreferenceForm); diffusers calls it --loss_type
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto", "margin")
-DPO_CONVENTIONS = ("diffusers", "salesforce")
+DPO_CONVENTIONS = ("diffusers", "diffusers_sdxl", "salesforce")  # the public scripts diffusion_dpo_loss reproduces
+DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # train_diffusion_dpo.py --loss_type
 
 # models (apo_fast.models)
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from apo_fast.config.choices import DPO_CONVENTIONS
+from apo_fast.config.choices import DIFFUSERS_LOSS_TYPES, DPO_CONVENTIONS
 from apo_fast.ops.apo_loss.checks import check_number, validate_predictions
 from apo_fast.ops.apo_loss.naive import (
     METRIC_SLOTS,
@@ -25,8 +25,9 @@ def diffusion_dpo_loss(
     beta_dpo: float,
     *,
     convention: str = "diffusers",
+    loss_type: str = "sigmoid",
 ) -> APOLossOutput:
-    """Diffusion-DPO sigmoid loss exactly as one of the two public scripts computes it.
+    """Diffusion-DPO loss exactly as one of the public scripts computes it.
 
     The batch holds winners then losers (``chunk(2)``); same shape for all inputs.
 
@@ -35,14 +36,28 @@ def diffusion_dpo_loss(
     inputs, mean over every non-batch dim; ``loss = -logsigmoid(beta_dpo *
     (ref_diff - model_diff)).mean()``; implicit accuracy counts ties as 1/2.
 
+    ``loss_type`` (``convention="diffusers"`` only, the script's ``--loss_type``):
+    ``sigmoid`` as above; ``hinge``: ``relu(1 - beta_dpo * logits).mean()``; ``ipo``:
+    ``(logits - 1 / (2 * beta_dpo))^2`` averaged. The script's ``ipo`` branch reads
+    ``args.beta``, which it never defines (it raises); we follow the IPO paper's formula with
+    ``tau = beta_dpo``, the only temperature the script has.
+
+    ``convention="diffusers_sdxl"`` (``train_diffusion_dpo_sdxl.py``): the float32 MSE of
+    ``diffusers``, then ``inside = -0.5 * beta_dpo * (model_diff - ref_diff)``, ``loss =
+    -logsigmoid(inside).mean()``, implicit accuracy ``inside > 0`` with ties counting 1/2.
+
     ``convention="salesforce"`` (``SalesforceAIResearch/DiffusionDPO`` ``train.py``):
     ``(model_pred - target).pow(2).mean(dim=[1, 2, 3])`` in the inputs' own
     dtype (4-D inputs only); ``inside = -0.5 * beta_dpo * (model_diff -
     ref_diff)``; ``loss = -logsigmoid(inside).mean()``; implicit accuracy is
     ``inside > 0`` (ties count 0).
 
-    Equivalent fused call: ``apo_loss(..., beta_t=beta_dpo, paired=True)``
-    (diffusers) or ``beta_t=0.5 * beta_dpo`` (Salesforce), equal up to float32
+    The predictions and the target may have different floating dtypes (accelerate's fp32
+    prediction beside a bf16 target): the diffusers conventions cast each to float32 as
+    the scripts do; the Salesforce one lets PyTorch promote, as its script does.
+
+    Equivalent fused call: ``apo_loss(..., beta_t=beta_dpo, paired=True, loss_type=...)``
+    (diffusers) or ``beta_t=0.5 * beta_dpo`` (SDXL and Salesforce), equal up to float32
     rounding (and the Salesforce tie rule).
 
     Metrics: ``loss``; ``e_theta`` = the scripts' ``raw_model_loss`` (0.5 *
@@ -55,10 +70,14 @@ def diffusion_dpo_loss(
     beta_dpo = check_number("beta_dpo", beta_dpo)
     if convention not in DPO_CONVENTIONS:
         raise ValueError(f"convention must be one of {DPO_CONVENTIONS}, got {convention!r}")
+    if loss_type not in DIFFUSERS_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DIFFUSERS_LOSS_TYPES} (diffusers' --loss_type), got {loss_type!r}")
+    if loss_type != "sigmoid" and convention != "diffusers":
+        raise ValueError(f"loss_type={loss_type!r} exists only in the diffusers SD script (convention='diffusers')")
     n = model_pred.shape[0]
     if n % 2:
         raise ValueError(f"the batch must hold winners then losers (even B), got B={n}")
-    if convention == "diffusers":
+    if convention in ("diffusers", "diffusers_sdxl"):
         dims = list(range(1, model_pred.dim()))
         model_losses = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=dims)
         with torch.no_grad():
@@ -67,11 +86,21 @@ def diffusion_dpo_loss(
         ref_w, ref_l = ref_losses.chunk(2)
         raw_model_loss = 0.5 * (model_w.mean() + model_l.mean())
         raw_ref_loss = ref_losses.mean()
-        logits = (ref_w - ref_l) - (model_w - model_l)
-        loss = -1 * F.logsigmoid(beta_dpo * logits).mean()
+        if convention == "diffusers_sdxl":
+            logits = -0.5 * beta_dpo * ((model_w - model_l) - (ref_w - ref_l))  # the script's inside_term
+            loss = -1 * F.logsigmoid(logits).mean()
+            beta_eff = 0.5 * beta_dpo
+        else:
+            logits = (ref_w - ref_l) - (model_w - model_l)
+            if loss_type == "sigmoid":
+                loss = -1 * F.logsigmoid(beta_dpo * logits).mean()
+            elif loss_type == "hinge":
+                loss = torch.relu(1 - beta_dpo * logits).mean()
+            else:
+                loss = ((logits - 1 / (2 * beta_dpo)) ** 2).mean()
+            beta_eff = beta_dpo
         implicit_acc = (logits > 0).sum().float() / logits.size(0)
         implicit_acc += 0.5 * (logits == 0).sum().float() / logits.size(0)
-        beta_eff = beta_dpo
     else:
         if model_pred.dim() != 4:
             raise ValueError(
