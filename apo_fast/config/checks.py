@@ -122,6 +122,11 @@ def _check_loss(lo) -> None:
     _choice("loss.mode", lo.mode, C.LOSS_MODES)
     _choice("loss.beta_schedule", lo.beta_schedule, C.BETA_SCHEDULES)
     _choice("loss.backend", lo.backend, C.BACKENDS)
+    _choice("loss.kind", lo.kind, C.LOSS_TYPES)
+    if lo.kind == "kto" and lo.mode != "unpaired":
+        raise ConfigError(f"loss.kind kto is unpaired (a label per sample); needs loss.mode unpaired, got {lo.mode!r}")
+    if lo.kind == "margin" and lo.mode != "paired":
+        raise ConfigError(f"loss.kind margin compares winners with losers; needs loss.mode paired, got {lo.mode!r}")
     _positive("loss.beta", lo.beta)
     if lo.lambda_mask < 1.0:
         raise ConfigError(f"loss.lambda_mask must be >= 1 (1 = unweighted); got {lo.lambda_mask}")

@@ -83,6 +83,9 @@ class LossConfig:
     beta_schedule: str = "dlogsnr"  # dlogsnr | constant | snr
     lambda_mask: float = 2.0
     lambda_sft: float = 0.0
+    # the preference form (config/choices.LOSS_TYPES; the functional API's loss_type): sigmoid (APO),
+    # hinge, ipo, kto (unpaired; every real anomaly desirable), margin (reference-free, paired)
+    kind: str = "sigmoid"
     backend: str = "auto"  # auto | triton | torch
 
 

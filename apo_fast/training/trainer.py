@@ -283,8 +283,11 @@ class APOTrainer:
         from apo_fast.losses import apo_loss, beta_schedule
 
         cfg = self.cfg
-        with torch.no_grad():
-            ref = self.engine(z, t, conds, reference=True)
+        if cfg.loss.kind == "margin":  # reference-free: no reference pass (e_ref is reported as e_theta)
+            ref = pred.detach()
+        else:
+            with torch.no_grad():
+                ref = self.engine(z, t, conds, reference=True)
         n_beta = t.shape[0] // 2 if cfg.loss.mode == "paired" else t.shape[0]
         beta_t = beta_schedule(t[:n_beta], self.alphas_cumprod, kind=cfg.loss.beta_schedule, beta=cfg.loss.beta)
         out = apo_loss(
@@ -296,6 +299,7 @@ class APOTrainer:
             lambda_mask=cfg.loss.lambda_mask,
             paired=cfg.loss.mode == "paired",
             lambda_sft=cfg.loss.lambda_sft,
+            loss_type=cfg.loss.kind,
             backend=cfg.loss.backend,
         )
         if not torch.isfinite(out.loss):
