@@ -271,9 +271,35 @@ def run_loss_benchmarks(
             if check is not None and version.startswith("fused"):
                 record["check"] = check
             records.append(record)
+    if device.type == "cuda":
+        for case in cases or default_cases:
+            records += time_forms(case, device, dtype, reps)
     if out_json is not None:
         Path(out_json).write_text(json.dumps(records, indent=1))
     return records
+
+
+def time_forms(case: LossCase, device: torch.device, dtype: torch.dtype, reps: int = 20) -> list[dict]:
+    """Fused forward+backward of every preference form on ``case``, as a ratio to the sigmoid
+    form measured in the same run (target: within 10%). Forms that do not apply to the case's
+    pairing (kto: unpaired, margin: paired) are skipped."""
+    from apo_fast.config.choices import LOSS_TYPES
+
+    runner = LossRunner(case, "fused", device, dtype)
+    times = {}
+    for form in LOSS_TYPES:
+        if (form == "kto" and case.paired) or (form == "margin" and not case.paired):
+            continue
+
+        def step(form=form):
+            out = apo_loss(runner.pred, runner.ref, runner.target, runner.beta_t, backend="triton",
+                           loss_type=form, **runner.kwargs)
+            out.loss.backward()
+            runner.pred.grad = None
+
+        times[form] = time_per_call(step, device, reps=reps)
+    return [{"case": case.name, "version": f"fused_form:{form}", "dtype": str(dtype).replace("torch.", ""),
+             "seconds": t, "ratio_to_sigmoid": t / times["sigmoid"]} for form, t in times.items()]
 
 
 # --- pytest-benchmark ---------------------------------------------------------------

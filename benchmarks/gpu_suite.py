@@ -572,9 +572,13 @@ def _kernel_headline(stem: str, records: list[dict]) -> str:
             fused = [r for r in records if r.get("version") == "fused"]
             if not fused:
                 return f"{len(records)} records (no fused version on this device)"
+            forms = [r for r in records if str(r.get("version", "")).startswith("fused_form:")]
+            worst = max(forms, key=lambda r: r["ratio_to_sigmoid"]) if forms else None
+            form_note = (f"; slowest preference form {worst['version'][11:]} on {worst['case']}: "
+                         f"x{worst['ratio_to_sigmoid']:.2f} of sigmoid (target <= 1.10)") if worst else ""
             return "fused speed-up vs best baseline: " + ", ".join(
                 f"{r['case']} x{r.get('speedup_vs_best_baseline', float('nan')):.2f}" for r in fused
-            )
+            ) + form_note
         fused = [
             r
             for r in records

@@ -135,3 +135,40 @@ def test_bad_conventions_and_loss_types_are_refused():
         diffusion_dpo_loss(m, r, t, 1.0, loss_type="kto")
     with pytest.raises(ValueError, match="diffusers SD script"):
         diffusion_dpo_loss(m, r, t, 1.0, convention="salesforce", loss_type="hinge")
+
+
+def _diffusion_kto(model_pred, ref_preds, target, beta, labels, lambda_d, lambda_u):
+    """Diffusion-KTO train_kto_sd_v1.5.py (--loss kto, --halo sigmoid), one process."""
+    model_losses = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    model_losses = model_losses.mean(dim=list(range(1, len(model_losses.shape))))
+    ref_loss = F.mse_loss(ref_preds.float(), target.float(), reduction="none")
+    ref_loss = ref_loss.mean(dim=list(range(1, len(ref_loss.shape))))
+    g_term = -model_losses - (-ref_loss)
+    kl = g_term.mean().detach().clamp(min=0).detach()
+    g_term = g_term - kl
+    label_sgn = 2 * labels - 1
+    labels_binary = labels == 1
+    label_scale_g = label_sgn * beta * g_term
+    h = torch.sigmoid(label_scale_g)
+    w_y = lambda_d * labels_binary + lambda_u * ~labels_binary
+    loss = (w_y * (1 - h)).mean()
+    acc = (label_scale_g > 0).sum().detach() / len(label_scale_g)
+    return loss, acc
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16)])
+def test_diffusion_kto_script(dtypes):
+    from apo_fast.losses import apo_loss
+
+    m, r, t = _batch(6, tie=False)
+    m, r, t = m.to(dtypes[0]), r.to(dtypes[1]), t.to(dtypes[2])
+    labels = torch.tensor([1, 0, 1, 1, 0, 0])
+    mg = m.clone().requires_grad_(True)
+    out = apo_loss(mg, r, t, 40.0, loss_type="kto", labels=labels, lambda_desirable=1.3, lambda_undesirable=0.8)
+    ms = m.clone().requires_grad_(True)
+    loss, acc = _diffusion_kto(ms, r, t, 40.0, labels, 1.3, 0.8)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-7)
+    assert float(out.metrics["implicit_acc"]) == pytest.approx(float(acc))
+    out.loss.backward()
+    loss.backward()
+    torch.testing.assert_close(mg.grad, ms.grad, rtol=1e-5, atol=1e-5 * float(ms.grad.abs().max()))
