@@ -24,6 +24,8 @@ import sys
 
 import pytest
 
+from apo_fast.config.choices import LOSS_TYPES
+
 pytest.importorskip("triton")
 
 from apo_fast.kernels import apo_loss as K  # noqa: E402
@@ -79,11 +81,17 @@ def _variants() -> list[tuple]:
             for per_term in (False, True):
                 out.append(("finalize", "fp32", "typical", (paired, per_term), arch, 0, True))
                 out.append(("finalize", "fp32", "largest", (paired, per_term), arch, 0, True))
+        # the preference-form finalize kernel: every form, weights on, KTO labels, the largest tile
+        for form, name in enumerate(LOSS_TYPES):
+            for paired in {"kto": (False,), "margin": (True,)}.get(name, (False, True)):
+                out.append(("pref_finalize", "fp32", "largest", (paired, True, form), arch, 0, True))
     return out
 
 
 def _spec(variant) -> aot.KernelSpec:
     kernel, dtype, mode, flag, arch, ci, aligned = variant
+    if kernel == "pref_finalize":
+        return _pref_finalize_spec(flag, arch)
     if kernel == "finalize":
         paired, per_term = flag
         n_terms, n_chunks = (8, 16) if mode == "typical" else (2, MAX_CHUNKS)
@@ -117,6 +125,22 @@ def _spec(variant) -> aot.KernelSpec:
     return aot.KernelSpec(fn, sig, constexprs, arch, config.num_warps, config.num_stages, with_sass=with_sass)
 
 
+def _pref_finalize_spec(flag, arch) -> aot.KernelSpec:
+    paired, per_term, form = flag
+    n_terms, n_chunks = 2, MAX_CHUNKS
+    block_chunks, block_terms = finalize_blocks(n_terms, n_chunks)
+    sig = dict(
+        partial_ptr="*fp32:16", beta_ptr="*fp32:16", labels_ptr="*fp32:16", weights_ptr="*fp32:16",
+        stats_ptr="*fp32:16", loss_ptr="*fp32:16", n_samples="i32", n_terms="i32", n_chunks="i32",
+        beta_value="fp32", inv_numel="fp32", inv_terms="fp32", inv_samples="fp32", lambda_sft="fp32",
+        lambda_d="fp32", lambda_u="fp32",
+    )
+    constexprs = dict(FORM=form, PAIRED=paired, BETA_PER_TERM=per_term, HAS_LABELS=LOSS_TYPES[form] == "kto",
+                      HAS_WEIGHTS=True, BLOCK_TERMS=block_terms, BLOCK_CHUNKS=block_chunks)
+    return aot.KernelSpec(K.apo_preference_finalize_kernel, sig, constexprs, arch, FINALIZE_WARPS, 3,
+                          with_sass=arch == 90)
+
+
 @functools.lru_cache(maxsize=1)
 def _reports() -> dict:
     """Compile every variant once (one child process for the lot)."""
@@ -126,11 +150,14 @@ def _reports() -> dict:
 
 def _label(variant) -> str:
     kernel, dtype, mode, flag, arch, ci, aligned = variant
-    extra = (
-        {False: "", True: "-scale"}.get(flag, "")
-        if kernel != "finalize"
-        else "-paired" * flag[0] + "-betavec" * flag[1]
-    )
+    if kernel == "pref_finalize":
+        extra = f"-{LOSS_TYPES[flag[2]]}" + "-paired" * flag[0]
+    else:
+        extra = (
+            {False: "", True: "-scale"}.get(flag, "")
+            if kernel != "finalize"
+            else "-paired" * flag[0] + "-betavec" * flag[1]
+        )
     return f"{kernel}-{dtype}-{mode}{extra}-sm{arch}-cfg{ci}" + ("" if aligned else "-unaligned")
 
 
@@ -139,9 +166,9 @@ def test_compiles_without_spills(variant):
     report = _reports()[variant]
     assert not report.has_spills, f"{_label(variant)} spills: {report.summary()}"
     kernel, dtype, mode, flag, arch, ci, aligned = variant
-    if kernel != "finalize" and ci == 0 and aligned:
+    if kernel not in ("finalize", "pref_finalize") and ci == 0 and aligned:
         assert report.registers <= MAX_DEFAULT_REGISTERS, report.summary()
-    if report.sass and kernel != "finalize" and aligned:
+    if report.sass and kernel not in ("finalize", "pref_finalize") and aligned:
         # Every streamed tensor (p, r, t for the sums; p, t for the gradient)
         # moves in 128-bit accesses; a direct mask too.
         streamed = (3 if kernel == "sums" else 2) + (mode == "direct")
