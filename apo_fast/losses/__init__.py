@@ -2,8 +2,8 @@
 
 | loss | where | what |
 |---|---|---|
-| :func:`apo_loss` | :mod:`apo_fast.ops.apo_loss` (the fused op) | APO (unpaired) and its Diffusion-DPO form (paired) |
-| :func:`diffusion_dpo_loss` | :mod:`.dpo` | the public Diffusion-DPO scripts' numbers, convention by convention |
+| :func:`apo_loss` | :mod:`apo_fast.ops.apo_loss` (the fused op) | APO (unpaired) and its Diffusion-DPO form (paired), in every preference form (``loss_type``: sigmoid, hinge, ipo, kto, margin; :class:`PreferenceForm`) |
+| :func:`diffusion_dpo_loss` | :mod:`.dpo` | the public Diffusion-DPO scripts' numbers, convention by convention (diffusers SD with its ``--loss_type``, diffusers SDXL, Salesforce) |
 | :func:`diffusion_loss` | :mod:`.diffusion` | plain mask-weighted diffusion loss (the LoRA baseline) |
 | :func:`beta_schedule` | :mod:`.schedules` | the per-sample temperature ``beta_t`` |
 
@@ -25,8 +25,10 @@ __all__ = [
     "APOLossOutput",
     "BETA_SCHEDULES",
     "DPO_CONVENTIONS",
+    "LOSS_TYPES",
     "METRIC_SLOTS",
     "NUM_METRIC_SLOTS",
+    "PreferenceForm",
     "apo_loss",
     "beta_schedule",
     "diffusion_dpo_loss",
