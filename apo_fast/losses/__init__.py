@@ -10,6 +10,7 @@
 Every form returns ``loss``, per-sample ``e_theta`` / ``e_ref`` and the metrics vector laid
 out by :data:`METRIC_SLOTS`; a new form adds a module here and fills the same contract.
 """
+from apo_fast.config.choices import LOSS_TYPES
 from apo_fast.losses.diffusion import diffusion_loss
 from apo_fast.losses.dpo import DPO_CONVENTIONS, diffusion_dpo_loss
 from apo_fast.losses.schedules import BETA_SCHEDULES, beta_schedule
@@ -18,6 +19,7 @@ from apo_fast.ops.apo_loss.naive import (
     METRIC_SLOTS,
     NUM_METRIC_SLOTS,
     APOLossOutput,
+    PreferenceForm,
     metric_names_for,
 )
 
