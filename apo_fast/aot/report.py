@@ -28,6 +28,7 @@ from pathlib import Path
 
 from apo_fast.aot import library as kernels_aot
 from apo_fast.aot import variants as aot_variants
+from apo_fast.io_utils import atomic_write_text
 
 # Columns of the per-variant tables: (header, SASS opcode counted by CompiledReport.count).
 INSTRUCTION_COLUMNS = (
@@ -203,8 +204,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     import triton
 
     text = render_markdown(list(zip(variants, reports, strict=True)), triton.__version__, seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    atomic_write_text(args.out, text + "\n")
     spills = sum(r.has_spills for r in reports)
     print(f"{args.out}: {len(variants)} variants, {spills} with spills, {seconds:.0f} s", file=sys.stderr)
     return 0

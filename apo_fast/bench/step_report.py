@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from apo_fast.bench.step_config import PHASES
+from apo_fast.io_utils import atomic_save
 
 # --------------------------------------------------------------------------- reports
 
@@ -116,7 +117,7 @@ def plot_result(result: dict, path: str | Path) -> Path:
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
