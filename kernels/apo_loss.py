@@ -310,6 +310,46 @@ def apo_loss_finalize_kernel(
 
 
 @triton.jit
+def _kto_reference_point(partial_ptr, n_terms, n_chunks, inv_numel, inv_terms, lanes, chunk_lanes,
+                         BLOCK_TERMS: tl.constexpr):
+    """KTO's reference point ``max(0, mean_i(e_ref_i - e_theta_i))`` (a first pass over the terms)."""
+    g_sum = 0.0
+    for j0 in range(0, n_terms, BLOCK_TERMS):
+        j = j0 + lanes
+        live = j < n_terms
+        e_w, r_w = _sample_errors(partial_ptr, j, live, n_chunks, chunk_lanes, inv_numel)
+        g_sum += tl.sum(tl.where(live, r_w - e_w, 0.0), axis=0)
+    return tl.maximum(g_sum * inv_terms, 0.0)
+
+
+@triton.jit
+def _term_value(ptr, j, live, constant, other, PER_TERM: tl.constexpr, BLOCK_TERMS: tl.constexpr):
+    """A per-term float32 vector: loaded from ``ptr`` (PER_TERM) or the scalar ``constant``."""
+    if PER_TERM:
+        value = tl.load(ptr + j, mask=live, other=other).to(tl.float32)
+    else:
+        value = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + constant
+    return value
+
+
+@triton.jit
+def _store_metrics(metrics_ptr, loss_ptr, loss_sum, e_theta_w_sum, e_theta_l_sum, e_ref_sum, reward_w_sum,
+                   reward_l_sum, wins_sum, beta_sum, inv_terms, inv_samples, lambda_sft):
+    """The loss (with the SFT term on the positives) and the 8 metric slots."""
+    sft = e_theta_w_sum * inv_terms
+    loss = loss_sum * inv_terms + lambda_sft * sft
+    tl.store(loss_ptr, loss)
+    tl.store(metrics_ptr + 0, loss)
+    tl.store(metrics_ptr + 1, (e_theta_w_sum + e_theta_l_sum) * inv_samples)
+    tl.store(metrics_ptr + 2, e_ref_sum * inv_samples)
+    tl.store(metrics_ptr + 3, reward_w_sum * inv_terms)
+    tl.store(metrics_ptr + 4, reward_l_sum * inv_terms)
+    tl.store(metrics_ptr + 5, wins_sum * inv_terms)
+    tl.store(metrics_ptr + 6, beta_sum * inv_terms)
+    tl.store(metrics_ptr + 7, tl.where(lambda_sft > 0.0, sft, 0.0))
+
+
+@triton.jit
 def _preference_term(d, beta, label, weight, lambda_d, lambda_u, kl, FORM: tl.constexpr):
     """(loss, d loss / d d, implicit win) of one term of preference form FORM
     (0 sigmoid, 1 hinge, 2 ipo, 3 kto, 4 margin; see PreferenceForm in apo_fast.ops.apo_loss.naive)."""
@@ -377,13 +417,8 @@ def apo_preference_finalize_kernel(
     chunk_lanes = tl.arange(0, BLOCK_CHUNKS)
     kl = 0.0
     if FORM == 3:
-        g_sum = 0.0
-        for j0 in range(0, n_terms, BLOCK_TERMS):
-            j = j0 + lanes
-            live = j < n_terms
-            e_w, r_w = _sample_errors(partial_ptr, j, live, n_chunks, chunk_lanes, inv_numel)
-            g_sum += tl.sum(tl.where(live, r_w - e_w, 0.0), axis=0)
-        kl = tl.maximum(g_sum * inv_terms, 0.0)
+        kl = _kto_reference_point(partial_ptr, n_terms, n_chunks, inv_numel, inv_terms, lanes, chunk_lanes,
+                                  BLOCK_TERMS)
     loss_sum = 0.0
     e_theta_w_sum = 0.0
     e_theta_l_sum = 0.0
@@ -395,18 +430,9 @@ def apo_preference_finalize_kernel(
     for j0 in range(0, n_terms, BLOCK_TERMS):
         j = j0 + lanes
         live = j < n_terms
-        if BETA_PER_TERM:
-            beta = tl.load(beta_ptr + j, mask=live, other=1.0).to(tl.float32)
-        else:
-            beta = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + beta_value
-        if HAS_LABELS:
-            label = tl.load(labels_ptr + j, mask=live, other=1.0).to(tl.float32)
-        else:
-            label = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + 1.0
-        if HAS_WEIGHTS:
-            weight = tl.load(weights_ptr + j, mask=live, other=0.0).to(tl.float32)
-        else:
-            weight = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + 1.0
+        beta = _term_value(beta_ptr, j, live, beta_value, 1.0, BETA_PER_TERM, BLOCK_TERMS)
+        label = _term_value(labels_ptr, j, live, 1.0, 1.0, HAS_LABELS, BLOCK_TERMS)
+        weight = _term_value(weights_ptr, j, live, 1.0, 0.0, HAS_WEIGHTS, BLOCK_TERMS)
         e_w, r_w = _sample_errors(partial_ptr, j, live, n_chunks, chunk_lanes, inv_numel)
         reward_w = -beta * (e_w - r_w)
         if PAIRED:
@@ -435,14 +461,5 @@ def apo_preference_finalize_kernel(
             e_theta_l_sum += tl.sum(tl.where(live, e_l, 0.0), axis=0)
             e_ref_sum += tl.sum(tl.where(live, r_l, 0.0), axis=0)
             reward_l_sum += tl.sum(tl.where(live, reward_l, 0.0), axis=0)
-    sft = e_theta_w_sum * inv_terms
-    loss = loss_sum * inv_terms + lambda_sft * sft
-    tl.store(loss_ptr, loss)
-    tl.store(metrics_ptr + 0, loss)
-    tl.store(metrics_ptr + 1, (e_theta_w_sum + e_theta_l_sum) * inv_samples)
-    tl.store(metrics_ptr + 2, e_ref_sum * inv_samples)
-    tl.store(metrics_ptr + 3, reward_w_sum * inv_terms)
-    tl.store(metrics_ptr + 4, reward_l_sum * inv_terms)
-    tl.store(metrics_ptr + 5, wins_sum * inv_terms)
-    tl.store(metrics_ptr + 6, beta_sum * inv_terms)
-    tl.store(metrics_ptr + 7, tl.where(lambda_sft > 0.0, sft, 0.0))
+    _store_metrics(metrics_ptr, loss_ptr, loss_sum, e_theta_w_sum, e_theta_l_sum, e_ref_sum, reward_w_sum,
+                   reward_l_sum, wins_sum, beta_sum, inv_terms, inv_samples, lambda_sft)
