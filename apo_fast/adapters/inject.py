@@ -29,7 +29,11 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from apo_fast.adapters.gates import build_gate
-from apo_fast.adapters.layer import GatedLoRAConv2d, GatedLoRALinear
+from apo_fast.adapters.layer import (
+    GatedLoRAConv2d,
+    GatedLoRALinear,
+    is_quantized_linear,
+)
 from apo_fast.adapters.state import (
     GATE_MODULE_NAME,
     attach_gate,
@@ -57,6 +61,16 @@ __all__ = [
 
 # The adapter layer for each base layer type that takes one.
 LAYER_FOR = {nn.Linear: GatedLoRALinear, nn.Conv2d: GatedLoRAConv2d}
+
+
+def _layer_class(module: nn.Module):
+    """The adapter layer for ``module``: exact types, plus the quantized linears of a
+    ``model.base_quantization`` base (bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear)."""
+    if type(module) in LAYER_FOR:
+        return LAYER_FOR[type(module)]
+    if isinstance(module, nn.Linear) and is_quantized_linear(module):
+        return GatedLoRALinear
+    return None
 
 
 def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -97,16 +111,17 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
                 f"module {path!r} is already an adapter layer ({type(module).__name__}); "
                 "use convert_peft_to_gated for models that already carry peft LoRA"
             )
-        if type(module) not in LAYER_FOR:
+        if _layer_class(module) is None:
             raise TypeError(
-                f"target module {path!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d layers "
-                "take time-gated adapters"
+                f"target module {path!r} is a {type(module).__name__}; only nn.Linear (also bitsandbytes' 4/8-bit "
+                "linears) and nn.Conv2d layers take time-gated adapters"
             )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise TypeError(f"target module {path!r} is a grouped convolution (groups={module.groups}); "
                             "only groups=1 takes an adapter")
-        if not module.weight.is_floating_point():
-            raise TypeError(f"target module {path!r} has a non-floating-point (quantized) weight")
+        if not module.weight.is_floating_point() and not is_quantized_linear(module):
+            raise TypeError(f"target module {path!r} has a non-floating-point weight in a format the adapters do "
+                            "not read (bitsandbytes' Linear4bit / Linear8bitLt are read)")
         targets.append(path)
     if not targets:
         raise ValueError(
@@ -117,7 +132,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
     for path in targets:
         parent, child = _split_parent(model, path)
         base = getattr(parent, child)
-        layer = LAYER_FOR[type(base)](
+        layer = _layer_class(base)(
             base,
             adapter_name=config.adapter_name,
             r=config.r,

@@ -66,10 +66,11 @@ def _check_base_layer(base_layer, kind: type = nn.Linear) -> None:
         raise TypeError(f"base_layer must be an nn.{kind.__name__}, got {type(base_layer).__name__}")
     if kind is nn.Conv2d and base_layer.groups != 1:
         raise TypeError(f"base_layer is a grouped convolution (groups={base_layer.groups}); only groups=1 is supported")
-    if not base_layer.weight.is_floating_point():
+    if not base_layer.weight.is_floating_point() and not (kind is nn.Linear and is_quantized_linear(base_layer)
+                                                         and type(base_layer).__module__.startswith("bitsandbytes")):
         raise TypeError(
-            f"base_layer.weight must be floating point (quantized layers are not supported), "
-            f"got dtype {base_layer.weight.dtype}"
+            f"base_layer.weight must be floating point, or a bitsandbytes Linear4bit / Linear8bitLt "
+            f"(model.base_quantization), got {type(base_layer).__name__} with dtype {base_layer.weight.dtype}"
         )
 
 
@@ -82,6 +83,13 @@ def _gated_lora_delta(x, lora_A, lora_B, gate, scaling) -> torch.Tensor:
         raise ValueError(f"gate has {gate.shape[0]} rows but x has {x.shape[0]} samples (leading dim)")
     return F.linear(gate_rows(h, gate, scaling), lora_B)
 
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A linear layer whose weight is stored packed (bitsandbytes' 4-bit or 8-bit formats, as
+    ``model.base_quantization`` or diffusers' BitsAndBytesConfig leave it)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) and weight is not None and not weight.is_floating_point()
 
 class GatedLoRALinear(nn.Module, LoraLayer):
     """Time-gated LoRA on a frozen ``nn.Linear``, in peft's layout.
@@ -182,7 +190,10 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         base = self.get_base_layer()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # a quantized base (packed uint8/int8 weight): the adapter in the layer's compute dtype
+        dtype = base.weight.dtype if base.weight.is_floating_point() else (
+            getattr(base, "compute_dtype", None) or (base.bias.dtype if base.bias is not None else torch.float32))
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -246,7 +257,7 @@ class GatedLoRALinear(nn.Module, LoraLayer):
             dropout = self.lora_dropout[name]
             dropout_active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
             scaling = self.scaling[name]
-            if index == 0 and not dropout_active:
+            if index == 0 and not dropout_active and base.weight.is_floating_point():
                 result = gated_lora_linear(
                     x, base.weight, base.bias, lora_A, lora_B, gate, scaling, backend=self.backend
                 )
@@ -257,6 +268,11 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         return result
 
     # -- merging (constant gate only) -------------------------------------------
+    def _refuse_quantized_merge(self) -> None:
+        if not self.base_layer.weight.is_floating_point():
+            raise ValueError("cannot merge an adapter into a quantized base layer (its weight is stored packed); "
+                             "keep it unmerged, or merge into an unquantized copy of the base")
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B A`` of shape (out, in), in the base weight's dtype."""
         weight_A = self.lora_A[adapter].weight
@@ -272,6 +288,7 @@ class GatedLoRALinear(nn.Module, LoraLayer):
 
         Only for a constant gate: a timestep gate differs per sample.
         """
+        self._refuse_quantized_merge()
         if not self.gate_is_constant:
             raise ValueError("cannot merge a time-gated adapter: its gate differs per timestep (constant gate only)")
         for name in check_adapters_to_merge(self, adapter_names):

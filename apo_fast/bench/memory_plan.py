@@ -43,6 +43,9 @@ key                        default                meaning
 ``kernel_workspace_mib``   128                    cuBLAS/cuDNN workspaces
 ``fragmentation``          1.10                   caching-allocator reserve / allocated ratio
 ``extra_mib``              0                      anything else on the GPU (VAE, text encoder)
+``base_quantization``      ``"none"``             the frozen base's linears in ``nf4`` / ``int8``
+                                                  (bitsandbytes formats; ``model.base_quantization``)
+``base_double_quant``      False                  NF4 with double-quantized absmax
 =========================  =====================  ===============================================
 
 How activations are estimated
@@ -81,6 +84,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 from apo_fast.bench.activation_trace import (
     ActivationTrace,
@@ -90,8 +94,13 @@ from apo_fast.bench.activation_trace import (
     count_params_by_module_type,
     trace_activations,
 )
-from apo_fast.config.choices import DEFAULT_TARGET_MODULES, OPTIMIZERS
+from apo_fast.config.choices import (
+    BASE_QUANTIZATIONS,
+    DEFAULT_TARGET_MODULES,
+    OPTIMIZERS,
+)
 from apo_fast.config.unet_presets import UNET_PRESETS, VAE_SCALE_FACTOR, unet_config
+from apo_fast.models.quantize import NF4_BLOCKSIZE, quantized_bytes
 
 MIB = 2**20
 GIB = 2**30
@@ -137,6 +146,8 @@ _DEFAULTS: dict[str, Any] = {
     "kernel_workspace_mib": 128.0,
     "fragmentation": 1.10,
     "extra_mib": 0.0,
+    "base_quantization": "none",
+    "base_double_quant": False,
 }
 
 BREAKDOWN_FIELDS = ("weights", "trainable", "grads", "optimizer", "activations", "workspace", "overhead", "total")
@@ -284,6 +295,12 @@ def normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["precision"] = "fp32" if out["precision"] == "no" else out["precision"]
     _check_choice(out, "attention", ATTENTION_KINDS)
     _check_choice(out, "optimizer", OPTIMIZERS)
+    _check_choice(out, "base_quantization", BASE_QUANTIZATIONS)
+    _check_bool(out, "base_double_quant")
+    if out["base_double_quant"] and out["base_quantization"] != "nf4":
+        raise ValueError("base_double_quant is an NF4 option (base_quantization: nf4)")
+    if out["base_quantization"] != "none" and out["zero_stage"] == 3:
+        raise ValueError("a quantized base (base_quantization) cannot be partitioned by ZeRO-3; use zero_stage 0-2")
     targets = out["target_modules"]
     if isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets) or not targets:
         raise TypeError(f"target_modules must be a non-empty list of module-name suffixes, got {targets!r}")
@@ -333,6 +350,24 @@ def optimizer_state_bytes(name: str, param_sizes: list[int], flat: bool) -> int:
     return total
 
 
+def _base_weight_bytes(unet: nn.Module, c: dict, wb: int) -> tuple[int, int]:
+    """(bytes of the frozen base, the largest transient dequantized weight): linear weights in the
+    ``base_quantization`` format (apo_fast.models.quantize: what NF4 cannot hold stays), the rest
+    in the compute dtype. bitsandbytes dequantizes one layer's weight at a time for its matmul."""
+    kind = c["base_quantization"]
+    total = sum(p.numel() for p in unet.parameters()) * wb
+    if kind == "none":
+        return total, 0
+    buffer = 0
+    for module in unet.modules():
+        if type(module) is not nn.Linear or (kind == "nf4" and module.weight.numel() % NF4_BLOCKSIZE):
+            continue
+        n = module.weight.numel()
+        total += quantized_bytes(n, module.out_features, kind, c["base_double_quant"]) - n * wb
+        buffer = max(buffer, n * wb)
+    return total, buffer
+
+
 def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
     """Plan the peak GPU memory of one rank for an APO training config.
 
@@ -356,6 +391,7 @@ def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
     unet = build_meta_unet(c["unet_config"], dtype)
     params_by_type = count_params_by_module_type(unet)
     params_base = sum(params_by_type.values())
+    base_bytes, dequant_buffer = _base_weight_bytes(unet, c, wb)
     largest_module = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in unet.modules()), default=0)
     shapes = adapter_shapes(unet, c["target_modules"], c["r"])
     del unet
@@ -371,14 +407,14 @@ def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
     )
 
     # Parameters: ZeRO-3 partitions every parameter, the frozen base included.
-    param_share = _ceil_div(params_base, world) if stage == 3 else params_base
     train_share = _ceil_div(params_trainable, world) if stage == 3 else params_trainable
     cpu = 0
+    base_share = _ceil_div(base_bytes, world) if stage == 3 else base_bytes
     if c["offload_params"]:
-        cpu += (param_share + train_share) * wb
+        cpu += base_share + train_share * wb
         weights, trainable = 0, 0
     else:
-        weights, trainable = param_share * wb, train_share * wb
+        weights, trainable = base_share, train_share * wb
     grads = (_ceil_div(params_trainable, world) if stage >= 2 else params_trainable) * wb
 
     # Optimizer: moments plus fp32 master weights under mixed precision, partitioned from stage 1.
@@ -400,7 +436,7 @@ def plan_memory(cfg: Mapping[str, Any]) -> MemoryPlan:
     gather = 0
     if stage == 3 and (world > 1 or c["offload_params"]):
         gather = min(params_base + params_trainable, largest_module + c["prefetch_elements"]) * wb
-    workspace = dynamic + io + comm + gather + int(c["kernel_workspace_mib"] * MIB)
+    workspace = dynamic + io + comm + gather + dequant_buffer + int(c["kernel_workspace_mib"] * MIB)
 
     allocated = weights + trainable + grads + optimizer + activations + workspace
     overhead = int(c["cuda_context_mib"] * MIB + (c["fragmentation"] - 1.0) * allocated + c["extra_mib"] * MIB)

@@ -153,6 +153,8 @@ def planner_settings(cfg: APOConfig, world_size: int = 1, unet_preset: str | Non
         "paired": cfg.loss.mode == "paired",
         "condition_tokens": cfg.model.cond_tokens,
         "r": cfg.adapter.r,
+        "base_quantization": cfg.model.base_quantization,
+        "base_double_quant": cfg.model.base_double_quant,
         "target_modules": list(cfg.adapter.target_modules),
         "extra_trainable_params": _extra_trainable(cfg, int(cross)),
         "precision": "fp32" if t.mixed_precision == "no" else t.mixed_precision,

@@ -62,6 +62,10 @@ def check_template(key: str, template: str) -> None:
 def validate_config(cfg: APOConfig) -> None:
     """Raise :class:`ConfigError` for the first out-of-range or inconsistent value."""
     _check_model(cfg.model)
+    if cfg.model.base_quantization != "none" and cfg.train.zero_stage == 3:
+        raise ConfigError(f"model.base_quantization {cfg.model.base_quantization} keeps the frozen base packed, "
+                          "which ZeRO-3 cannot partition; use train.zero_stage 0-2 (the base is frozen: ZeRO-1/2 "
+                          "partition only what trains)")
     _check_data(cfg.data)
     _check_adapter(cfg)
     _check_loss(cfg.loss)
@@ -95,6 +99,9 @@ def _check_model(m) -> None:
                 raise ConfigError(str(exc)) from None
         if not (m.text_encoder or m.pretrained):
             raise ConfigError("model.prompt_template needs a text encoder: set model.text_encoder or model.pretrained")
+    _choice("model.base_quantization", m.base_quantization, C.BASE_QUANTIZATIONS)
+    if m.base_double_quant and m.base_quantization != "nf4":
+        raise ConfigError("model.base_double_quant is an NF4 option; set model.base_quantization: nf4")
     if m.latent and not (m.pretrained or m.vae):
         raise ConfigError("model.latent is true but neither model.pretrained nor model.vae names a VAE")
 

@@ -25,6 +25,7 @@ DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # train_diffusion_dpo.py --l
 
 # models (apo_fast.models)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+BASE_QUANTIZATIONS = ("none", "nf4", "int8")  # storage of the frozen base's linear layers (bitsandbytes formats)
 NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' beta_schedule names
 ATTENTION = ("auto", "xformers", "sdpa")
 

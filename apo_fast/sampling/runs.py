@@ -40,6 +40,7 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
 
     from apo_fast.adapters import load_adapters
     from apo_fast.models.conditions import load_conditions
+    from apo_fast.models.quantize import quantize_base
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -57,6 +58,7 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     in_channels = vae.config.latent_channels if vae is not None else 3
     unet = build_unet(cfg.model, in_channels=in_channels, sample_size=None, seed=cfg.train.seed)  # the trained base
     set_attention(unet, "sdpa" if dev.type != "cuda" else cfg.train.attention, dev)
+    quantize_base(unet, cfg, dev)  # sample from the base the adapters were trained on
     load_adapters(unet, adapters)
     conds = load_conditions(cond_file, names, cfg.model.cond_tokens, unet.config.cross_attention_dim, pooled_dim(unet))
     unet.to(dev).eval()

@@ -41,6 +41,7 @@ from apo_fast.models import (
     set_attention,
 )
 from apo_fast.models.conditions import load_conditions, save_conditions
+from apo_fast.models.quantize import quantize_base
 from apo_fast.training.checkpoints import (
     _read_log,
     latest_checkpoint,
@@ -132,6 +133,7 @@ class APOTrainer:
                 f"({'latents' if cfg.model.latent else 'pixels'}); set model.latent accordingly"
             )
         self.attention = set_attention(unet, cfg.train.attention, self.device)
+        quantize_base(unet, cfg, self.device)
         self.adapter_names = inject_adapters(unet, cfg.adapter)
         freeze_base(unet)  # everything but the adapters (and a learned gate)
         if cfg.train.gradient_checkpointing:
@@ -318,7 +320,12 @@ class APOTrainer:
         start = 0
         ckpt = latest_checkpoint(self.out) if self.resume else None
         if ckpt is not None:
-            self.engine.load_checkpoint(str(ckpt), tag="state")
+            # A quantized base's packed weights come back as saved, but bitsandbytes keeps their
+            # quantization state (absmax, code map) beside them under extra keys that the module's
+            # strict loading rejects; the base is rebuilt from the config, so those keys are
+            # re-created identically (and the trainable weights are checked below by the resume test).
+            strict = cfg.model.base_quantization == "none"
+            self.engine.load_checkpoint(str(ckpt), tag="state", load_module_strict=strict)
             start = json.loads((ckpt / "client_state.json").read_text())["step"]
             log.info("resumed from %s at step %d", ckpt, start)
         is_main = self.rank == 0

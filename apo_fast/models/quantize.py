@@ -1,0 +1,111 @@
+"""A frozen base stored in fewer bits (``model.base_quantization``): the UNet's linear layers as
+bitsandbytes' own ``Linear4bit`` (NF4, blocks of 64, fp32 absmax, optionally double-quantized)
+or ``Linear8bitLt`` (LLM.int8 row-wise), so a UNet that diffusers loaded with
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` is the same thing.
+
+The adapters then wrap the quantized layers: the policy pass is ``base(x)`` (bitsandbytes'
+dequantize-and-matmul) plus the gated low-rank branch, the reference pass ``base(x)`` alone,
+so both see one base. Convolutions, norms and biases keep the compute dtype. (A fused
+kernel that dequantizes inside the gated-adapter matmul is not built yet: on a GPU this
+path uses bitsandbytes' kernels.)
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from apo_fast.config.choices import BASE_QUANTIZATIONS
+
+__all__ = ["NF4_BLOCKSIZE", "quantize_base", "quantize_linears", "quantized_bytes"]
+
+log = logging.getLogger(__name__)
+
+NF4_BLOCKSIZE = 64  # bitsandbytes' default and diffusers' BitsAndBytesConfig's
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise ImportError("model.base_quantization needs bitsandbytes (pip install bitsandbytes); "
+                          "set model.base_quantization: none to keep the base in the compute dtype") from exc
+    return bnb
+
+
+def _quantized(linear: nn.Linear, kind: str, double_quant: bool, compute_dtype: torch.dtype) -> nn.Module:
+    bnb = _bitsandbytes()
+    weight = linear.weight.data.detach().to(torch.float32).clone()
+    device = linear.weight.device
+    if kind == "nf4":
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=double_quant,
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=double_quant,
+                                     blocksize=NF4_BLOCKSIZE)
+    else:
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, threshold=0.0, device="meta")
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.detach().to(compute_dtype).clone(), requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes on the move to a device
+
+
+def quantize_linears(model: nn.Module, kind: str, *, double_quant: bool = False,
+                     compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (before adapters are injected) by its ``kind``
+    (``nf4`` | ``int8``) bitsandbytes form, in place; returns the replaced module paths.
+
+    Layers NF4 cannot hold (a weight whose element count is not a multiple of its 64-element
+    blocks) stay in the compute dtype, said in the log. Raises ValueError for an unknown
+    ``kind`` and ImportError without bitsandbytes.
+    """
+    if kind not in BASE_QUANTIZATIONS or kind == "none":
+        raise ValueError(f"kind must be one of {tuple(k for k in BASE_QUANTIZATIONS if k != 'none')}, got {kind!r}")
+    replaced, kept = [], []
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{path}.{name}" if path else name
+            if kind == "nf4" and child.weight.numel() % NF4_BLOCKSIZE:
+                kept.append(full)
+                continue
+            setattr(module, name, _quantized(child, kind, double_quant, compute_dtype))
+            replaced.append(full)
+    if kept:
+        log.info("base quantization %s: %d linear layer(s) kept in %s (weight not a multiple of %d elements), "
+                 "e.g. %s", kind, len(kept), str(compute_dtype).replace("torch.", ""), NF4_BLOCKSIZE, kept[0])
+    return replaced
+
+
+def quantize_base(unet: nn.Module, cfg, device: torch.device) -> list[str]:
+    """``cfg.model.base_quantization`` applied to a freshly built UNet (before the adapters), on
+    ``device``, with the compute dtype of ``cfg.train.mixed_precision``; logs the weight bytes."""
+    kind = cfg.model.base_quantization
+    if kind == "none":
+        return []
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    before = sum(p.numel() * p.element_size() for p in unet.parameters())
+    unet.to(device)
+    names = quantize_linears(unet, kind, double_quant=cfg.model.base_double_quant, compute_dtype=compute)
+    after = sum(p.numel() * p.element_size() for p in unet.parameters())
+    log.info("frozen base: %d linear layers in %s%s; UNet weights %.1f MB -> %.1f MB", len(names), kind,
+             " (double-quantized absmax)" if cfg.model.base_double_quant else "", before / 2**20, after / 2**20)
+    return names
+
+
+def quantized_bytes(numel: int, out_features: int, kind: str, double_quant: bool = False) -> int:
+    """Bytes a linear weight of ``numel`` elements takes in ``kind`` (the memory planner's count):
+    NF4 packs two codes per byte plus an fp32 absmax per 64-element block (an 8-bit absmax plus a
+    second-level fp32 absmax per 256 blocks when double-quantized); int8 one byte per element plus
+    an fp32 scale per output row."""
+    if kind == "nf4":
+        blocks = -(-numel // NF4_BLOCKSIZE)
+        absmax = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
+        return -(-numel // 2) + absmax
+    if kind == "int8":
+        return numel + 4 * out_features
+    raise ValueError(f"kind must be nf4 or int8, got {kind!r}")

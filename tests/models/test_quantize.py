@@ -1,0 +1,178 @@
+"""A frozen base in bitsandbytes' NF4 / int8 formats (`model.base_quantization`): the layers are
+bitsandbytes' own, the gated adapter on top matches its float64 formula with the weight taken
+from bitsandbytes' own dequantization, the reference pass runs the same packed base, and a
+tiny UNet trains, saves the same adapter file and resumes exactly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from apo_fast.adapters import AdapterConfig, GateConfig, adapters_disabled, gated_layers, inject_adapters  # noqa: E402
+from apo_fast.config import ConfigError  # noqa: E402
+from apo_fast.models.quantize import NF4_BLOCKSIZE, quantize_linears, quantized_bytes  # noqa: E402
+
+F64 = torch.float64
+
+
+class _Block(nn.Module):
+    def __init__(self, fin=64, fout=48):
+        super().__init__()
+        self.to_q = nn.Linear(fin, fout)
+        self.odd = nn.Linear(5, 7)  # 35 elements: not a multiple of NF4's 64-element blocks
+
+    def forward(self, sample, timestep):
+        return self.to_q(sample)
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    """The weight as bitsandbytes itself decodes it (the format check: bit-compatible)."""
+    w = layer.weight
+    if w.dtype == torch.uint8:
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(F64)
+    return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).to(F64)
+
+
+@pytest.mark.parametrize("kind, double", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_quantized_base_and_gated_adapter_match_float64(kind, double):
+    torch.manual_seed(0)
+    model = _Block()
+    names = quantize_linears(model, kind, double_quant=double)
+    assert names == (["to_q"] if kind == "nf4" else ["to_q", "odd"])
+    base = model.to_q
+    assert type(base).__module__.startswith("bitsandbytes") and not base.weight.is_floating_point()
+    inject_adapters(model, AdapterConfig(r=5, lora_alpha=10.0, target_modules=("to_q",),
+                                         gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
+    layer = dict(gated_layers(model))["to_q"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.2)
+    x = torch.randn(3, 9, 64)
+    t = torch.tensor([5, 480, 990])
+    y = model(x, t)
+    with torch.no_grad():
+        gate = model.taca_gate(t, 5).float()  # the per-sample rank-prefix gate the forward used
+        base_out = layer.base_layer(x)
+    assert 0 < gate.sum() < gate.numel()
+    A = layer.lora_A["default"].weight.detach().to(F64).requires_grad_(True)
+    B = layer.lora_B["default"].weight.detach().to(F64).requires_grad_(True)
+    delta = (((x.to(F64) @ A.t()) * gate.to(F64)[:, None, :]) * 2.0) @ B.t()
+    torch.testing.assert_close(y.to(F64), base_out.to(F64) + delta, rtol=1e-5, atol=1e-5)
+    if kind == "nf4":  # bitsandbytes' 4-bit matmul is x @ dequantize(W)^T exactly
+        want = x.to(F64) @ _dequantized(layer.base_layer).t() + layer.base_layer.bias.to(F64)
+        torch.testing.assert_close(base_out.to(F64), want, rtol=1e-5, atol=1e-5)
+    (y.square().sum()).backward()
+    (((base_out.to(F64) + delta) ** 2).sum()).backward()
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad.to(F64), A.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad.to(F64), B.grad, rtol=1e-4, atol=1e-4)
+    with adapters_disabled(model):  # the reference: the same packed base, adapters off
+        torch.testing.assert_close(model(x, t), base_out)
+    with pytest.raises(ValueError, match="quantized base"):
+        layer.merge()
+
+
+@pytest.mark.parametrize("kind, double", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_planner_bytes_match_the_packed_tensors(kind, double):
+    model = _Block(128, 96)
+    quantize_linears(model, kind, double_quant=double)
+    w = model.to_q.weight
+    if kind == "nf4":
+        state = w.quant_state
+        actual = w.data.numel() + state.absmax.numel() * state.absmax.element_size()
+        if double:
+            actual += state.state2.absmax.numel() * 4
+    else:
+        actual = w.data.numel() + w.SCB.numel() * 4
+    assert quantized_bytes(128 * 96, 96, kind, double) == actual
+    assert quantized_bytes(128 * 96, 96, kind, double) < 128 * 96 * 2 / (3 if kind == "nf4" else 1.9)
+
+
+def _cfg(out: Path, *overrides: str):
+    from apo_fast.demo import demo_config
+
+    base = ["data.image_size=16", "train.batch_size=4", "train.log_every=1", "train.progress=false",
+            "train.device=cpu", "train.checkpoint_every=4", "pretrain.steps=0"]
+    return demo_config(str(out), base + list(overrides))
+
+
+def _train(cfg):
+    from apo_fast.training.trainer import APOTrainer
+
+    trainer = APOTrainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_training_on_a_quantized_base_saves_the_same_file_and_resumes_exactly(tmp_path, kind):
+    from safetensors import safe_open
+
+    from apo_fast.training.checkpoints import list_checkpoints
+
+    whole = _train(_cfg(tmp_path / "whole", f"model.base_quantization={kind}", "train.steps=8"))
+    assert len(whole) == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in whole)
+    assert whole[-1]["reward_w"] > 0  # the policy fits the anomalies better than the (quantized) reference
+    part = _cfg(tmp_path / "part", f"model.base_quantization={kind}", "train.steps=4")
+    _train(part)
+    assert [s for s, _ in list_checkpoints(tmp_path / "part")] == [4]
+    resumed = _train(_cfg(tmp_path / "part", f"model.base_quantization={kind}", "train.steps=8"))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]  # exact resume
+    plain = _train(_cfg(tmp_path / "plain", "train.steps=1"))
+    assert plain
+    files = [tmp_path / name / "adapters" / "pytorch_lora_weights.safetensors" for name in ("whole", "plain")]
+    layouts = []
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            layouts.append({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    assert layouts[0] == layouts[1]  # same keys and shapes as on an unquantized base
+
+
+@pytest.mark.slow
+def test_sampling_a_run_uses_its_quantized_base(tmp_path):
+    from apo_fast.sampling.runs import load_run
+
+    _train(_cfg(tmp_path / "run", "model.base_quantization=nf4", "train.steps=1"))
+    run = load_run(tmp_path / "run", device="cpu")
+    quantized = [m for m in run.unet.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and all(m.weight.dtype == torch.uint8 for m in quantized)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.base_quantization=fp4"], "model.base_quantization"),
+    (["model.base_double_quant=true"], "NF4 option"),
+    (["model.base_quantization=nf4", "train.zero_stage=3"], "ZeRO-3"),
+])
+def test_quantization_settings_are_checked_before_any_work(tmp_path, overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        _cfg(tmp_path, *overrides)
+
+
+def test_blocksize_is_bitsandbytes_default():
+    w = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4").to("cpu")
+    assert w.quant_state.blocksize == NF4_BLOCKSIZE
+
+
+def test_the_memory_planner_counts_the_packed_base():
+    from apo_fast.bench.memory_plan import build_meta_unet, normalize_config, plan_memory
+
+    settings = dict(unet="tiny", resolution=32, batch_size=2, r=4, precision="fp32")
+    plain = plan_memory(settings)
+    c = normalize_config(settings)
+    unet = build_meta_unet(c["unet_config"], torch.float32)
+    linears = [m for m in unet.modules() if type(m) is nn.Linear]
+    for kind in ("nf4", "int8"):
+        quant = plan_memory({**settings, "base_quantization": kind})
+        held = [m for m in linears if kind == "int8" or m.weight.numel() % NF4_BLOCKSIZE == 0]
+        saved = sum(m.weight.numel() * 4 - quantized_bytes(m.weight.numel(), m.out_features, kind) for m in held)
+        assert plain.weights - quant.weights == saved > 0
+        assert quant.workspace - plain.workspace == max(m.weight.numel() * 4 for m in held)  # one dequantized layer
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        plan_memory({**settings, "base_quantization": "nf4", "zero_stage": 3})
