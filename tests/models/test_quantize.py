@@ -176,3 +176,24 @@ def test_the_memory_planner_counts_the_packed_base():
         assert quant.workspace - plain.workspace == max(m.weight.numel() * 4 for m in held)  # one dequantized layer
     with pytest.raises(ValueError, match="ZeRO-3"):
         plan_memory({**settings, "base_quantization": "nf4", "zero_stage": 3})
+
+
+def test_a_peft_lora_on_a_quantized_linear_converts_in_one_line():
+    """A drop-in user's UNet with bitsandbytes linears and a peft LoRA on them (what diffusers'
+    BitsAndBytesConfig + add_adapter leaves) goes through convert_peft_to_gated unchanged."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from apo_fast.adapters import convert_peft_to_gated
+
+    torch.manual_seed(1)
+    model = _Block()
+    quantize_linears(model, "nf4")
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"]), model)
+    with torch.no_grad():
+        model.to_q.lora_B["default"].weight.normal_(0, 0.1)
+    x = torch.randn(2, 3, 64)
+    before = model.to_q(x)
+    convert_peft_to_gated(model)
+    assert type(model.to_q).__name__ == "GatedLoRALinear"
+    assert type(model.to_q.base_layer).__name__ == "Linear4bit"
+    torch.testing.assert_close(model.to_q(x), before)
