@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from apo_fast.config.choices import BACKENDS  # noqa: E402  (re-exported)
+from apo_fast.config.choices import BACKENDS  # noqa: F401  (re-exported: the adapters name it)
 
 ENV_VAR = "APO_FAST_BACKEND"
 
