@@ -205,7 +205,10 @@ class MemoryPlan:
             f"### Memory plan: {c['unet_name']}, latent {lh}x{lw}, batch {c['batch_size']}"
             f"{' (paired: x2)' if c['paired'] else ''}, rank {c['r']}, {c['precision']}",
             "",
-            f"- parameters: base {self.params_base:,}, trainable {self.params_trainable:,}",
+            f"- parameters: base {self.params_base:,}, trainable {self.params_trainable:,}"
+            + ("" if c["base_quantization"] == "none" else
+               f"; the base's linear layers in {c['base_quantization']}"
+               f"{' (double-quantized absmax)' if c['base_double_quant'] else ''}, the rest in {c['precision']}"),
             f"- attention {c['attention']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
             f"optimizer {c['optimizer']}",
             f"- ZeRO stage {c['zero_stage']} on {c['world_size']} rank(s), offload optimizer "
