@@ -470,22 +470,24 @@ def part_memory(ctx: PartContext, which: str) -> dict:
     except Exception:  # noqa: BLE001 - not carried to this machine: the 8-bit state is a few MiB of a multi-GiB peak
         optimizer = "adamw"
     dry = ctx.dry_run or not ctx.cuda
-    # (name, preset, pixels, batch, target GiB from issue 5, minimum seconds to try)
+    # (name, preset, pixels, batch, target GiB from issue 5, minimum seconds to try, base quantization)
     cases = {
-        "sd15": [("sd15_512_b4", "sd15", 512, 4, 6.0, 30.0)],
-        "sdxl": [("sdxl_1024_b1", "sdxl", 1024, 1, 12.0, 40.0)],
+        "sd15": [("sd15_512_b4", "sd15", 512, 4, 6.0, 30.0, "none")],
+        "sdxl": [("sdxl_1024_b1", "sdxl", 1024, 1, 12.0, 40.0, "none"),
+                 ("sdxl_1024_b1_nf4", "sdxl", 1024, 1, None, 40.0, "nf4")],
     }
     cases = cases[which]
     if dry:
-        cases = [("tiny_32_b2", "tiny", 32, 2, None, 5.0)]
+        cases = [("tiny_32_b2", "tiny", 32, 2, None, 5.0, "none"), ("tiny_32_b2_nf4", "tiny", 32, 2, None, 5.0, "nf4")]
     records = []
-    for name, model, size, batch, target_gib, need in cases:
+    for name, model, size, batch, target_gib, need, quant in cases:
         if ctx.seconds_left() < need:
             records.append({"case": name, "status": f"skipped: {ctx.seconds_left():.0f} s left, needs {need:.0f} s"})
             continue
         try:
             vae_dir = None if dry else save_random_vae(model, ctx.scratch / f"vae_{model}")
             cfg = _issue5_config(model, vae_dir, ctx.device, dry, optimizer)
+            cfg.model.base_quantization = quant
             cfg.output_dir = str(ctx.scratch / f"run_{name}")
             measured = measure_training_memory(cfg, steps=2)
             unet_cfg = dict(UNET_PRESETS[model])
@@ -501,6 +503,7 @@ def part_memory(ctx: PartContext, which: str) -> dict:
                 "attention": "sdpa",
                 "optimizer": optimizer,
                 "extra_trainable_params": measured["condition_parameters"],
+                "base_quantization": quant,
             }
             if dry:
                 unet_cfg.update(in_channels=3, out_channels=3)
