@@ -21,7 +21,9 @@ SHIPPED_BASES = Path(__file__).resolve().parents[1] / "assets" / "demo_base"
 def base_build_record(cfg: APOConfig) -> dict:
     """The settings that decide what a pretrained base is (written to a shipped base's build.json)."""
     full = cfg.to_dict()
-    model = {k: v for k, v in full["model"].items() if k not in ("pretrained", "conditions", "subfolder", "revision")}
+    # how a run stores the frozen base (base_quantization) is not what the base is
+    ignored = ("pretrained", "conditions", "subfolder", "revision", "base_quantization", "base_double_quant")
+    model = {k: v for k, v in full["model"].items() if k not in ignored}
     data = {k: full["data"][k] for k in ("root", "category", "image_size", "augment", "defect_types", "shots")}
     pre = {k: v for k, v in full["pretrain"].items() if k not in ("checkpoint_every", "sample_every")}
     return {"model": model, "data": data, "pretrain": pre, "seed": cfg.train.seed}
