@@ -36,7 +36,9 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from apo_fast.adapters.state import GateState
+from apo_fast.ops.backend import use_triton
 from apo_fast.ops.gated_lora import gate_rows, gated_lora_linear
+from apo_fast.ops.gated_lora.nf4 import fused_nf4_supported, gated_lora_nf4_linear
 
 __all__ = ["GatedLoRALinear", "GatedLoRAConv2d"]
 
@@ -262,10 +264,19 @@ class GatedLoRALinear(nn.Module, LoraLayer):
                     x, base.weight, base.bias, lora_A, lora_B, gate, scaling, backend=self.backend
                 )
                 continue
+            if index == 0 and not dropout_active and self._fused_nf4(x, base):
+                result = gated_lora_nf4_linear(x, base, lora_A, lora_B, gate, scaling)
+                continue
             if result is None:
                 result = base(x)
             result = result + _gated_lora_delta(dropout(x), lora_A, lora_B, gate, scaling)
         return result
+
+    def _fused_nf4(self, x: torch.Tensor, base) -> bool:
+        """An NF4 base (bitsandbytes Linear4bit, no double quantization) on the Triton path:
+        the dequantize-in-the-K-loop kernel (apo_fast.ops.gated_lora.nf4)."""
+        return (not base.weight.is_floating_point() and base.weight.dtype == torch.uint8
+                and use_triton(x, override=self.backend) and fused_nf4_supported(base))
 
     # -- merging (constant gate only) -------------------------------------------
     def _refuse_quantized_merge(self) -> None:

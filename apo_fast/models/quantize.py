@@ -3,11 +3,19 @@ bitsandbytes' own ``Linear4bit`` (NF4, blocks of 64, fp32 absmax, optionally dou
 or ``Linear8bitLt`` (LLM.int8 row-wise), so a UNet that diffusers loaded with
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` is the same thing.
 
-The adapters then wrap the quantized layers: the policy pass is ``base(x)`` (bitsandbytes'
-dequantize-and-matmul) plus the gated low-rank branch, the reference pass ``base(x)`` alone,
-so both see one base. Convolutions, norms and biases keep the compute dtype. (A fused
-kernel that dequantizes inside the gated-adapter matmul is not built yet: on a GPU this
-path uses bitsandbytes' kernels.)
+The adapters then wrap the quantized layers; the reference pass (adapters off) runs the same
+packed base, so policy and reference see one base. On the Triton path (CUDA, or the
+interpreter) an NF4 layer without double quantization runs the base matmuls of the forward
+and of dx in ``apo_fast.kernels.gated_lora_nf4``, which dequantizes the packed weight inside
+the K loop (no full-precision copy of W is written); int8 and double-quantized NF4 run
+bitsandbytes' own matmul plus the PyTorch low-rank branch. Convolutions, norms and biases
+keep the compute dtype.
+
+bitsandbytes 0.50.2's CPU ``dequantize_4bit`` (and its CPU ``Linear4bit`` forward) misdecodes
+weights whose in_features is a multiple of 16 but not of 64 (measured for 32 and 48: every
+block read with the first absmax); the Triton kernel follows the format
+(``tests/ops/gated_lora/test_nf4.py``). SD-scale layers (in_features 320, 640, 768, 1280, ...)
+are multiples of 64.
 """
 from __future__ import annotations
 

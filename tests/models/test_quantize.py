@@ -13,7 +13,13 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from apo_fast.adapters import AdapterConfig, GateConfig, adapters_disabled, gated_layers, inject_adapters  # noqa: E402
+from apo_fast.adapters import (  # noqa: E402
+    AdapterConfig,
+    GateConfig,
+    adapters_disabled,
+    gated_layers,
+    inject_adapters,
+)
 from apo_fast.config import ConfigError  # noqa: E402
 from apo_fast.models.quantize import NF4_BLOCKSIZE, quantize_linears, quantized_bytes  # noqa: E402
 
@@ -161,7 +167,11 @@ def test_blocksize_is_bitsandbytes_default():
 
 
 def test_the_memory_planner_counts_the_packed_base():
-    from apo_fast.bench.memory_plan import build_meta_unet, normalize_config, plan_memory
+    from apo_fast.bench.memory_plan import (
+        build_meta_unet,
+        normalize_config,
+        plan_memory,
+    )
 
     settings = dict(unet="tiny", resolution=32, batch_size=2, r=4, precision="fp32")
     plain = plan_memory(settings)

@@ -1,0 +1,71 @@
+"""Triton kernel of the gated adapter's base matmul over an NF4 weight, dequantized in the K loop.
+
+The weight is bitsandbytes' NF4 layout (``Linear4bit``, no double quantization): the
+(N, K) weight flattened row-major, two 4-bit codes per byte with the even element in the
+high nibble, one fp32 absmax per 64-element block, and the 16-entry code table
+(``quant_state.code``). A tile is decoded as ``code[nibble] * absmax[e // 64]`` in
+registers; no full-precision copy of W is written to memory.
+
+``out (M, P) = a (M, Q) @ op(W) [+ bias] [+ add]`` with ``op(W) = W^T`` (TRANS=0: the
+forward, P = N out-features, Q = K in-features) or ``W`` (TRANS=1: dx = dy W, P = K,
+Q = N). ``add`` (M, P) is the low-rank term the host computed. fp32 accumulation.
+"""
+import triton
+import triton.language as tl
+
+NF4_BLOCK = tl.constexpr(64)  # a constexpr global: read inside the jit functions
+
+
+def nf4_configs(interpret: bool) -> list:
+    """Launch configs (one per path: the interpreter gets small tiles for odd test shapes)."""
+    if interpret:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_Q": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 32}, num_warps=4, num_stages=2)]
+
+
+@triton.jit
+def _nf4_tile(qw_ptr, absmax_ptr, code_ptr, n_idx, k_idx, valid, K_w):
+    """W[n, k] for a tile of indices (fp32): decode the nibble, look up the code, scale."""
+    e = n_idx * K_w + k_idx
+    byte = tl.load(qw_ptr + e // 2, mask=valid, other=0).to(tl.int32)
+    nibble = tl.where(e % 2 == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble, mask=valid, other=0.0)
+    scale = tl.load(absmax_ptr + e // NF4_BLOCK, mask=valid, other=0.0)
+    return value * scale
+
+
+@triton.jit
+def nf4_matmul_kernel(
+    a_ptr, qw_ptr, absmax_ptr, code_ptr, bias_ptr, add_ptr, out_ptr,
+    M, P, Q, K_w,
+    stride_am, stride_addm, stride_om,
+    TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_P) tile of ``out = a @ op(W) (+ bias) (+ add)`` (module docstring)."""
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.arange(0, BLOCK_Q)
+    mask_m = offs_m < M
+    mask_p = offs_p < P
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for q0 in range(0, tl.cdiv(Q, BLOCK_Q)):
+        q = q0 * BLOCK_Q + offs_q
+        mask_q = q < Q
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + q[None, :], mask=mask_m[:, None] & mask_q[None, :],
+                    other=0.0)
+        valid = mask_q[:, None] & mask_p[None, :]
+        if TRANS:
+            w = _nf4_tile(qw_ptr, absmax_ptr, code_ptr, q[:, None], offs_p[None, :], valid, K_w)  # W[q, p]
+        else:
+            w = _nf4_tile(qw_ptr, absmax_ptr, code_ptr, offs_p[None, :], q[:, None], valid, K_w)  # W[p, q]
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+    out_mask = mask_m[:, None] & mask_p[None, :]
+    if HAS_ADD:
+        acc += tl.load(add_ptr + offs_m[:, None] * stride_addm + offs_p[None, :], mask=out_mask, other=0.0).to(
+            tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
