@@ -222,8 +222,54 @@ def run_gated_lora_benchmarks(device: str | torch.device, out_json: str | Path |
                 for impl, seconds in times.items():
                     records.append(_record(shape, rank, mode, impl, seconds, times["base"],
                                            times["peft"], device))
+    if device.type == "cuda":
+        records += time_nf4(shapes, device, dtype, reps)
     if out_json is not None:
         Path(out_json).write_text(json.dumps(records, indent=1))
+    return records
+
+
+def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, rank: int = 16) -> list[dict]:
+    """Forward+backward (dx, dA, dB) of the gated adapter over an NF4 base: the dequantize-in-the-K-loop
+    kernel against bitsandbytes' Linear4bit plus the PyTorch low-rank branch, and against the
+    bf16/fp16 base, in the same run (ratios; no timing is asserted anywhere)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return []
+    from apo_fast.models.quantize import quantize_linears
+    from apo_fast.ops.gated_lora.nf4 import gated_lora_nf4_linear
+
+    records = []
+    for shape in shapes:
+        holder = torch.nn.Module()
+        holder.lin = torch.nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype)
+        dense = holder.lin.requires_grad_(False)  # a frozen base, as in training
+        holder.lin = torch.nn.Linear(shape.in_features, shape.out_features).to(device, dtype)
+        holder.lin.load_state_dict(dense.state_dict())
+        quantize_linears(holder, "nf4", compute_dtype=dtype)
+        base = holder.lin
+        x = torch.randn(shape.batch, shape.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=True)
+        a = (0.02 * torch.randn(rank, shape.in_features, device=device, dtype=dtype)).requires_grad_(True)
+        b = (0.02 * torch.randn(shape.out_features, rank, device=device, dtype=dtype)).requires_grad_(True)
+        gate = torch.rand(shape.batch, rank, device=device)
+        dy = torch.randn(shape.batch, shape.tokens, shape.out_features, device=device, dtype=dtype)
+
+        def fused():
+            gated_lora_nf4_linear(x, base, a, b, gate, 1.0).backward(dy)
+
+        def bnb_plus_branch():
+            delta = ((x @ a.t()) * gate.to(dtype)[:, None, :]) @ b.t()
+            (base(x) + delta).backward(dy)
+
+        def dense_fused():
+            gated_lora_linear(x, dense.weight, dense.bias, a, b, gate, 1.0).backward(dy)
+
+        times = {name: time_per_call(fn, device, reps=reps) for name, fn in
+                 (("nf4_fused", fused), ("nf4_bnb", bnb_plus_branch), ("dense_fused", dense_fused))}
+        for name, t in times.items():
+            records.append({"shape": shape.name, "rank": rank, "mode": "forward_backward", "impl": name,
+                            "seconds": t, "vs_bnb": t / times["nf4_bnb"], "vs_dense": t / times["dense_fused"]})
     return records
 
 
