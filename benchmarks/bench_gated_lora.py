@@ -238,7 +238,7 @@ def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, r
     except ImportError:
         return []
     from apo_fast.models.quantize import quantize_linears
-    from apo_fast.ops.gated_lora.nf4 import gated_lora_nf4_linear
+    from apo_fast.ops.gated_lora.packed import gated_lora_packed_linear
 
     records = []
     for shape in shapes:
@@ -256,7 +256,7 @@ def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, r
         dy = torch.randn(shape.batch, shape.tokens, shape.out_features, device=device, dtype=dtype)
 
         def fused():
-            gated_lora_nf4_linear(x, base, a, b, gate, 1.0).backward(dy)
+            gated_lora_packed_linear(x, base, a, b, gate, 1.0).backward(dy)
 
         def bnb_plus_branch():
             delta = ((x @ a.t()) * gate.to(dtype)[:, None, :]) @ b.t()

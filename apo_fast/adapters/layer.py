@@ -38,7 +38,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from apo_fast.adapters.state import GateState
 from apo_fast.ops.backend import use_triton
 from apo_fast.ops.gated_lora import gate_rows, gated_lora_linear
-from apo_fast.ops.gated_lora.nf4 import fused_nf4_supported, gated_lora_nf4_linear
+from apo_fast.ops.gated_lora.packed import (
+    fused_packed_format,
+    gated_lora_packed_linear,
+    packed_base_linear,
+)
 
 __all__ = ["GatedLoRALinear", "GatedLoRAConv2d"]
 
@@ -234,12 +238,12 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x)
+            return self._base_forward(x)
         if self.merged:
             return self.base_layer(x)
         names = [name for name in self.active_adapters if name in self.lora_A]
         if not names:
-            return self.base_layer(x)
+            return self._base_forward(x)
         for name in names:
             if name in self.lora_variant:
                 raise ValueError(f"adapter {name!r} uses a LoRA variant, which {type(self).__name__} does not compute")
@@ -264,19 +268,27 @@ class GatedLoRALinear(nn.Module, LoraLayer):
                     x, base.weight, base.bias, lora_A, lora_B, gate, scaling, backend=self.backend
                 )
                 continue
-            if index == 0 and not dropout_active and self._fused_nf4(x, base):
-                result = gated_lora_nf4_linear(x, base, lora_A, lora_B, gate, scaling)
+            if index == 0 and not dropout_active and self._fused_packed(x, base):
+                result = gated_lora_packed_linear(x, base, lora_A, lora_B, gate, scaling)
                 continue
             if result is None:
                 result = base(x)
             result = result + _gated_lora_delta(dropout(x), lora_A, lora_B, gate, scaling)
         return result
 
-    def _fused_nf4(self, x: torch.Tensor, base) -> bool:
-        """An NF4 base (bitsandbytes Linear4bit, no double quantization) on the Triton path:
-        the dequantize-in-the-K-loop kernel (apo_fast.ops.gated_lora.nf4)."""
-        return (not base.weight.is_floating_point() and base.weight.dtype == torch.uint8
-                and use_triton(x, override=self.backend) and fused_nf4_supported(base))
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base alone (the reference pass): a packed base on the Triton path goes through the
+        kernel the policy pass uses, so both passes see the same base, bit for bit."""
+        base = self.base_layer
+        if self._fused_packed(x, base):
+            return packed_base_linear(x, base)
+        return base(x)
+
+    def _fused_packed(self, x: torch.Tensor, base) -> bool:
+        """A packed base (NF4 without double quantization, or int8 weights) on the Triton path:
+        the dequantize-in-the-K-loop kernel (apo_fast.ops.gated_lora.packed)."""
+        return (not base.weight.is_floating_point() and use_triton(x, override=self.backend)
+                and fused_packed_format(base) is not None)
 
     # -- merging (constant gate only) -------------------------------------------
     def _refuse_quantized_merge(self) -> None:

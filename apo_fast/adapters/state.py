@@ -34,7 +34,7 @@ GATE_MODULE_NAME = "taca_gate"
 STATE_ATTR = "_taca_gate_state"
 
 
-@dataclass
+@dataclass(eq=False)  # records are told apart by identity (they hold tensors)
 class _ForwardRecord:
     gates: dict[int, torch.Tensor]
     output_ref: "weakref.ref | None" = None

@@ -5,10 +5,12 @@ or ``Linear8bitLt`` (LLM.int8 row-wise), so a UNet that diffusers loaded with
 
 The adapters then wrap the quantized layers; the reference pass (adapters off) runs the same
 packed base, so policy and reference see one base. On the Triton path (CUDA, or the
-interpreter) an NF4 layer without double quantization runs the base matmuls of the forward
-and of dx in ``apo_fast.kernels.gated_lora_nf4``, which dequantizes the packed weight inside
-the K loop (no full-precision copy of W is written); int8 and double-quantized NF4 run
-bitsandbytes' own matmul plus the PyTorch low-rank branch. Convolutions, norms and biases
+interpreter) an NF4 layer without double quantization, or an int8 one, runs the base
+matmuls of the forward and of dx in ``apo_fast.kernels.gated_lora_packed``, which
+dequantizes the packed weight inside the K loop (no full-precision copy of W is written;
+int8 there is weight-only: the activations stay in the compute dtype); double-quantized
+NF4, and every layer off the Triton path, run bitsandbytes' own matmul plus the PyTorch
+low-rank branch. Convolutions, norms and biases
 keep the compute dtype.
 
 bitsandbytes 0.50.2's CPU ``dequantize_4bit`` (and its CPU ``Linear4bit`` forward) misdecodes

@@ -1,10 +1,11 @@
-"""Triton kernel of the gated adapter's base matmul over an NF4 weight, dequantized in the K loop.
+"""Triton kernel of the gated adapter's base matmul over a packed weight, dequantized in the K loop.
 
-The weight is bitsandbytes' NF4 layout (``Linear4bit``, no double quantization): the
-(N, K) weight flattened row-major, two 4-bit codes per byte with the even element in the
-high nibble, one fp32 absmax per 64-element block, and the 16-entry code table
-(``quant_state.code``). A tile is decoded as ``code[nibble] * absmax[e // 64]`` in
-registers; no full-precision copy of W is written to memory.
+FORMAT 0, bitsandbytes' NF4 (``Linear4bit``, no double quantization): the (N, K) weight
+flattened row-major, two 4-bit codes per byte with the even element in the high nibble,
+one fp32 absmax per 64-element block, and the 16-entry code table (``quant_state.code``);
+a tile is ``code[nibble] * absmax[e // 64]``. FORMAT 1, bitsandbytes' int8 (``Linear8bitLt``
+weights, LLM.int8 row-wise): ``CB[n, k] * SCB[n] / 127``. Decoded in registers; no
+full-precision copy of W is written to memory.
 
 ``out (M, P) = a (M, Q) @ op(W) [+ bias] [+ add]`` with ``op(W) = W^T`` (TRANS=0: the
 forward, P = N out-features, Q = K in-features) or ``W`` (TRANS=1: dx = dy W, P = K,
@@ -16,7 +17,7 @@ import triton.language as tl
 NF4_BLOCK = tl.constexpr(64)  # a constexpr global: read inside the jit functions
 
 
-def nf4_configs(interpret: bool) -> list:
+def packed_configs(interpret: bool) -> list:
     """Launch configs (one per path: the interpreter gets small tiles for odd test shapes)."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_Q": 16}, num_warps=1, num_stages=1)]
@@ -24,22 +25,26 @@ def nf4_configs(interpret: bool) -> list:
 
 
 @triton.jit
-def _nf4_tile(qw_ptr, absmax_ptr, code_ptr, n_idx, k_idx, valid, K_w):
-    """W[n, k] for a tile of indices (fp32): decode the nibble, look up the code, scale."""
+def _packed_tile(qw_ptr, absmax_ptr, code_ptr, n_idx, k_idx, valid, K_w, FORMAT: tl.constexpr):
+    """W[n, k] for a tile of indices (fp32), decoded from FORMAT (module docstring)."""
     e = n_idx * K_w + k_idx
-    byte = tl.load(qw_ptr + e // 2, mask=valid, other=0).to(tl.int32)
-    nibble = tl.where(e % 2 == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble, mask=valid, other=0.0)
-    scale = tl.load(absmax_ptr + e // NF4_BLOCK, mask=valid, other=0.0)
+    if FORMAT == 1:
+        value = tl.load(qw_ptr + e, mask=valid, other=0).to(tl.float32)
+        scale = tl.load(absmax_ptr + n_idx + 0 * k_idx, mask=valid, other=0.0) * (1.0 / 127.0)
+    else:
+        byte = tl.load(qw_ptr + e // 2, mask=valid, other=0).to(tl.int32)
+        nibble = tl.where(e % 2 == 0, byte >> 4, byte & 15)
+        value = tl.load(code_ptr + nibble, mask=valid, other=0.0)
+        scale = tl.load(absmax_ptr + e // NF4_BLOCK, mask=valid, other=0.0)
     return value * scale
 
 
 @triton.jit
-def nf4_matmul_kernel(
+def packed_matmul_kernel(
     a_ptr, qw_ptr, absmax_ptr, code_ptr, bias_ptr, add_ptr, out_ptr,
     M, P, Q, K_w,
     stride_am, stride_addm, stride_om,
-    TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FORMAT: tl.constexpr, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_P) tile of ``out = a @ op(W) (+ bias) (+ add)`` (module docstring)."""
@@ -58,9 +63,9 @@ def nf4_matmul_kernel(
                     other=0.0)
         valid = mask_q[:, None] & mask_p[None, :]
         if TRANS:
-            w = _nf4_tile(qw_ptr, absmax_ptr, code_ptr, q[:, None], offs_p[None, :], valid, K_w)  # W[q, p]
+            w = _packed_tile(qw_ptr, absmax_ptr, code_ptr, q[:, None], offs_p[None, :], valid, K_w, FORMAT)  # W[q, p]
         else:
-            w = _nf4_tile(qw_ptr, absmax_ptr, code_ptr, offs_p[None, :], q[:, None], valid, K_w)  # W[p, q]
+            w = _packed_tile(qw_ptr, absmax_ptr, code_ptr, offs_p[None, :], q[:, None], valid, K_w, FORMAT)  # W[p, q]
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]

@@ -1,8 +1,9 @@
-"""The gated adapter over an NF4 base with the base matmuls dequantizing inside the Triton K
-loop: forward and every gradient against float64 with the weight from bitsandbytes' own
-``dequantize_4bit`` (the decode must be bit-compatible), odd shapes, per-sample / shared /
-no gate, fp32 and fp16 storage, through the Triton interpreter; the layer takes the kernel
-on the Triton path; compiled for sm_80 and sm_90 without spills and with tensor-core MMAs."""
+"""The gated adapter over a packed base (NF4, int8) with the base matmuls dequantizing inside
+the Triton K loop: forward and every gradient against float64 with the weight from
+bitsandbytes' own ``dequantize_4bit`` / ``int8_vectorwise_dequant`` (the decode must be
+bit-compatible), odd shapes, per-sample / shared / no gate, fp32 and fp16 storage, through
+the Triton interpreter; the layer takes the kernel on the Triton path; compiled for sm_80 and
+sm_90 without spills and with tensor-core MMAs."""
 from __future__ import annotations
 
 import os
@@ -15,19 +16,26 @@ bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("triton")
 
 from apo_fast.models.quantize import quantize_linears  # noqa: E402
-from apo_fast.ops.gated_lora import nf4 as nf4_op  # noqa: E402
+from apo_fast.ops.gated_lora import packed as nf4_op  # noqa: E402
 
 F64 = torch.float64
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TOL = {torch.float32: 2e-6, torch.float16: 5e-3}  # relative to the largest value (fp16 storage rounds)
 
 
-def _nf4_linear(fin, fout, double=False, seed=0):
+def _nf4_linear(fin, fout, double=False, seed=0, kind="nf4"):
     torch.manual_seed(seed)
     holder = nn.Module()
     holder.lin = nn.Linear(fin, fout)
-    quantize_linears(holder, "nf4", double_quant=double)
+    quantize_linears(holder, kind, double_quant=double)
     return holder.lin
+
+
+def _bnb_weight(base) -> torch.Tensor:
+    w = base.weight
+    if w.dtype == torch.uint8:
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(F64)
+    return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).to(F64)
 
 
 def _rel(a, b):
@@ -35,21 +43,22 @@ def _rel(a, b):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest)")
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape, gate_rows", [((3, 7, 40), 3), ((2, 5, 64), 1), ((11, 56), None), ((4, 3, 24), 4)])
-def test_forward_and_gradients_match_float64(dtype, shape, gate_rows):
+def test_forward_and_gradients_match_float64(kind, dtype, shape, gate_rows):
     fin = shape[-1]
     # whole 64-element blocks, and sizes bitsandbytes' own CPU decode gets right (see below)
-    base = _nf4_linear(fin, {40: 24, 64: 64, 56: 8, 24: 16}[fin], seed=fin)
-    assert nf4_op.fused_nf4_supported(base)
-    w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(F64)  # bitsandbytes' decode
+    base = _nf4_linear(fin, {40: 24, 64: 64, 56: 8, 24: 16}[fin], seed=fin, kind=kind)
+    assert nf4_op.fused_packed_format(base) == {"nf4": 0, "int8": 1}[kind]
+    w = _bnb_weight(base)  # bitsandbytes' own decode
     g = torch.Generator().manual_seed(sum(shape))
     r = 5
     x = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
     a = (0.3 * torch.randn(r, fin, generator=g)).to(dtype).requires_grad_(True)
     b = (0.3 * torch.randn(base.out_features, r, generator=g)).to(dtype).requires_grad_(True)
     gate = torch.rand(gate_rows, r, generator=g).requires_grad_(True) if gate_rows else None
-    y = nf4_op.gated_lora_nf4_linear(x, base, a, b, gate, 0.75)
+    y = nf4_op.gated_lora_packed_linear(x, base, a, b, gate, 0.75)
     x64, a64, b64 = (t.detach().to(F64).requires_grad_(True) for t in (x, a, b))
     g64 = gate.detach().to(F64).requires_grad_(True) if gate is not None else None
     h = x64 @ a64.t()
@@ -88,7 +97,7 @@ def test_the_kernel_decodes_the_format_where_bitsandbytes_cpu_decode_does_not():
     quantize_linears(holder, "nf4")
     base = holder.lin
     eye = torch.eye(32)
-    w_kernel = nf4_op.gated_lora_nf4_linear(eye, base, torch.zeros(2, 32), torch.zeros(16, 2), None, 1.0).t()
+    w_kernel = nf4_op.gated_lora_packed_linear(eye, base, torch.zeros(2, 32), torch.zeros(16, 2), None, 1.0).t()
     torch.testing.assert_close(w_kernel, _flat_block_decode(base), rtol=0, atol=1e-7)
     absmax = base.weight.quant_state.absmax.repeat_interleave(64).reshape(16, 32)
     assert ((w_kernel - original).abs() <= 0.2 * absmax).all()  # within NF4's widest half code gap
@@ -105,7 +114,7 @@ def test_a_wrong_nibble_order_would_fail():
     wrong = (code[swapped] * absmax.repeat_interleave(64)).reshape(w.shape)
     assert not torch.allclose(wrong, w)
     x = torch.randn(4, 64)
-    y = nf4_op.gated_lora_nf4_linear(x, base, torch.zeros(2, 64), torch.zeros(8, 2), None, 1.0)
+    y = nf4_op.gated_lora_packed_linear(x, base, torch.zeros(2, 64), torch.zeros(8, 2), None, 1.0)
     torch.testing.assert_close(y, x @ w.t() + base.bias, rtol=1e-5, atol=1e-5)
 
 
@@ -116,7 +125,7 @@ def test_the_layer_takes_the_kernel_on_the_triton_path_and_not_for_double_quant(
     calls = []
     real = nf4_op._launch
     monkeypatch.setattr(nf4_op, "_launch", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    for double, expected in ((False, [False, True]), (True, [])):
+    for kind, double, expected in (("nf4", False, [False, True]), ("int8", False, [False, True]), ("nf4", True, [])):
         calls.clear()
 
         class Net(nn.Module):
@@ -129,7 +138,7 @@ def test_the_layer_takes_the_kernel_on_the_triton_path_and_not_for_double_quant(
 
         torch.manual_seed(0)
         net = Net()
-        quantize_linears(net, "nf4", double_quant=double)
+        quantize_linears(net, kind, double_quant=double)
         monkeypatch.setenv("APO_FAST_BACKEND", "triton")  # CPU tensors take the Triton path (interpreter)
         inject_adapters(net, AdapterConfig(r=4, target_modules=("to_q",),
                                            gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
@@ -138,20 +147,58 @@ def test_the_layer_takes_the_kernel_on_the_triton_path_and_not_for_double_quant(
         assert calls == expected  # forward (TRANS=0) then dx (TRANS=1), or bitsandbytes' own matmul
 
 
+@pytest.mark.parametrize("fmt", [0, 1], ids=["nf4", "int8"])
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("trans", [False, True])
-def test_compiles_without_spills_and_uses_tensor_cores(arch, trans):
-    from apo_fast.kernels import gated_lora_nf4 as k
+def test_compiles_without_spills_and_uses_tensor_cores(arch, trans, fmt):
+    from apo_fast.kernels import gated_lora_packed as k
 
     from apo_fast.aot import compile as aot
 
-    cfg = k.nf4_configs(interpret=False)[0]
+    cfg = k.packed_configs(interpret=False)[0]
     p = "*fp16:16"
-    sig = {"a_ptr": p, "qw_ptr": "*u8:16", "absmax_ptr": "*fp32:16", "code_ptr": "*fp32:16", "bias_ptr": p,
+    sig = {"a_ptr": p, "qw_ptr": "*u8:16" if fmt == 0 else "*i8:16", "absmax_ptr": "*fp32:16", "code_ptr": "*fp32:16", "bias_ptr": p,
            "add_ptr": p, "out_ptr": p, "M": "i32", "P": "i32:16", "Q": "i32:16", "K_w": "i32:16",
            "stride_am": "i32:16", "stride_addm": "i32:16", "stride_om": "i32:16"}
-    constexprs = {"TRANS": trans, "HAS_BIAS": not trans, "HAS_ADD": True, "DOT_PRECISION": "tf32", **cfg.kwargs}
-    spec = aot.KernelSpec(k.nf4_matmul_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, with_sass=True)
+    constexprs = {"FORMAT": fmt, "TRANS": trans, "HAS_BIAS": not trans, "HAS_ADD": True, "DOT_PRECISION": "tf32", **cfg.kwargs}
+    spec = aot.KernelSpec(k.packed_matmul_kernel, sig, constexprs, arch, cfg.num_warps, cfg.num_stages, with_sass=True)
     (report,) = aot.compile_kernels([spec])
     assert not report.has_spills, report.summary()
     assert report.count("HMMA") + (report.count("HGMMA") if arch == 90 else 0) > 0, report.key_counts()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest)")
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_the_reference_pass_runs_the_same_packed_base(kind, monkeypatch):
+    """At init (B = 0) the policy and the reference (adapters off) are the same numbers, bit for
+    bit: both go through the packed-weight kernel (bitsandbytes' own int8 matmul would also
+    quantize the activations, a different base)."""
+    from apo_fast.adapters import (
+        AdapterConfig,
+        GateConfig,
+        adapters_disabled,
+        inject_adapters,
+    )
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = nn.Linear(64, 32)
+
+        def forward(self, sample, timestep):
+            return self.to_q(sample)
+
+    monkeypatch.setenv("APO_FAST_BACKEND", "triton")
+    torch.manual_seed(0)
+    net = Net()
+    quantize_linears(net, kind)
+    inject_adapters(net, AdapterConfig(r=4, target_modules=("to_q",),
+                                       gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
+    x, t = torch.randn(2, 5, 64), torch.tensor([3, 700])
+    policy = net(x, t)
+    with adapters_disabled(net):
+        reference = net(x, t)
+    assert torch.equal(policy, reference)
+    w = _bnb_weight(net.to_q.base_layer)
+    torch.testing.assert_close(reference.to(F64), x.to(F64) @ w.t() + net.to_q.base_layer.bias.to(F64),
+                               rtol=1e-5, atol=1e-5)
