@@ -245,68 +245,9 @@ def apo_loss_finalize_kernel(
     host's reciprocals of N, n_terms and n_samples (integer arguments equal to
     1 become compile-time constants, so no arithmetic is done on them here).
     """
-    e_theta_ptr = stats_ptr
-    e_ref_ptr = stats_ptr + n_samples
-    coef_ptr = stats_ptr + 2 * n_samples
-    metrics_ptr = stats_ptr + 3 * n_samples
-    grad_scale = 2.0 * inv_numel
-    lanes = tl.arange(0, BLOCK_TERMS)
-    chunk_lanes = tl.arange(0, BLOCK_CHUNKS)
-    loss_sum = 0.0
-    e_theta_w_sum = 0.0
-    e_theta_l_sum = 0.0
-    e_ref_sum = 0.0
-    reward_w_sum = 0.0
-    reward_l_sum = 0.0
-    wins_sum = 0.0
-    beta_sum = 0.0
-    for j0 in range(0, n_terms, BLOCK_TERMS):
-        j = j0 + lanes
-        live = j < n_terms
-        if BETA_PER_TERM:
-            beta = tl.load(beta_ptr + j, mask=live, other=0.0).to(tl.float32)
-        else:
-            beta = tl.zeros([BLOCK_TERMS], dtype=tl.float32) + beta_value
-        e_w, r_w = _sample_errors(partial_ptr, j, live, n_chunks, chunk_lanes, inv_numel)
-        delta_w = e_w - r_w
-        reward_w = -beta * delta_w
-        if PAIRED:
-            e_l, r_l = _sample_errors(partial_ptr, j + n_terms, live, n_chunks, chunk_lanes, inv_numel)
-            reward_l = -beta * (e_l - r_l)
-            z = reward_l - reward_w  # = beta * (delta_w - delta_l)
-            wins = tl.where(reward_w > reward_l, 1.0, tl.where(reward_w == reward_l, 0.5, 0.0))
-        else:
-            z = -reward_w
-            wins = tl.where(delta_w < 0.0, 1.0, tl.where(delta_w == 0.0, 0.5, 0.0))
-        dl_dz = tl.sigmoid(z) * inv_terms  # d softplus(z)/dz, averaged over the terms
-        tl.store(e_theta_ptr + j, e_w, mask=live)
-        tl.store(e_ref_ptr + j, r_w, mask=live)
-        tl.store(coef_ptr + j, (dl_dz * beta + lambda_sft * inv_terms) * grad_scale, mask=live)
-        loss_sum += tl.sum(tl.where(live, _softplus(z), 0.0), axis=0)
-        e_theta_w_sum += tl.sum(tl.where(live, e_w, 0.0), axis=0)
-        e_ref_sum += tl.sum(tl.where(live, r_w, 0.0), axis=0)
-        reward_w_sum += tl.sum(tl.where(live, reward_w, 0.0), axis=0)
-        wins_sum += tl.sum(tl.where(live, wins, 0.0), axis=0)
-        beta_sum += tl.sum(tl.where(live, beta, 0.0), axis=0)
-        if PAIRED:
-            tl.store(e_theta_ptr + n_terms + j, e_l, mask=live)
-            tl.store(e_ref_ptr + n_terms + j, r_l, mask=live)
-            tl.store(coef_ptr + n_terms + j, -dl_dz * beta * grad_scale, mask=live)
-            e_theta_l_sum += tl.sum(tl.where(live, e_l, 0.0), axis=0)
-            e_ref_sum += tl.sum(tl.where(live, r_l, 0.0), axis=0)
-            reward_l_sum += tl.sum(tl.where(live, reward_l, 0.0), axis=0)
-    # The positives are the winners (paired) or every sample (unpaired).
-    sft = e_theta_w_sum * inv_terms
-    loss = loss_sum * inv_terms + lambda_sft * sft
-    tl.store(loss_ptr, loss)
-    tl.store(metrics_ptr + 0, loss)
-    tl.store(metrics_ptr + 1, (e_theta_w_sum + e_theta_l_sum) * inv_samples)
-    tl.store(metrics_ptr + 2, e_ref_sum * inv_samples)
-    tl.store(metrics_ptr + 3, reward_w_sum * inv_terms)
-    tl.store(metrics_ptr + 4, reward_l_sum * inv_terms)
-    tl.store(metrics_ptr + 5, wins_sum * inv_terms)
-    tl.store(metrics_ptr + 6, beta_sum * inv_terms)
-    tl.store(metrics_ptr + 7, tl.where(lambda_sft > 0.0, sft, 0.0))
+    _finalize(partial_ptr, beta_ptr, beta_ptr, beta_ptr, stats_ptr, loss_ptr, n_samples, n_terms, n_chunks,
+              beta_value, inv_numel, inv_terms, inv_samples, lambda_sft, 1.0, 1.0,
+              0, PAIRED, BETA_PER_TERM, False, False, BLOCK_TERMS, BLOCK_CHUNKS)
 
 
 @triton.jit
@@ -380,7 +321,7 @@ def _preference_term(d, beta, label, weight, lambda_d, lambda_u, kl, FORM: tl.co
 
 
 @triton.jit
-def apo_preference_finalize_kernel(
+def _finalize(
     partial_ptr,
     beta_ptr,
     labels_ptr,
@@ -405,9 +346,9 @@ def apo_preference_finalize_kernel(
     BLOCK_TERMS: tl.constexpr,
     BLOCK_CHUNKS: tl.constexpr,
 ):
-    """:func:`apo_loss_finalize_kernel` for every preference form, per-term weights and KTO labels
-    (same stats layout). The C library keeps the sigmoid-only kernel; this one serves the Python
-    launcher's other forms. KTO's reference point ``max(0, mean(-delta))`` takes a first pass."""
+    """The one finalize body: the C library's sigmoid kernel and the Python launcher's
+    preference-form kernel are this code with other constexprs. KTO's reference point
+    ``max(0, mean(-delta))`` takes a first pass."""
     e_theta_ptr = stats_ptr
     e_ref_ptr = stats_ptr + n_samples
     coef_ptr = stats_ptr + 2 * n_samples
@@ -463,3 +404,37 @@ def apo_preference_finalize_kernel(
             reward_l_sum += tl.sum(tl.where(live, reward_l, 0.0), axis=0)
     _store_metrics(metrics_ptr, loss_ptr, loss_sum, e_theta_w_sum, e_theta_l_sum, e_ref_sum, reward_w_sum,
                    reward_l_sum, wins_sum, beta_sum, inv_terms, inv_samples, lambda_sft)
+
+
+@triton.jit
+def apo_preference_finalize_kernel(
+    partial_ptr,
+    beta_ptr,
+    labels_ptr,
+    weights_ptr,
+    stats_ptr,
+    loss_ptr,
+    n_samples,
+    n_terms,
+    n_chunks,
+    beta_value,
+    inv_numel,
+    inv_terms,
+    inv_samples,
+    lambda_sft,
+    lambda_d,
+    lambda_u,
+    FORM: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BETA_PER_TERM: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_TERMS: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,
+):
+    """:func:`apo_loss_finalize_kernel` for every preference form (FORM: 0 sigmoid, 1 hinge, 2 ipo,
+    3 kto, 4 margin), per-term weights and KTO labels; same stats layout. The Python launcher
+    uses it for every form; the C library's ABI keeps the sigmoid kernel."""
+    _finalize(partial_ptr, beta_ptr, labels_ptr, weights_ptr, stats_ptr, loss_ptr, n_samples, n_terms, n_chunks,
+              beta_value, inv_numel, inv_terms, inv_samples, lambda_sft, lambda_d, lambda_u,
+              FORM, PAIRED, BETA_PER_TERM, HAS_LABELS, HAS_WEIGHTS, BLOCK_TERMS, BLOCK_CHUNKS)

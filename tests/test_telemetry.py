@@ -187,21 +187,27 @@ def test_fallback_when_nvml_library_missing_gives_rss_and_one_warning(monkeypatc
     assert tel.postfix().startswith("rss ") and tel.postfix().endswith("GiB")
 
 
-def test_fallback_on_this_machine_with_real_pynvml(caplog):
+def test_real_pynvml_on_this_machine_samples_or_falls_back(caplog):
+    """With the real nvidia-ml-py: NVML sampling where a driver answers (a GPU machine), else
+    the RSS fallback with one warning (this CPU machine); either way the machine's own case."""
     pynvml = pytest.importorskip("pynvml")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        pass
+        nvml_works = False
     else:
         pynvml.nvmlShutdown()
-        pytest.skip("NVML works on this machine: the fallback path is covered by the fake-module test")
+        nvml_works = True
     caplog.set_level(logging.WARNING, logger=LOGGER)
     with Telemetry("cuda:0", period_s=0.02) as tel:
         time.sleep(0.1)
-    assert tel.kind == "rss"
-    assert tel.snapshot()["rss_mib"] > 0
-    assert len(_warnings(caplog)) == 1
+    if nvml_works:
+        assert tel.kind == "nvml" and not _warnings(caplog)
+        assert tel.records, "NVML sampling recorded nothing"
+    else:
+        assert tel.kind == "rss"
+        assert tel.snapshot()["rss_mib"] > 0
+        assert len(_warnings(caplog)) == 1
 
 
 def test_fallback_without_nvidia_ml_py_and_for_cpu(monkeypatch, caplog):

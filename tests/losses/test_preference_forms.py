@@ -140,14 +140,13 @@ def test_a_wrong_formula_would_be_caught():
     assert len({round(v, 6) for v in losses.values()}) == 3
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1 (set by conftest)"))])
 @pytest.mark.parametrize("pred_dtype, other_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                                      (torch.float16, torch.float32), (torch.float32, torch.float16)])
 def test_mixed_dtypes_give_the_float32_result(pred_dtype, other_dtype, backend):
     """accelerate's fp32 prediction beside a bf16 target (and the reverse): the loss is the
     float32 loss of the same values, as the scripts' `.float()` makes it."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs TRITON_INTERPRET=1")
     p, r, t, mask = _inputs((4, 3, 6, 5), seed=11)
     p, r, t = p.to(pred_dtype), r.to(other_dtype), t.to(other_dtype)
     pa = p.clone().requires_grad_(True)

@@ -49,10 +49,10 @@ def _kernel(interpret: bool):
     return k, k.packed_configs(interpret)[0]
 
 
-def _launch(a: torch.Tensor, base, trans: bool, bias, add, out_features: int) -> torch.Tensor:
-    """``a @ op(W) (+ bias) (+ add)`` through the packed-weight kernel; ``out_features`` = P."""
+def _launch(a: torch.Tensor, base, fmt: int, trans: bool, bias, add, out_features: int) -> torch.Tensor:
+    """``a @ op(W) (+ bias) (+ add)`` through the packed-weight kernel (``fmt`` from
+    :func:`fused_packed_format`); ``out_features`` = P."""
     k, cfg = _kernel(interpreter_enabled())
-    fmt = fused_packed_format(base)
     if fmt == 0:
         state = base.weight.quant_state
         scales, code = state.absmax, state.code.to(a.device, torch.float32)
@@ -84,13 +84,13 @@ def _gate_rows(gate, M: int, tokens_per_sample: int, scaling: float, dtype) -> t
 
 class _PackedGatedLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, base, bias, lora_A, lora_B, gate, scaling, tokens_per_sample):
+    def forward(ctx, x2d, base, fmt, bias, lora_A, lora_B, gate, scaling, tokens_per_sample):
         gs = _gate_rows(gate, x2d.shape[0], tokens_per_sample, scaling, x2d.dtype)
         h = x2d @ lora_A.t()
         low = (h * gs) @ lora_B.t()
-        y = _launch(x2d, base, False, bias, low, base.out_features)
+        y = _launch(x2d, base, fmt, False, bias, low, base.out_features)
         ctx.save_for_backward(x2d, h, lora_A, lora_B, gate)
-        ctx.base, ctx.scaling, ctx.tokens = base, scaling, tokens_per_sample
+        ctx.base, ctx.fmt, ctx.scaling, ctx.tokens = base, fmt, scaling, tokens_per_sample
         return y
 
     @staticmethod
@@ -100,15 +100,16 @@ class _PackedGatedLoRA(torch.autograd.Function):
         gs = _gate_rows(gate, x2d.shape[0], ctx.tokens, ctx.scaling, dy.dtype)
         u = dy @ lora_B
         ug = u * gs
-        dx = _launch(dy, ctx.base, True, None, ug @ lora_A, ctx.base.in_features) if ctx.needs_input_grad[0] else None
-        d_a = ug.t() @ x2d if ctx.needs_input_grad[3] else None
-        d_b = dy.t() @ (h * gs) if ctx.needs_input_grad[4] else None
+        dx = (_launch(dy, ctx.base, ctx.fmt, True, None, ug @ lora_A, ctx.base.in_features)
+              if ctx.needs_input_grad[0] else None)
+        d_a = ug.t() @ x2d if ctx.needs_input_grad[4] else None
+        d_b = dy.t() @ (h * gs) if ctx.needs_input_grad[5] else None
         d_gate = None
-        if gate is not None and ctx.needs_input_grad[5]:
+        if gate is not None and ctx.needs_input_grad[6]:
             per_token = (u * h).float() * ctx.scaling
             groups = gate.shape[0]
             d_gate = per_token.reshape(groups, -1, per_token.shape[-1]).sum(1).to(gate.dtype)
-        return dx, None, None, d_a, d_b, d_gate, None, None
+        return dx, None, None, None, d_a, d_b, d_gate, None, None
 
 
 def gated_lora_packed_linear(x, base, lora_A, lora_B, gate, scaling: float) -> torch.Tensor:
@@ -116,33 +117,35 @@ def gated_lora_packed_linear(x, base, lora_A, lora_B, gate, scaling: float) -> t
     (:func:`fused_packed_format` not None), on CUDA or under ``TRITON_INTERPRET=1``."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be one of {_DTYPES} for the packed-weight kernel, got {x.dtype}")
-    if fused_packed_format(base) is None:
+    fmt = fused_packed_format(base)
+    if fmt is None:
         raise ValueError(f"the packed-weight kernel does not read {type(base).__name__}'s weight format")
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     groups = gate.shape[0] if gate is not None else 1
     tokens = x2d.shape[0] // groups if groups > 1 else x2d.shape[0]
     bias = base.bias.to(x.dtype) if base.bias is not None else None
-    y = _PackedGatedLoRA.apply(x2d, base, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
+    y = _PackedGatedLoRA.apply(x2d, base, fmt, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
                             gate.contiguous() if gate is not None else None, float(scaling), tokens)
     return y.reshape(*x.shape[:-1], base.out_features)
 
 
 class _PackedBase(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, base, bias):
-        ctx.base = base
-        return _launch(x2d, base, False, bias, None, base.out_features)
+    def forward(ctx, x2d, base, fmt, bias):
+        ctx.base, ctx.fmt = base, fmt
+        return _launch(x2d, base, fmt, False, bias, None, base.out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        return _launch(dy.contiguous(), ctx.base, True, None, None, ctx.base.in_features), None, None
+        return _launch(dy.contiguous(), ctx.base, ctx.fmt, True, None, None, ctx.base.in_features), None, None, None
 
 
 def packed_base_linear(x, base) -> torch.Tensor:
     """``x Wq^T + b`` through the same kernel as :func:`gated_lora_packed_linear`: the reference
     pass (adapters off) then sees exactly the base the policy pass sees."""
-    if fused_packed_format(base) is None:
+    fmt = fused_packed_format(base)
+    if fmt is None:
         raise ValueError(f"the packed-weight kernel does not read {type(base).__name__}'s weight format")
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     bias = base.bias.to(x.dtype) if base.bias is not None else None
-    return _PackedBase.apply(x2d, base, bias).reshape(*x.shape[:-1], base.out_features)
+    return _PackedBase.apply(x2d, base, fmt, bias).reshape(*x.shape[:-1], base.out_features)

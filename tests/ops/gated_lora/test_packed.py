@@ -124,7 +124,7 @@ def test_the_layer_takes_the_kernel_on_the_triton_path_and_not_for_double_quant(
 
     calls = []
     real = nf4_op._launch
-    monkeypatch.setattr(nf4_op, "_launch", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(nf4_op, "_launch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     for kind, double, expected in (("nf4", False, [False, True]), ("int8", False, [False, True]), ("nf4", True, [])):
         calls.clear()
 
