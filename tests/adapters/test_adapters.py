@@ -317,7 +317,7 @@ def test_layer_runs_the_fused_triton_path_like_the_float64_reference(kind):
         hook = model.proj.register_forward_hook(lambda m, a, y: seen.append(_autograd_names(y.grad_fn)))
         out = model(xin, t)
         hook.remove()
-        assert any("GatedLoRALinearFunction" in n for n in seen[0]) == (name == "triton"), seen
+        assert any("apo_fast_gated_lora_linear" in n for n in seen[0]) == (name == "triton"), seen
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype))
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         results[name] = (out, xin.grad, grads)
@@ -513,7 +513,7 @@ def test_triton_path_inside_checkpointed_unet(base_unet):
         out.square().mean().backward()
         hook.remove()
         assert len(seen) == 2, "forward, then the checkpoint recompute in backward"
-        assert all(any("GatedLoRALinearFunction" in n for n in names) == (backend == "triton") for names in seen)
+        assert all(any("apo_fast_gated_lora_linear" in n for n in names) == (backend == "triton") for names in seen)
         grads[backend] = {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}
     assert len(grads["torch"]) == 2 * len(target) + 4
     for name, ref in grads["torch"].items():

@@ -204,7 +204,7 @@ def test_pointwise_conv_runs_as_the_gated_linear_op(backend, channels_last, monk
     pixel view: the Triton kernel (interpreter here) or the PyTorch path, float64-exact
     up to fp32 rounding, gradients included, channels_last-strided output."""
     pytest.importorskip("triton")
-    import apo_fast.ops.gated_lora.fused as gl
+    import apo_fast.ops.gated_lora.op as gl
 
     calls = []
     real = gl.gated_lora_forward

@@ -26,6 +26,13 @@ scaling folded into the gate and ``addmm`` accumulating into the base output.
 The PyTorch path is also used when ``weight`` or ``bias`` requires grad (the
 kernels assume a frozen base layer), for float64, and for ranks above 128.
 
+Custom ops
+----------
+The Triton path is the custom op ``torch.ops.apo_fast.gated_lora_linear`` (and its
+backward op), registered in :mod:`.op` with fake implementations and autograd, so
+``torch.compile(..., fullgraph=True)`` traces through it; on CPU tensors the op's
+kernel is the PyTorch reference.
+
 Triton path (kernels in ``apo_fast.kernels.gated_lora``)
 --------------------------------------------------------
 Forward: one kernel per output tile computes ``x W^T`` and, for padded ranks
@@ -49,10 +56,10 @@ import torch
 
 from apo_fast.ops.backend import use_triton
 from apo_fast.ops.gated_lora.checks import autocast_to, check_dtypes, check_inputs
-from apo_fast.ops.gated_lora.fused import (
-    GatedLoRALinearFunction,
-    gated_lora_backward,
-    gated_lora_forward,
+from apo_fast.ops.gated_lora.fused import gated_lora_backward, gated_lora_forward
+from apo_fast.ops.gated_lora.op import (
+    gated_lora_linear_backward_op,
+    gated_lora_linear_op,
     gated_lora_linear_triton,
 )
 from apo_fast.ops.gated_lora.naive import (
@@ -63,11 +70,12 @@ from apo_fast.ops.gated_lora.naive import (
 
 __all__ = [
     "MAX_TRITON_RANK",
-    "GatedLoRALinearFunction",
     "gate_rows",
     "gated_lora_backward",
     "gated_lora_forward",
     "gated_lora_linear",
+    "gated_lora_linear_op",
+    "gated_lora_linear_backward_op",
     "gated_lora_linear_eager",
     "gated_lora_linear_reference",
 ]

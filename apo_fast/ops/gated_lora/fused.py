@@ -1,6 +1,7 @@
-"""Fused gated adapter: Triton launchers and the autograd Function (kernels and their
-autotune configs in ``apo_fast.kernels.gated_lora``; the algorithm is described in
-:mod:``apo_fast.ops.gated_lora``).
+"""Fused gated adapter: the Triton launchers (kernels and their autotune configs in
+``apo_fast.kernels.gated_lora``; the algorithm is described in :mod:``apo_fast.ops.gated_lora``).
+Every launch goes through ``torch.library.wrap_triton``, so the custom ops of
+:mod:``apo_fast.ops.gated_lora.op`` that call these are traceable by ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import types
 
 import torch
+from torch.library import wrap_triton
 
 from apo_fast.ops.utils import cdiv as _cdiv
 from apo_fast.ops.utils import sm_count
@@ -74,7 +76,7 @@ def _project(x2d, factor, factor_rank_stride, factor_col_stride, rank, out_dtype
     """(M, rank) = x2d @ F^T with F[j, c] = factor[j * rank_stride + c * col_stride]."""
     M, C = x2d.shape
     out = torch.empty((M, rank), device=x2d.device, dtype=out_dtype)
-    kernel = _kernels(_rank_pad(rank), x2d.dtype).project
+    kernel = wrap_triton(_kernels(_rank_pad(rank), x2d.dtype).project)
     kernel[lambda meta: (_cdiv(M, meta["BLOCK_M"]),)](
         x2d, factor, out, M, C, rank, x2d.stride(0), factor_rank_stride, factor_col_stride,
         out.stride(0), R_PAD=_rank_pad(rank), DOT_PRECISION=_dot_precision(x2d.dtype),
@@ -103,7 +105,7 @@ def gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_
     else:
         h = _project(x2d, lora_A, lora_A.stride(0), 1, rank, x2d.dtype)
     gate_t, stride_gs, has_gate = _gate_args(gate, x2d)
-    kernel = _kernels(r_pad, x2d.dtype).forward
+    kernel = wrap_triton(_kernels(r_pad, x2d.dtype).forward)
     kernel[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)](
         x2d, weight, bias if bias is not None else y, lora_A, lora_B, gate_t, y,
         h if h is not None else y,
@@ -157,7 +159,7 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
         dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
         if u is None and need_u:
             u = torch.empty((M, rank), device=dy.device, dtype=torch.float32)
-        kernels.backward_dx[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]),)](
+        wrap_triton(kernels.backward_dx)[lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]),)](
             dy, weight, lora_A, lora_B, gate_t, dx, u if u is not None else dx,
             M, N, K, rank, tokens_per_sample, scaling,
             dy.stride(0), weight.stride(0), lora_A.stride(0), lora_B.stride(0), stride_gs,
@@ -178,7 +180,7 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
             block = meta["BLOCK_C"]
             return ((_cdiv(K, block) if need_da else 0) + (_cdiv(N, block) if need_db else 0), splits)
 
-        kernels.backward_dadb[grid](
+        wrap_triton(kernels.backward_dadb)[grid](
             u if need_da else dy, x2d if need_da else dy, h if need_db else dy, dy, gate_t,
             da_part if need_da else anchor, dbt_part if need_db else anchor,
             M, N, K, rank, tokens_per_sample, scaling, tokens_per_split,
@@ -198,53 +200,3 @@ def gated_lora_backward(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, token
         per_group = (u * h.float()).reshape(groups, M // groups, rank).sum(1)
         dgate = (per_group * scaling).to(gate.dtype)
     return dx, da, db, dgate
-
-
-class GatedLoRALinearFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused kernels; the base ``weight`` and ``bias`` are frozen."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample):
-        need = ctx.needs_input_grad
-        store_h = need[4] or need[5]  # dB and dgate need h = x A^T
-        y, h = gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling,
-                                  tokens_per_sample, store_h)
-        # x is only read again for dA; h only for dB and dgate.
-        ctx.save_for_backward(x2d if need[3] else None, weight, lora_A, lora_B, gate,
-                              h if store_h else None)
-        ctx.scaling = scaling
-        ctx.tokens_per_sample = tokens_per_sample
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, gate, h = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dy = dy.to(weight.dtype).contiguous()
-        dx, da, db, dgate = gated_lora_backward(
-            dy, x2d, weight, lora_A, lora_B, gate, h, ctx.scaling, ctx.tokens_per_sample,
-            need_dx=need[0], need_da=need[3], need_db=need[4], need_dgate=need[5],
-        )
-        return dx, None, None, da, db, dgate, None, None
-
-
-def gated_lora_linear_triton(x, weight, bias, lora_A, lora_B, gate, scaling):
-    """Flatten to (tokens, in), run the fused kernels, restore the leading dims."""
-    in_features = x.shape[-1]
-    x2d = x.reshape(-1, in_features).contiguous()
-    M = x2d.shape[0]
-    groups = gate.shape[0] if gate is not None else 1
-    tokens_per_sample = M // groups if groups > 1 else M
-    weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    gate = gate.contiguous() if gate is not None else None
-    grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, lora_A, lora_B, gate)
-    )
-    if grads:
-        y2d = GatedLoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, gate, scaling,
-                                            tokens_per_sample)
-    else:
-        y2d, _ = gated_lora_forward(x2d, weight, bias, lora_A, lora_B, gate, scaling,
-                                    tokens_per_sample, store_h=False)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0])

@@ -9,7 +9,9 @@ dtype, where bitsandbytes' own LLM.int8 matmul also quantizes them.)
     dgate = s * sum over a sample's tokens of (dy B) * (x A^T)
 
 The low-rank products are skinny (rank <= 128) and run as PyTorch matmuls; the base weight
-is frozen (no dW). NF4 with double quantization does not take this path; the layer falls
+is frozen (no dW). The kernel is the custom op ``apo_fast::packed_matmul`` (fake
+implementation, autograd for ``a``, ``bias`` and ``add``; its CPU kernel decodes the weight
+in PyTorch and multiplies), so ``torch.compile`` traces the quantized layer without a break. NF4 with double quantization does not take this path; the layer falls
 back to bitsandbytes' own matmul + the PyTorch branch there.
 """
 from __future__ import annotations
@@ -17,11 +19,14 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 from apo_fast.ops.backend import interpreter_enabled
+from apo_fast.ops.gated_lora.op import runs_triton
 from apo_fast.ops.utils import cdiv
 
-__all__ = ["fused_packed_format", "gated_lora_packed_linear", "packed_base_linear"]
+__all__ = ["dequantize_packed", "fused_packed_format", "gated_lora_packed_linear", "packed_base_linear",
+           "packed_matmul_op"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,29 +54,107 @@ def _kernel(interpret: bool):
     return k, k.packed_configs(interpret)[0]
 
 
-def _launch(a: torch.Tensor, base, fmt: int, trans: bool, bias, add, out_features: int) -> torch.Tensor:
-    """``a @ op(W) (+ bias) (+ add)`` through the packed-weight kernel (``fmt`` from
-    :func:`fused_packed_format`); ``out_features`` = P."""
-    k, cfg = _kernel(interpreter_enabled())
+def _format_tensors(base, fmt: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed weight, fp32 scales, fp32 code table) of ``base`` for the op (int8 has no code
+    table: its scales stand in, unread)."""
     if fmt == 0:
         state = base.weight.quant_state
-        scales, code = state.absmax, state.code.to(a.device, torch.float32)
-    else:
-        scales, code = base.weight.SCB.to(torch.float32), base.weight.SCB  # no code table for int8
+        return base.weight.data, state.absmax, state.code.to(device, torch.float32)
+    scales = base.weight.SCB.to(torch.float32)
+    return base.weight.data, scales, scales
+
+
+def dequantize_packed(qweight, scales, code, fmt: int, out_features: int, in_features: int) -> torch.Tensor:
+    """The (N, K) fp32 weight the kernel decodes (its module docstring): the reference."""
+    if fmt == 0:
+        byte = qweight.reshape(-1).to(torch.int32)
+        nibbles = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1)[: out_features * in_features]
+        values = code.to(torch.float32)[nibbles.long()]
+        blocks = torch.arange(values.numel(), device=values.device) // 64
+        return (values * scales.to(torch.float32)[blocks]).reshape(out_features, in_features)
+    return qweight.reshape(out_features, in_features).to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)
+
+
+def _matmul_impl(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features):
+    P = in_features if trans else out_features
+    if not runs_triton(a):
+        weight = dequantize_packed(qweight, scales, code, fmt, out_features, in_features)
+        out = a.float() @ (weight if trans else weight.t())
+        if bias is not None:
+            out = out + bias.float()
+        if add is not None:
+            out = out + add.float()
+        return out.to(a.dtype)
+    k, cfg = _kernel(interpreter_enabled())
     M, Q = a.shape
-    out = torch.empty((M, out_features), dtype=a.dtype, device=a.device)
+    out = torch.empty((M, P), dtype=a.dtype, device=a.device)
     blocks = cfg.kwargs
-    grid = (cdiv(M, blocks["BLOCK_M"]), cdiv(out_features, blocks["BLOCK_P"]))
-    k.packed_matmul_kernel[grid](
-        a, base.weight.data, scales, code,
+    grid = (cdiv(M, blocks["BLOCK_M"]), cdiv(P, blocks["BLOCK_P"]))
+    wrap_triton(k.packed_matmul_kernel)[grid](
+        a, qweight, scales, code,
         bias if bias is not None else a, add if add is not None else a, out,
-        M, out_features, Q, base.in_features,
+        M, P, Q, in_features,
         a.stride(0), add.stride(0) if add is not None else 0, out.stride(0),
         FORMAT=fmt, TRANS=trans, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks,
     )
     return out
+
+
+@triton_op("apo_fast::packed_matmul", mutates_args=())
+def packed_matmul_op(
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    code: torch.Tensor,
+    bias: torch.Tensor | None,
+    add: torch.Tensor | None,
+    fmt: int,
+    trans: bool,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``a (M, Q) @ op(W) [+ bias] [+ add]`` with W (out_features, in_features) decoded from
+    the packed format ``fmt``; ``op(W) = W^T`` (Q = in) or, ``trans``, ``W`` (Q = out)."""
+    return _matmul_impl(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features)
+
+
+@packed_matmul_op.register_kernel("cpu")
+def _packed_matmul_cpu(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features):
+    return _matmul_impl(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features)
+
+
+@packed_matmul_op.register_fake
+def _packed_matmul_fake(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features):
+    return a.new_empty((a.shape[0], in_features if trans else out_features))
+
+
+def _packed_setup(ctx, inputs, output):
+    _a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features = inputs
+    ctx.save_for_backward(qweight, scales, code)
+    ctx.fmt, ctx.trans, ctx.features = fmt, trans, (out_features, in_features)
+    ctx.has_bias, ctx.add_dtype = bias is not None, add.dtype if add is not None else None
+
+
+def _packed_backward(ctx, dy):
+    qweight, scales, code = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy = dy.contiguous()
+    da = (torch.ops.apo_fast.packed_matmul(dy, qweight, scales, code, None, None, ctx.fmt, not ctx.trans,
+                                           *ctx.features) if need[0] else None)
+    dbias = dy.sum(0) if ctx.has_bias and need[4] else None
+    dadd = dy.to(ctx.add_dtype) if ctx.add_dtype is not None and need[5] else None
+    return da, None, None, None, dbias, dadd, None, None, None, None
+
+
+packed_matmul_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+def _packed_matmul(a, base, fmt: int, trans: bool, bias=None, add=None) -> torch.Tensor:
+    qweight, scales, code = _format_tensors(base, fmt, a.device)
+    return torch.ops.apo_fast.packed_matmul(a, qweight, scales, code, bias, add, fmt, trans,
+                                            base.out_features, base.in_features)
 
 
 def _gate_rows(gate, M: int, tokens_per_sample: int, scaling: float, dtype) -> torch.Tensor | float:
@@ -82,39 +165,12 @@ def _gate_rows(gate, M: int, tokens_per_sample: int, scaling: float, dtype) -> t
     return rows.repeat_interleave(tokens_per_sample, dim=0) if rows.shape[0] > 1 else rows.expand(M, -1)
 
 
-class _PackedGatedLoRA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, base, fmt, bias, lora_A, lora_B, gate, scaling, tokens_per_sample):
-        gs = _gate_rows(gate, x2d.shape[0], tokens_per_sample, scaling, x2d.dtype)
-        h = x2d @ lora_A.t()
-        low = (h * gs) @ lora_B.t()
-        y = _launch(x2d, base, fmt, False, bias, low, base.out_features)
-        ctx.save_for_backward(x2d, h, lora_A, lora_B, gate)
-        ctx.base, ctx.fmt, ctx.scaling, ctx.tokens = base, fmt, scaling, tokens_per_sample
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, h, lora_A, lora_B, gate = ctx.saved_tensors
-        dy = dy.contiguous()
-        gs = _gate_rows(gate, x2d.shape[0], ctx.tokens, ctx.scaling, dy.dtype)
-        u = dy @ lora_B
-        ug = u * gs
-        dx = (_launch(dy, ctx.base, ctx.fmt, True, None, ug @ lora_A, ctx.base.in_features)
-              if ctx.needs_input_grad[0] else None)
-        d_a = ug.t() @ x2d if ctx.needs_input_grad[4] else None
-        d_b = dy.t() @ (h * gs) if ctx.needs_input_grad[5] else None
-        d_gate = None
-        if gate is not None and ctx.needs_input_grad[6]:
-            per_token = (u * h).float() * ctx.scaling
-            groups = gate.shape[0]
-            d_gate = per_token.reshape(groups, -1, per_token.shape[-1]).sum(1).to(gate.dtype)
-        return dx, None, None, None, d_a, d_b, d_gate, None, None
-
-
 def gated_lora_packed_linear(x, base, lora_A, lora_B, gate, scaling: float) -> torch.Tensor:
     """``(S, ..., in) -> (S, ..., out)``: the gated adapter over the packed layer ``base``
-    (:func:`fused_packed_format` not None), on CUDA or under ``TRITON_INTERPRET=1``."""
+    (:func:`fused_packed_format` not None), on CUDA or under ``TRITON_INTERPRET=1``.
+
+    The low-rank term runs as PyTorch matmuls and is added in the kernel's epilogue
+    (``apo_fast::packed_matmul``'s ``add``); autograd composes the rest."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be one of {_DTYPES} for the packed-weight kernel, got {x.dtype}")
     fmt = fused_packed_format(base)
@@ -124,20 +180,10 @@ def gated_lora_packed_linear(x, base, lora_A, lora_B, gate, scaling: float) -> t
     groups = gate.shape[0] if gate is not None else 1
     tokens = x2d.shape[0] // groups if groups > 1 else x2d.shape[0]
     bias = base.bias.to(x.dtype) if base.bias is not None else None
-    y = _PackedGatedLoRA.apply(x2d, base, fmt, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
-                            gate.contiguous() if gate is not None else None, float(scaling), tokens)
+    gs = _gate_rows(gate.contiguous() if gate is not None else None, x2d.shape[0], tokens, float(scaling), x.dtype)
+    low = ((x2d @ lora_A.to(x.dtype).t()) * gs) @ lora_B.to(x.dtype).t()
+    y = _packed_matmul(x2d, base, fmt, False, bias, low.contiguous())
     return y.reshape(*x.shape[:-1], base.out_features)
-
-
-class _PackedBase(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, base, fmt, bias):
-        ctx.base, ctx.fmt = base, fmt
-        return _launch(x2d, base, fmt, False, bias, None, base.out_features)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _launch(dy.contiguous(), ctx.base, ctx.fmt, True, None, None, ctx.base.in_features), None, None, None
 
 
 def packed_base_linear(x, base) -> torch.Tensor:
@@ -148,4 +194,4 @@ def packed_base_linear(x, base) -> torch.Tensor:
         raise ValueError(f"the packed-weight kernel does not read {type(base).__name__}'s weight format")
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     bias = base.bias.to(x.dtype) if base.bias is not None else None
-    return _PackedBase.apply(x2d, base, fmt, bias).reshape(*x.shape[:-1], base.out_features)
+    return _packed_matmul(x2d, base, fmt, False, bias).reshape(*x.shape[:-1], base.out_features)

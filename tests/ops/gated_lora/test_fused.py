@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 import apo_fast.ops.gated_lora.fused as gl  # noqa: E402
+import apo_fast.ops.gated_lora.op as gl_op  # noqa: E402
 from apo_fast.ops.gated_lora import gated_lora_linear, gated_lora_linear_reference  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -49,13 +50,13 @@ def nan_allocations(monkeypatch):
 def triton_calls(monkeypatch):
     """Count launches of the fused forward (to see which path ran)."""
     calls = []
-    real = gl.gated_lora_forward
+    real = gl_op.gated_lora_forward
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gl, "gated_lora_forward", spy)
+    monkeypatch.setattr(gl_op, "gated_lora_forward", spy)
     return calls
 
 

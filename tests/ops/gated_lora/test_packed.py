@@ -123,8 +123,8 @@ def test_the_layer_takes_the_kernel_on_the_triton_path_and_not_for_double_quant(
     from apo_fast.adapters import AdapterConfig, GateConfig, inject_adapters
 
     calls = []
-    real = nf4_op._launch
-    monkeypatch.setattr(nf4_op, "_launch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = nf4_op._matmul_impl
+    monkeypatch.setattr(nf4_op, "_matmul_impl", lambda *a, **k: calls.append(a[7]) or real(*a, **k))
     for kind, double, expected in (("nf4", False, [False, True]), ("int8", False, [False, True]), ("nf4", True, [])):
         calls.clear()
 
