@@ -1,4 +1,5 @@
-"""Fused APO / Diffusion-DPO loss: input plan, Triton launchers and the autograd Function.
+"""Fused APO / Diffusion-DPO loss: input plan and Triton launchers (the custom ops that call
+them, with their autograd, are in :mod:`apo_fast.ops.apo_loss.op`).
 
 The kernels live in ``apo_fast.kernels.apo_loss``; the PyTorch reference and the
 public :func:`apo_fast.losses.apo_loss` (which dispatches here on CUDA) live in
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.library import wrap_triton
 
 from apo_fast.kernels import apo_loss as K
 from apo_fast.ops.apo_loss.checks import (
@@ -94,6 +96,16 @@ def _target_programs(device: torch.device) -> int:
     return INTERPRETER_TARGET_PROGRAMS
 
 
+def check_sample_numel(model_pred: torch.Tensor) -> int:
+    """Elements per sample, refused when the kernels' 32-bit in-sample offsets cannot hold them."""
+    numel = model_pred[0].numel() if model_pred.shape[0] else model_pred.numel()
+    if numel >= MAX_SAMPLE_NUMEL:
+        raise ValueError(
+            f"model_pred has {numel} elements per sample; the fused kernels take fewer than {MAX_SAMPLE_NUMEL}"
+        )
+    return numel
+
+
 def prepare_inputs(
     model_pred: torch.Tensor,
     ref_pred: torch.Tensor,
@@ -112,11 +124,7 @@ def prepare_inputs(
         preds = tuple(x.contiguous() for x in preds)
     p, r, t = preds
     n_samples = p.shape[0]
-    numel = p[0].numel()
-    if numel >= MAX_SAMPLE_NUMEL:
-        raise ValueError(
-            f"model_pred has {numel} elements per sample; the fused kernels take fewer than {MAX_SAMPLE_NUMEL}"
-        )
+    numel = check_sample_numel(p)
     channels = p.shape[1]
     spatial = numel // channels if channels else 0
     positions, repeats, stride, mode, div, mask_numel = numel, 1, numel, K.MASK_NONE, 1, numel
@@ -159,7 +167,7 @@ def prepare_inputs(
 def launch_residual_sums(p, r, t, m, plan: StreamPlan, lambda_mask: float) -> torch.Tensor:
     """(B, n_chunks, 2) float32 partial sums of w (p - t)^2 and w (r - t)^2."""
     partials = torch.empty((plan.n_samples, plan.n_chunks, 2), dtype=torch.float32, device=p.device)
-    K.apo_residual_sums_kernel[(plan.n_samples, plan.n_chunks)](
+    wrap_triton(K.apo_residual_sums_kernel)[(plan.n_samples, plan.n_chunks)](
         p,
         r,
         t,
@@ -203,7 +211,7 @@ def launch_finalize(
     if form != SIGMOID:
         labels = form.labels.to(torch.float32).contiguous() if form.labels is not None else None
         weights = form.weights.to(torch.float32).contiguous() if form.weights is not None else None
-        K.apo_preference_finalize_kernel[(1,)](
+        wrap_triton(K.apo_preference_finalize_kernel)[(1,)](
             partials,
             beta if per_term else partials,
             labels if labels is not None else partials,
@@ -230,7 +238,7 @@ def launch_finalize(
             num_warps=FINALIZE_WARPS,
         )
         return loss, stats
-    K.apo_loss_finalize_kernel[(1,)](
+    wrap_triton(K.apo_loss_finalize_kernel)[(1,)](
         partials,
         beta if per_term else partials,
         stats,
@@ -257,7 +265,7 @@ def launch_grad(
 ) -> torch.Tensor:
     """grad = coef_i (* scale) * w * (p - t) in p's dtype and memory order."""
     grad = torch.empty_like(p)
-    K.apo_grad_kernel[(plan.n_samples, plan.n_chunks)](
+    wrap_triton(K.apo_grad_kernel)[(plan.n_samples, plan.n_chunks)](
         p,
         t,
         m if m is not None else p,
@@ -278,55 +286,7 @@ def launch_grad(
     return grad
 
 
-# --------------------------------------------------------------------------- autograd
-
-
-class FusedAPOLossFunction(torch.autograd.Function):
-    """Autograd Function of the fused loss; gradient only for ``model_pred``.
-
-    ``forward(model_pred, ref_pred, target, mask, beta, lambda_mask, paired,
-    lambda_sft, grad_in_forward, grad_enabled, form) -> (loss, stats)``; ``beta`` is a
-    float or a contiguous float32 (n_terms,) tensor; ``stats`` is
-    non-differentiable. ``grad_enabled`` is the caller's grad mode (forward
-    itself always runs with grad disabled), so no gradient pass runs under
-    ``torch.no_grad()``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, grad_in_forward, grad_enabled,
-        form=SIGMOID,
-    ):
-        p, r, t, m, plan = prepare_inputs(model_pred, ref_pred, target, mask)
-        partials = launch_residual_sums(p, r, t, m, plan, lambda_mask)
-        loss, stats = launch_finalize(partials, plan, beta, paired, lambda_sft, form)
-        n = plan.n_samples
-        coef = stats[2 * n : 3 * n]
-        ctx.grad_in_forward = grad_in_forward
-        ctx.set_materialize_grads(False)
-        if ctx.needs_input_grad[0] and grad_enabled:
-            if grad_in_forward:
-                ctx.save_for_backward(launch_grad(p, t, m, coef, plan, lambda_mask))
-            else:
-                ctx.save_for_backward(p, t, m, coef)
-                ctx.plan, ctx.lambda_mask = plan, lambda_mask
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        grad = None
-        if ctx.needs_input_grad[0] and grad_loss is not None:
-            if ctx.grad_in_forward:
-                (grad,) = ctx.saved_tensors
-                # In place: a second backward through a retained graph then
-                # fails autograd's saved-tensor version check instead of
-                # silently rescaling twice.
-                grad = grad.mul_(grad_loss)
-            else:
-                p, t, m, coef = ctx.saved_tensors
-                grad = launch_grad(p, t, m, coef, ctx.plan, ctx.lambda_mask, scale=grad_loss.float().contiguous())
-        return grad, None, None, None, None, None, None, None, None, None, None
+# --------------------------------------------------------------------------- entry points
 
 
 def fused_apo_loss(
@@ -390,23 +350,12 @@ def apply_fused_apo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_apo_loss` on inputs already validated (``beta`` from
     ``apo_fast.ops.apo_loss.naive.beta_per_term``), as :func:`apo_fast.losses.apo_loss` calls it:
-    no second round of Python checks on the hot path."""
-    if isinstance(beta, torch.Tensor):
-        beta = beta.to(torch.float32).contiguous()
-    if grad_in_forward is None:
-        grad_in_forward = model_pred.dtype != torch.float16
-    loss, stats = FusedAPOLossFunction.apply(
-        model_pred,
-        ref_pred,
-        target,
-        mask,
-        beta,
-        lambda_mask,
-        paired,
-        lambda_sft,
-        bool(grad_in_forward),
-        torch.is_grad_enabled(),
-        form,
-    )
+    no second round of Python checks on the hot path. Runs the custom op
+    ``apo_fast::apo_loss`` (:mod:`apo_fast.ops.apo_loss.op`)."""
+    from apo_fast.ops.apo_loss.op import call_apo_loss_op
+
+    check_sample_numel(model_pred)
+    loss, stats = call_apo_loss_op(model_pred, ref_pred, target, beta, mask, lambda_mask, paired, lambda_sft,
+                                   grad_in_forward, form)
     n = model_pred.shape[0]
     return loss, stats[:n], stats[n : 2 * n], stats[3 * n :]

@@ -258,13 +258,18 @@ def test_incoming_gradient_scales(grad_in_forward):
     torch.testing.assert_close(grads[1], -3.0 * grads[0])
 
 
-def test_retained_graph_second_backward_is_refused():
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_retained_graph_second_backward_accumulates_the_same_gradient(grad_in_forward):
+    """The stored gradient is rescaled out of place: a second backward through a retained
+    graph adds the same gradient again (not a gradient rescaled twice)."""
     p, r, t = _make((2, 2, 4, 4), torch.float32)
     pp = p.clone().requires_grad_()
-    loss, *_ = ops.fused_apo_loss(pp, r, t, 1.0)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        loss.backward()
+    loss, *_ = ops.fused_apo_loss(pp, r, t, 1.0, grad_in_forward=grad_in_forward)
+    (loss * 3.0).backward(retain_graph=True)
+    first = pp.grad.clone()
+    (loss * 3.0).backward()
+    torch.testing.assert_close(pp.grad, 2 * first, rtol=1e-6, atol=0)
+    assert first.abs().max() > 0
 
 
 def test_no_gradient_pass_without_grad(monkeypatch):
