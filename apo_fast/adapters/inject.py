@@ -236,13 +236,25 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context in which ``model`` runs without adapters (the reference model,
-    same weights); each layer's previous switch is restored on exit."""
+    same weights); each layer's previous state is restored on exit.
+
+    Unmerged time-gated layers are switched off as data (their ``adapter_switch``
+    buffer), so a ``torch.compile``-d model runs its policy and reference passes
+    through the same traced code; other adapter layers (peft's, merged ones) get
+    peft's ``disable_adapters`` flag."""
     layers = _adapter_layers(model)
-    previous = [layer._disable_adapters for layer in layers]
-    for layer in layers:
+    switched = [layer for layer in layers if isinstance(layer, GatedLoRALinear) and not layer.merged]
+    flagged = [layer for layer in layers if not (isinstance(layer, GatedLoRALinear) and not layer.merged)]
+    previous_flags = [layer._disable_adapters for layer in flagged]
+    previous_switches = [layer._switched_off for layer in switched]
+    for layer in flagged:
         layer._disable_adapters = True
+    for layer in switched:
+        layer.set_switch(False)
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, previous):
+        for layer, flag in zip(flagged, previous_flags):
             layer._disable_adapters = flag
+        for layer, off in zip(switched, previous_switches):
+            layer.set_switch(not off)

@@ -145,6 +145,11 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         self.fan_in_fan_out = False
         self.gate_state = gate_state
         self.backend = backend
+        # adapters_disabled's switch as data: 1.0 on, 0.0 off (the reference pass). A compiled
+        # graph multiplies the gate by it, so policy and reference passes trace the same code;
+        # eager calls skip the adapter branch when it is off (_switched_off mirrors it).
+        self.register_buffer("adapter_switch", torch.ones((), device=base_layer.weight.device), persistent=False)
+        self._switched_off = False
 
     @classmethod
     def from_peft(cls, layer, *, gate_state: GateState | None = None, backend: str | None = None) -> "GatedLoRALinear":
@@ -223,10 +228,22 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         return self.gate_state is None or self.gate_state.constant
 
     def current_gate(self, rank: int) -> torch.Tensor | None:
-        """The ``(S, rank)`` gate of the model forward in progress, or ``None`` (constant)."""
-        if self.gate_state is None:
-            return None
-        return self.gate_state.gate_for(rank)
+        """The ``(S, rank)`` gate of the model forward in progress, or ``None`` (constant).
+
+        While compiling, the gate times :attr:`adapter_switch` (a ``(1, rank)`` gate for a
+        constant one): switching the adapters off for the reference pass is then a value,
+        not a traced branch. The switched-off contribution is exactly zero (``0 * h``,
+        for finite adapter weights), so both forms give the same output."""
+        gate = None if self.gate_state is None else self.gate_state.gate_for(rank)
+        if not torch.compiler.is_compiling():
+            return gate
+        switch = self.adapter_switch.to(torch.float32)
+        return switch.reshape(1, 1).expand(1, rank) if gate is None else gate * switch
+
+    def set_switch(self, on: bool) -> None:
+        """Switch the adapter branch on or off as data (see :func:`adapters_disabled`)."""
+        self.adapter_switch.fill_(1.0 if on else 0.0)
+        self._switched_off = not on
 
     # -- forward --------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -242,7 +259,7 @@ class GatedLoRALinear(nn.Module, LoraLayer):
         if self.merged:
             return self.base_layer(x)
         names = [name for name in self.active_adapters if name in self.lora_A]
-        if not names:
+        if not names or (not torch.compiler.is_compiling() and self._switched_off):
             return self._base_forward(x)
         for name in names:
             if name in self.lora_variant:

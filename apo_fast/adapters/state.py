@@ -14,6 +14,10 @@ each grad-enabled forward until a later forward finds its backward started
 the gates of the forward whose backward is running; when two forwards with
 different gates could both be running their backward, it raises instead of
 guessing (concatenate such calls into one batch).
+
+Under ``torch.compile`` none of that bookkeeping runs: a traced forward keeps its gates
+as graph values (checkpointed blocks are recomputed inside the compiled backward from
+them), so the hooks only push and pop the frame, and nothing in them breaks the graph.
 """
 from __future__ import annotations
 
@@ -53,6 +57,10 @@ class _Frame:
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -108,7 +116,7 @@ class GateState:
             if frame.gates is None:
                 raise RuntimeError("the gate is read while the model's forward pre-hook is still computing it")
             return self._lookup(frame.gates, rank)
-        if _in_backward():
+        if not _compiling() and _in_backward():
             return self._gate_for_recompute(rank)
         raise RuntimeError(
             "a time-gated adapter layer was called outside a forward of the model that owns its gate; "
@@ -195,6 +203,8 @@ class GateState:
             gates = {rank: gate_module(timesteps, rank) for rank in sorted(self.ranks)}
         frame.gates = gates
         frame.constant = False
+        if _compiling():
+            return  # the traced graph keeps its gates (module docstring)
         if torch.is_grad_enabled() and not _in_backward():
             self._records = [r for r in self._records if r.alive() and not r.backward_started]
             frame.record = _ForwardRecord(gates=gates)

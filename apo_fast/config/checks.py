@@ -171,6 +171,17 @@ def _check_train(t) -> None:
     _check_device("train.device", t.device)
     if not (t.threads == "auto" or (isinstance(t.threads, int) and t.threads >= 1)):
         raise ConfigError(f"train.threads must be auto or an integer >= 1; got {t.threads!r}")
+    _check_compile("train.compile", t.compile)
+    if t.compile.enabled and t.zero_stage == 3:
+        raise ConfigError("train.compile needs train.zero_stage 0, 1 or 2: ZeRO-3 gathers each layer's "
+                          "parameters in module hooks, which a compiled graph does not run")
+
+
+def _check_compile(key: str, c) -> None:
+    _choice(f"{key}.mode", c.mode, C.COMPILE_MODES)
+    _choice(f"{key}.backend", c.backend, C.COMPILE_BACKENDS)
+    if c.mode != "default" and c.backend != "inductor":
+        raise ConfigError(f"{key}.mode {c.mode!r} is an inductor mode; {key}.backend is {c.backend!r}")
 
 
 def _check_pretrain(p) -> None:
@@ -196,6 +207,7 @@ def _check_sample(s) -> None:
     if not 0.0 < s.mask_threshold < 1.0:
         raise ConfigError(f"sample.mask_threshold must be in (0, 1); got {s.mask_threshold}")
     _positive("sample.mask_sigma", s.mask_sigma, allow_zero=True)
+    _check_compile("sample.compile", s.compile)
 
 
 def _check_eval(e: EvalConfig) -> None:

@@ -28,6 +28,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 BASE_QUANTIZATIONS = ("none", "nf4", "int8")  # storage of the frozen base's linear layers (bitsandbytes formats)
 NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' beta_schedule names
 ATTENTION = ("auto", "xformers", "sdpa")
+# torch.compile modes (train.compile.mode, sample.compile.mode); reduce-overhead adds CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 # training (apo_fast.training)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "ds_cpu_adam")

@@ -132,6 +132,7 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> A
     CLI's ``--set`` takes them.
     """
     data = copy.deepcopy(dict(data or {}))  # overrides write into nested sections
+    _compile_shorthand(data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
@@ -139,6 +140,7 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> A
         # `--set key=` (nothing after '=') means the empty string, as `--set key=''` does.
         value = "" if raw.strip() == "" else yaml.safe_load(raw)
         _set_dotted(data, dotted.strip(), value)
+        _compile_shorthand(data)
     _rename_legacy_keys(data)
     for section, defaults in RUN_DEFAULTS.items():
         if isinstance(data.get(section, {}), dict):
@@ -146,6 +148,14 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> A
     _gate_timesteps_from_model(data)
     cfg = _build(APOConfig, data)
     return cfg.validate()
+
+
+def _compile_shorthand(data: dict) -> None:
+    """``train.compile: true`` (and ``sample.compile``) means ``{enabled: true}``."""
+    for section in ("train", "sample"):
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get("compile"), bool):
+            node["compile"] = {"enabled": node["compile"]}
 
 
 def _rename_legacy_keys(data: dict) -> None:

@@ -18,7 +18,7 @@ from apo_fast.config.adapter import AdapterConfig
 from apo_fast.config.choices import EVAL_SOURCES
 
 __all__ = [
-    "RUN_DEFAULTS", "APOConfig", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig",
+    "RUN_DEFAULTS", "APOConfig", "CompileConfig", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig",
     "OptimConfig", "PretrainConfig", "SampleConfig", "TrainConfig", "to_plain",
 ]
 
@@ -106,6 +106,19 @@ class OptimConfig:
 
 
 @dataclass
+class CompileConfig:
+    """``torch.compile`` of the UNet call (``train.compile``, ``sample.compile``); a bare
+    ``true`` / ``false`` in a file or ``--set train.compile=true`` means ``enabled``.
+    See :mod:`apo_fast.models.compile`."""
+
+    enabled: bool = False
+    mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    fullgraph: bool = True  # refuse graph breaks (an error names where) instead of running split graphs
+    backend: str = "inductor"  # inductor | aot_eager | eager (debugging)
+    dynamic: bool | None = None  # None: torch's default (static first, dynamic after a shape change)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300
     batch_size: int = 8  # anomalies per micro-batch (paired mode adds as many normals)
@@ -130,6 +143,7 @@ class TrainConfig:
     # torch CPU threads: "auto" picks from the cores this process may use and the
     # machine's load (apo_fast.threads.choose_threads), or a number >= 1.
     threads: int | str = "auto"
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 @dataclass
@@ -158,6 +172,7 @@ class SampleConfig:
     mask_sigma: float = 1.0  # Gaussian smoothing (pixels of the output)
     seed: int = 1234
     batch_size: int = 8
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 @dataclass

@@ -13,7 +13,7 @@ instead of Triton's ``0 active drivers``.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -23,13 +23,13 @@ from apo_fast.config.choices import BACKENDS  # noqa: F401  (re-exported: the ad
 ENV_VAR = "APO_FAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=1)
+# Whether triton is installed: found once, without importing it (TRITON_INTERPRET must be set
+# before the first import), a constant that torch.compile reads without tracing an import.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

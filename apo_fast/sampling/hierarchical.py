@@ -91,6 +91,7 @@ def hierarchical_sample(
     image_size: int | None = None,
     progress: bool = False,
     desc: str = "sampling",
+    unet_call=None,
 ) -> SampleOutput:
     """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
 
@@ -106,6 +107,9 @@ def hierarchical_sample(
         vae: decodes latents to pixels when given.
         image_size: output resolution of masks/maps (default: the model resolution).
         desc: the progress bar's label (e.g. ``"sampling hole guided"``).
+        unet_call: ``(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``,
+            e.g. :func:`apo_fast.models.compile.compiled_unet_call` (``sample.compile``);
+            None calls ``unet``.
     """
     from tqdm.auto import tqdm
 
@@ -126,13 +130,16 @@ def hierarchical_sample(
     acc = torch.zeros((b, *shape[1:]), device=device)
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     n = len(timesteps)
+    if unet_call is None:
+        def unet_call(sample, timestep, kwargs):
+            return unet(sample, timestep, **kwargs).sample
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
         zin = scheduler.scale_model_input(z, t).to(dtype)
         with adapters_disabled(unet):
-            e_ref = unet(torch.cat([zin, zin]), torch.cat([tb, tb]), **kw_ref).sample.float()
+            e_ref = unet_call(torch.cat([zin, zin]), torch.cat([tb, tb]), kw_ref).float()
         e_u, e_c = e_ref.chunk(2)
-        e_p = unet(zin, tb, **kw_c).sample.float()
+        e_p = unet_call(zin, tb, kw_c).float()
         st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
         eps = e_u + st * (e_c - e_u) + sa * (e_p - e_c)
         w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0

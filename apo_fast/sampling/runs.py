@@ -32,6 +32,7 @@ class LoadedRun:
     condition_names: list[str]
     vae: torch.nn.Module | None
     device: torch.device
+    unet_call: object = None  # the UNet call, compiled when sample.compile says so
 
 
 def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | None = None) -> LoadedRun:
@@ -63,7 +64,12 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     conds = load_conditions(cond_file, names, cfg.model.cond_tokens, unet.config.cross_attention_dim, pooled_dim(unet))
     unet.to(dev).eval()
     conds.to(dev).eval()
-    return LoadedRun(cfg, unet, conds, names, vae, dev)
+    unet_call = None
+    if cfg.sample.compile.enabled:
+        from apo_fast.models.compile import compiled_unet_call
+
+        unet_call = compiled_unet_call(unet, cfg.sample.compile, dev)
+    return LoadedRun(cfg, unet, conds, names, vae, dev, unet_call)
 
 
 def gate_weight_fn(unet):
@@ -133,6 +139,7 @@ def generate_for_defect(
             vae=run.vae,
             image_size=size,
             progress=progress,
+            unet_call=run.unet_call,
             desc=f"{desc} {start // s.batch_size + 1}/{-(-num // s.batch_size)}" if num > s.batch_size else desc,
         )
         imgs.append(out.images)

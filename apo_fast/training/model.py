@@ -28,12 +28,24 @@ class APOModel(nn.Module):
         self.unet = unet
         self.conditions = conditions
         self.pixel_size = pixel_size
+        self.unet_call = None  # set by compile_unet: the (compiled) unet(z, t, **cond).sample
+
+    def compile_unet(self, cfg, device) -> None:
+        """Run the UNet call through ``torch.compile`` (``train.compile``; see
+        :mod:`apo_fast.models.compile`): the policy and the reference pass share its code."""
+        from apo_fast.models.compile import compiled_unet_call
+
+        self.__dict__["unet_call"] = compiled_unet_call(self.unet, cfg, device)  # not a submodule
 
     def forward(self, z, t, cond_ids, reference: bool = False):
         from apo_fast.adapters import adapters_disabled
 
         cond = self.conditions.unet_kwargs(cond_ids, z.dtype, self.pixel_size, detach=reference)
+        call = self.unet_call
+        if call is None:
+            def call(z, t, cond):
+                return self.unet(z, t, **cond).sample
         if reference:
             with adapters_disabled(self.unet):
-                return self.unet(z, t, **cond).sample
-        return self.unet(z, t, **cond).sample
+                return call(z, t, cond)
+        return call(z, t, cond)

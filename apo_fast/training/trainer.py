@@ -147,7 +147,10 @@ class APOTrainer:
         # channels_last: the inputs are made channels_last in micro_step and convolutions
         # propagate the layout (cuDNN picks NHWC kernels for a channels_last input). The
         # parameters stay contiguous: DeepSpeed broadcasts and flattens them as byte views.
-        return APOModel(unet, conditions, cfg.data.image_size)
+        model = APOModel(unet, conditions, cfg.data.image_size)
+        if cfg.train.compile.enabled:
+            model.compile_unet(cfg.train.compile, self.device)
+        return model
 
     def _prompt_init(self, unet):
         """CLIP encodings of the conditions' prompts (``model.prompt_template``), else None."""
@@ -344,12 +347,16 @@ class APOTrainer:
             log.info("%s training: steps %d-%d into %s", phase, start + 1, cfg.train.steps, self.out)
         bar = tqdm(total=cfg.train.steps, initial=start, desc=phase, disable=not (cfg.train.progress and is_main),
                    dynamic_ncols=True)
+        from apo_fast.models.compile import compile_seconds, mark_step
+
         t_last = time.perf_counter()
         samples_since = 0
+        compile_start = compile_last = compile_seconds()
         with Telemetry(self.device) as tel, open(log_path if is_main else os.devnull, "a") as fh:
             for step in range(start, cfg.train.steps):
                 metrics: dict[str, float] = {}
                 for micro in range(cfg.train.grad_accum):
+                    mark_step(cfg.train.compile)
                     out = self.micro_step(step, micro)
                     for k, v in out.metrics.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.train.grad_accum
@@ -357,9 +364,12 @@ class APOTrainer:
                 samples_since += cfg.train.batch_size * cfg.train.grad_accum * self.world
                 rec = {"step": step + 1, **metrics, "lr": self.lr_scheduler.get_last_lr()[0]}
                 if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                    now = time.perf_counter()
-                    rec["samples_per_s"] = samples_since / max(now - t_last, 1e-9)
-                    t_last, samples_since = now, 0
+                    now, compiled = time.perf_counter(), compile_seconds()
+                    # step time without the (first-call) compile time, which is logged apart
+                    rec["samples_per_s"] = samples_since / max(now - t_last - (compiled - compile_last), 1e-9)
+                    if cfg.train.compile.enabled:
+                        rec["compile_s"] = compiled - compile_start
+                    t_last, samples_since, compile_last = now, 0, compiled
                     rec.update({f"telemetry/{k}": v for k, v in tel.snapshot().items() if isinstance(v, (int, float))})
                 if is_main:
                     fh.write(json.dumps(rec) + "\n")
@@ -376,6 +386,8 @@ class APOTrainer:
         self.export(self.out / "adapters")
         summary = {"steps": cfg.train.steps, "attention": self.attention, "adapted_modules": len(self.adapter_names),
                    "telemetry": telemetry}
+        if cfg.train.compile.enabled:
+            summary["compile_s"] = compile_seconds() - compile_start
         if is_main:
             final = _read_log(log_path)
             summary["final"] = final[-1] if final else {}
