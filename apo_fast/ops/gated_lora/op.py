@@ -176,8 +176,10 @@ def _setup_context(ctx, inputs, output):
     x2d, weight, _bias, lora_A, lora_B, gate, scaling, tokens_per_sample, _store_h = inputs
     _y, h = output
     need = ctx.needs_input_grad
-    # x is only read again for dA; h (stored when dB or dgate is needed) for dB and dgate.
-    ctx.save_for_backward(x2d if need[3] else None, weight, lora_A, lora_B, gate, h)
+    # x is only read again for dA (or to recompute h when it was not stored: store_h=False with
+    # dB or dgate needed); h for dB and dgate.
+    recompute_h = h.shape[0] != x2d.shape[0] and (need[4] or need[5])
+    ctx.save_for_backward(x2d if need[3] or recompute_h else None, weight, lora_A, lora_B, gate, h)
     ctx.scaling, ctx.tokens_per_sample = scaling, tokens_per_sample
     ctx.mark_non_differentiable(h)
 
@@ -186,6 +188,8 @@ def _backward(ctx, dy, _dh):
     x2d, weight, lora_A, lora_B, gate, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dgate = bool(need[5]) and gate is not None
+    if h.shape[0] != dy.shape[0] and (need[4] or need_dgate):
+        h = x2d @ lora_A.t()  # called with store_h=False: recompute the low-rank product
     dx, da, db, dgate = torch.ops.apo_fast.gated_lora_linear_backward(
         dy.to(weight.dtype).contiguous(), x2d if x2d is not None else dy, weight, lora_A, lora_B, gate, h,
         ctx.scaling, ctx.tokens_per_sample, bool(need[0]), bool(need[3]), bool(need[4]), need_dgate,
