@@ -372,6 +372,7 @@ def test_loss_launches_match_python(case, fake, manifest, monkeypatch):
     )
     # The Python launchers as on a GPU with SM_COUNT multiprocessors.
     monkeypatch.setattr(ops, "K", fake_k)
+    monkeypatch.setattr(ops, "wrap_triton", lambda kernel: kernel)  # recorders are not Triton kernels
     monkeypatch.setattr(ops, "_target_programs", lambda device: 8 * SM_COUNT)
 
     gen = torch.Generator().manual_seed(0)
@@ -479,6 +480,7 @@ def test_gated_lora_launches_match_python(rank, bias, fake, manifest, monkeypatc
         split_granule=max(c.kwargs["BLOCK_M"] for c in configs["backward_dadb"]),
     )
     monkeypatch.setattr(ops, "_kernels", lambda r_pad, dtype: namespace)
+    monkeypatch.setattr(ops, "wrap_triton", lambda kernel: kernel)  # recorders are not Triton kernels
 
     S, T, K, N, scaling = 2, 77, 64, 96, 0.5
     M = S * T
