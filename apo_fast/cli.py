@@ -171,6 +171,7 @@ def cmd_sample(args) -> int:
             mask_guided=False if args.no_mask_guided else None,
             device=args.device,
             progress=not args.no_progress,
+            compile=True if args.compile else None,
         )
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {out} may hold part of the samples (run again with --overwrite)") from None
@@ -213,7 +214,7 @@ def cmd_bench(args) -> int:
         model=args.model, batch=args.batch, r=args.rank, precision=args.precision, steps=args.steps,
         warmup=args.warmup, device=args.device, resolution=args.resolution, cond_tokens=args.cond_tokens,
         gate=args.gate, gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
-        attention=args.attention, seed=args.seed, threads=args.threads,
+        attention=args.attention, seed=args.seed, threads=args.threads, compile=args.compile,
     )
     try:
         result = run_step_benchmark(cfg, workdir=args.output_dir, progress=not args.no_progress)
@@ -283,6 +284,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--num", type=int, default=None, help="samples per defect type")
     p.add_argument("--no-mask-guided", action="store_true", help="free generation only")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet call (sample.compile)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier samples in the output folder (default: write to a new samples-N folder)")
     _add_threads_arg(p)
@@ -316,6 +318,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit on both sides")
     p.add_argument("--attention", choices=BENCH_ATTENTION, default="sdpa", help="on both sides")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet call on both sides (compile time reported apart)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads during the run")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/bench",

@@ -28,6 +28,8 @@ part                   budget  what
 ``loss_kernels``       75      ``benchmarks/bench_loss.py: run_loss_benchmarks``
 ``gated_lora_kernels`` 75      ``benchmarks/bench_gated_lora.py: run_gated_lora_benchmarks``
 ``step_sdxl``          80      the step benchmark with the SDXL UNet, 1024 px, batch 1 pair
+``compile_sd15``       150     ``train.compile`` at SD 1.5 512 px batch 8 rank 16: compiled vs
+                               eager apo-fast, and vs the compiled peft baseline
 =====================  ======  ===========================================================
 
 Each part runs in its own Python process (``--in-process`` runs them in this
@@ -417,6 +419,28 @@ def part_step_sd15(ctx: PartContext) -> dict:
     return _step_part(ctx, "step_sd15", spec)
 
 
+def part_compile_sd15(ctx: PartContext) -> dict:
+    """train.compile on the SD 1.5 512 px batch-8 rank-16 bf16 step: compiled vs eager apo-fast
+    (one interleaved run), then compiled apo-fast vs the compiled peft baseline; compile
+    seconds apart from the step times. Target: compiled >= 1.25x eager, ahead of the baseline."""
+    from apo_fast.bench.compile_step import run_compile_benchmark
+    from apo_fast.bench.step import run_step_benchmark
+    from apo_fast.bench.step_config import StepBenchConfig
+
+    spec = {"model": "sd15", "batch": 8, "r": 16, "precision": "bf16", "steps": 8, "warmup": 2}
+    if ctx.dry_run or not ctx.cuda:
+        spec = {"model": "tiny", "batch": 2, "r": 4, "resolution": 16, "precision": "auto", "steps": 2, "warmup": 2,
+                "compile_backend": "eager"}  # the code path, not Inductor's CPU compile minutes
+    own = run_compile_benchmark(StepBenchConfig(device=str(ctx.device), **spec), ctx.scratch / "compile_own")
+    budget = max(ctx.seconds_left() - 15.0, 10.0)
+    versus = run_step_benchmark(StepBenchConfig(device=str(ctx.device), time_budget_s=budget, compile=True, **spec),
+                                workdir=ctx.scratch / "compile_vs", progress=True)
+    ratio = versus["ratios"]["samples_per_s"]
+    headline = (f"compiled/eager x{own['ratio_samples_per_s']:.2f} (compile {own['compiled']['compile_s']:.0f} s); "
+                f"compiled apo-fast vs compiled baseline x{ratio:.2f}")
+    return {"result": {"compiled_vs_eager": own, "compiled_vs_baseline": versus}, "headline": headline}
+
+
 def part_step_sdxl(ctx: PartContext) -> dict:
     """SDXL UNet, 1024 px (128x128 latents), batch 1 pair, rank 16, bf16."""
     spec = {"model": "sdxl", "batch": 1, "r": 16, "precision": "bf16", "steps": 8, "warmup": 2}
@@ -621,6 +645,7 @@ PARTS = (
     Part("loss_kernels", 75, 30, part_loss_kernels),
     Part("gated_lora_kernels", 75, 30, part_gated_lora_kernels),
     Part("step_sdxl", 80, 50, part_step_sdxl),
+    Part("compile_sd15", 150, 90, part_compile_sd15),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 

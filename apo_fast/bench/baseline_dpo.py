@@ -95,6 +95,8 @@ class BaselineDPOConfig:
     use_8bit_adam: bool = False
     allow_tf32: bool = False
     vae_encode_batch_size: int = 8
+    torch_compile: bool = False  # kohya's --torch_compile: torch.compile the UNet call (graph breaks allowed)
+    torch_compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         for name in ("rank", "lr_warmup_steps", "max_train_steps", "vae_encode_batch_size"):
@@ -294,6 +296,17 @@ class DiffusionDPOBaseline:
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.unet = unet
+        self.unet_call = lambda noisy, t, ehs: self.unet(noisy, t, ehs).sample
+        if config.torch_compile:
+            from apo_fast.config.schema import CompileConfig
+            from apo_fast.models.compile import compile_kwargs
+
+            # peft's layers break the graph (fullgraph=True is impossible) and its disable_adapters()
+            # flag makes the reference pass a second compiled graph: both as a peft user gets them.
+            self.unet_call = torch.compile(self.unet_call,
+                                           **compile_kwargs(CompileConfig(enabled=True, fullgraph=False,
+                                                                          backend=config.torch_compile_backend),
+                                                            self.device))
         self.params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
         from diffusers.optimization import get_scheduler
@@ -333,7 +346,7 @@ class DiffusionDPOBaseline:
     def _unet(self, noisy, timesteps, encoder_hidden_states) -> torch.Tensor:
         """The prepared model's forward: autocast, outputs cast to float32 (accelerate's wrapping)."""
         with self._autocast():
-            out = self.unet(noisy, timesteps, encoder_hidden_states).sample
+            out = self.unet_call(noisy, timesteps, encoder_hidden_states)
         return out.float() if self.config.mixed else out
 
     def reference_forward(self, noisy, timesteps, encoder_hidden_states) -> torch.Tensor:

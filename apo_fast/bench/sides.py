@@ -83,6 +83,7 @@ def apo_config_for(cfg: StepBenchConfig, device: torch.device, workdir: Path, va
             "allow_tf32": False,
             "device": str(device),
             "progress": False,
+            "compile": {"enabled": cfg.compile, "backend": cfg.compile_backend},
         },
     }
     return config_from_dict(data)
@@ -176,6 +177,8 @@ class BaselineSide:
             enable_xformers_memory_efficient_attention=cfg.attention == "xformers",
             use_8bit_adam=cfg.use_8bit_adam,
             lr_warmup_steps=0,
+            torch_compile=cfg.compile,
+            torch_compile_backend=cfg.compile_backend,
         )
         self.baseline = DiffusionDPOBaseline(unet, build_scheduler(model_cfg, "ddpm"), vae, bcfg, device)
         conditions = apo.engine.module.conditions.weight.detach()

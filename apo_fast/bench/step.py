@@ -209,16 +209,22 @@ def _build_sides(cfg: StepBenchConfig, device: torch.device, workdir: Path) -> t
     """Both sides built and warmed up; on CUDA, the memory each keeps resident."""
     cuda = device.type == "cuda"
     vae_dir = save_random_vae(cfg.model, workdir / "random_vae", cfg.seed) if cfg.latent else None
+    from apo_fast.models.compile import compile_seconds
+
     m0 = _cuda_allocated(device) if cuda else 0
     apo = APOFastSide(cfg, device, workdir, vae_dir)
+    c0 = compile_seconds()
     for _ in range(cfg.warmup):
         apo.step(None)
+    apo.compile_s = compile_seconds() - c0  # (cfg.compile: the warmup absorbs the compilation)
     resident = {}
     if cuda:
         resident["apo_fast"] = _cuda_allocated(device) - m0
     base = BaselineSide(cfg, device, apo, vae_dir)
+    c0 = compile_seconds()
     for _ in range(cfg.warmup):
         base.step(None)
+    base.compile_s = compile_seconds() - c0
     if cuda:
         resident["baseline"] = _cuda_allocated(device) - m0 - resident["apo_fast"]
     if apo.engine.calls == 0 and cfg.warmup:
@@ -296,7 +302,8 @@ def _result(cfg, device, run: _Rounds, sides, resident, build_s, load_start, tel
         "machine": {**_machine(device), "load_avg_at_start": load_start},
         "notes": _notes(cfg, device),
         "build_and_warmup_s": build_s,
-        **{name: {**_summarize_side(records[name], images, tel_records, cuda), "setup": sides[name].describe()}
+        **{name: {**_summarize_side(records[name], images, tel_records, cuda), "setup": sides[name].describe(),
+                  "compile_s": getattr(sides[name], "compile_s", 0.0)}
            for name in SIDES},
         "telemetry": tel_summary,
         "per_step": {

@@ -56,6 +56,10 @@ class StepBenchConfig:
         seed: seeds the model weights and the data draws.
         threads: ``torch.set_num_threads`` for the run (None: leave it).
         telemetry_period_s: sampling period of the telemetry thread.
+        compile: ``torch.compile`` the UNet call on both sides (apo-fast's ``train.compile``,
+            fullgraph; the baseline's ``--torch_compile`` style, graph breaks allowed);
+            the warmup steps absorb the compile time, reported apart. ``compile_backend``:
+            torch.compile's backend for both.
         time_budget_s: optional seconds from the start of the run after which no
             further timed step starts (at least two per side always run); the
             steps done are reported as ``config.steps_done``.
@@ -80,6 +84,8 @@ class StepBenchConfig:
     threads: int | None = None
     telemetry_period_s: float = 0.05
     time_budget_s: float | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (a quick check of the compiled path)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -104,6 +110,10 @@ class StepBenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be a bool, got {self.compile!r}")
+        if self.compile_backend not in ("inductor", "aot_eager", "eager"):
+            raise ValueError(f"compile_backend must be inductor, aot_eager or eager, got {self.compile_backend!r}")
         budget = self.time_budget_s
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
             raise ValueError(f"time_budget_s must be None or a number > 0, got {budget!r}")

@@ -35,8 +35,10 @@ class LoadedRun:
     unet_call: object = None  # the UNet call, compiled when sample.compile says so
 
 
-def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | None = None) -> LoadedRun:
-    """The base UNet of a run's config with its trained adapters and condition embeddings."""
+def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | None = None,
+             compile: bool | None = None) -> LoadedRun:
+    """The base UNet of a run's config with its trained adapters and condition embeddings;
+    ``compile`` overrides the run's ``sample.compile.enabled``."""
     from safetensors import safe_open
 
     from apo_fast.adapters import load_adapters
@@ -48,6 +50,8 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not an apo-fast run folder (no config.yaml)")
     cfg = load_config(cfg_path)
+    if compile is not None:
+        cfg.sample.compile.enabled = bool(compile)
     adapters = Path(adapters) if adapters else run_dir / "adapters"
     cond_file = adapters / "conditions.safetensors"
     if not cond_file.is_file():
@@ -179,13 +183,15 @@ def sample_run(
     mask_guided: bool | None = None,
     device: str = "auto",
     progress: bool = True,
+    compile: bool | None = None,
 ) -> dict:
-    """Generate for every (or the given) defect type; writes images, masks and grid.png.
+    """Generate for every (or the given) defect type; writes images, masks and grid.png
+    (``compile``: torch.compile the UNet call, see :mod:`apo_fast.models.compile`).
 
     Layout: ``<out>/<defect>/free/NNNN.png`` (+ ``_mask.png``), ``<out>/<defect>/guided/...``,
     ``<out>/grid.png`` and ``<out>/samples.json``.
     """
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device, compile=compile)
     cfg = run.cfg
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "samples"
     num = num or cfg.sample.num_per_defect
