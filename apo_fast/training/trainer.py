@@ -312,6 +312,21 @@ class APOTrainer:
         return out
 
     # ---- the loop
+    def _resume(self) -> int:
+        """Load the run folder's last complete checkpoint (when resuming); the step it ended."""
+        ckpt = latest_checkpoint(self.out) if self.resume else None
+        if ckpt is None:
+            return 0
+        # A quantized base's packed weights come back as saved, but bitsandbytes keeps their
+        # quantization state (absmax, code map) beside them under extra keys that the module's
+        # strict loading rejects; the base is rebuilt from the config, so those keys are
+        # re-created identically (and the trainable weights are checked below by the resume test).
+        strict = self.cfg.model.base_quantization == "none"
+        self.engine.load_checkpoint(str(ckpt), tag="state", load_module_strict=strict)
+        start = json.loads((ckpt / "client_state.json").read_text())["step"]
+        log.info("resumed from %s at step %d", ckpt, start)
+        return start
+
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
@@ -320,17 +335,7 @@ class APOTrainer:
         cfg = self.cfg
         if not hasattr(self, "engine"):
             self.setup()
-        start = 0
-        ckpt = latest_checkpoint(self.out) if self.resume else None
-        if ckpt is not None:
-            # A quantized base's packed weights come back as saved, but bitsandbytes keeps their
-            # quantization state (absmax, code map) beside them under extra keys that the module's
-            # strict loading rejects; the base is rebuilt from the config, so those keys are
-            # re-created identically (and the trainable weights are checked below by the resume test).
-            strict = cfg.model.base_quantization == "none"
-            self.engine.load_checkpoint(str(ckpt), tag="state", load_module_strict=strict)
-            start = json.loads((ckpt / "client_state.json").read_text())["step"]
-            log.info("resumed from %s at step %d", ckpt, start)
+        start = self._resume()
         is_main = self.rank == 0
         if is_main:
             self.out.mkdir(parents=True, exist_ok=True)
