@@ -301,8 +301,8 @@ class DiffusionDPOBaseline:
             from apo_fast.config.schema import CompileConfig
             from apo_fast.models.compile import compile_kwargs
 
-            # peft's layers break the graph (fullgraph=True is impossible) and its disable_adapters()
-            # flag makes the reference pass a second compiled graph: both as a peft user gets them.
+            # As a peft user compiles it: fullgraph off (older peft versions break the graph), and
+            # the reference pass through peft's disable_adapters() flag.
             self.unet_call = torch.compile(self.unet_call,
                                            **compile_kwargs(CompileConfig(enabled=True, fullgraph=False,
                                                                           backend=config.torch_compile_backend),

@@ -122,6 +122,30 @@ def test_alternating_policy_and_reference_passes_do_not_recompile(make_tiny_unet
     assert all(torch.equal(o[2], outputs[0][2]) for o in outputs)
 
 
+def test_adapters_on_and_off_in_one_grad_mode_share_one_graph(make_peft_unet):
+    """Switching the adapters off is a value: six alternating calls under no_grad compile once
+    (peft's disable_adapters() flag would be a guard and a second graph)."""
+    from torch._dynamo.utils import counters
+
+    unet = make_peft_unet(["to_q", "to_k", "to_v", "to_out.0"])
+    convert_peft_to_gated(unet)
+    torch._dynamo.reset()
+    counters.clear()
+    call = compiled_unet_call(unet, CompileConfig(enabled=True, backend="eager"), torch.device("cpu"))
+    x, t, ctx = (v.double() if v.is_floating_point() else v for v in _inputs())
+    outs = []
+    with torch.no_grad():
+        for step in range(6):
+            if step % 2:
+                with adapters_disabled(unet):
+                    outs.append(call(x, t, {"encoder_hidden_states": ctx}))
+            else:
+                outs.append(call(x, t, {"encoder_hidden_states": ctx}))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert torch.equal(outs[1], outs[3]) and torch.equal(outs[0], outs[2])
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # off really is off
+
+
 def test_the_triton_op_traces_into_a_compiled_graph(make_tiny_unet):
     """backend='triton' puts ``apo_fast::gated_lora_linear`` in the UNet's traced graph without a
     break; compiled on the CPU it decomposes into the reference, which matches the op's eager
