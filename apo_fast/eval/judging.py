@@ -74,12 +74,14 @@ def save_kind_sheet(path: Path, data: EvalData, synthetic: dict, per_row: int = 
         for source, syn in synthetic.items():
             if syn is None:
                 continue
-            modes = ("guided", "free") if source in GENERATED_SOURCES else ("cutpaste",)
+            # a generated source (apo, lora, an ablation's variant) has guided and free anomalies
+            generated = source in GENERATED_SOURCES or bool({"guided", "free"} & set(syn.modes))
+            modes = ("guided", "free") if generated else ("cutpaste",)
             for mode in modes:
                 sel = [i for i, (d, m) in enumerate(zip(syn.defects, syn.modes))
-                       if m == mode and (d == kind or source not in GENERATED_SOURCES)][:per_row]
+                       if m == mode and (d == kind or not generated)][:per_row]
                 if sel:
-                    label = f"{kind}: {source}" + (f" {mode}" if source in GENERATED_SOURCES else "")
+                    label = f"{kind}: {source}" + (f" {mode}" if generated else "")
                     rows[label] = overlay(syn.images[sel], syn.masks[sel])
     save_grid(rows, path)
     return path

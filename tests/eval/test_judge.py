@@ -78,3 +78,25 @@ def test_judge_input_errors_are_named():
     judge = train_judge(imgs, masks, ["a"] * 4, imgs, ["a"], steps=1)
     with pytest.raises(ValueError, match="one entry per image"):
         judge_metrics(judge, imgs, masks, ["a"] * 3)
+
+
+def test_kind_sheet_shows_every_generated_source_by_mode(tmp_path, monkeypatch):
+    """An ablation's variant name (not 'apo' or 'lora') is still a generated source: its guided
+    and free anomalies of each kind get rows (they were silently left out)."""
+    import types
+
+    import apo_fast.sampling.images as images
+    from apo_fast.eval.judging import save_kind_sheet
+
+    seen = {}
+    monkeypatch.setattr(images, "save_grid", lambda rows, path: seen.update(rows))
+    img = torch.zeros(4, 3, 8, 8)
+    data = types.SimpleNamespace(test_labels=torch.tensor([1, 1, 0, 0]), test_images=img, test_masks=img[:, :1],
+                                 test_paths=["x/hole/0.png", "x/stain/0.png", "g/0.png", "g/1.png"],
+                                 defects=["hole", "stain"])
+    syn = types.SimpleNamespace(images=img, masks=img[:, :1], defects=["hole", "hole", "stain", "stain"],
+                                modes=["guided", "free", "guided", "free"])
+    cut = types.SimpleNamespace(images=img[:2], masks=img[:2, :1], defects=["any", "any"], modes=["cutpaste"] * 2)
+    save_kind_sheet(tmp_path / "k.png", data, {"lmask6": syn, "cutpaste": cut})
+    assert {"hole: lmask6 guided", "hole: lmask6 free", "stain: lmask6 guided", "stain: lmask6 free",
+            "hole: real", "stain: real", "hole: cutpaste", "stain: cutpaste"} == set(seen)
