@@ -16,7 +16,7 @@ here on 2026-12-02 (``tests/models/test_compile.py`` checks the gradients).
 """
 from __future__ import annotations
 
-import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -39,14 +39,24 @@ def compile_kwargs(cfg, device: torch.device) -> dict:
     return kwargs
 
 
-def _call_unet(unet, sample, timestep, kwargs):
-    return unet(sample, timestep, **kwargs).sample
+def _unet_call(unet: torch.nn.Module) -> Callable:
+    """A new function object with a code object of its own around ``unet``'s call.
+
+    Dynamo keeps one cache of compiled entries per code object, with a limit (8) after which
+    a ``fullgraph`` compile fails; every new UNet (another run in the same process: the
+    demo's APO and LoRA runs, ``eval``, tests) fails the old entries' guards (its forward
+    hooks have new ids), so a shared code object would run out after eight UNets."""
+    def unet_call(sample, timestep, kwargs):
+        return unet(sample, timestep, **kwargs).sample
+
+    return types.FunctionType(unet_call.__code__.replace(), unet_call.__globals__, unet_call.__name__,
+                              unet_call.__defaults__, unet_call.__closure__)
 
 
 def compiled_unet_call(unet: torch.nn.Module, cfg, device: torch.device) -> Callable:
     """``call(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``, compiled
     as ``cfg`` says (``cfg.enabled`` false: the plain call)."""
-    call = functools.partial(_call_unet, unet)
+    call = _unet_call(unet)
     if not cfg.enabled:
         return call
     return torch.compile(call, **compile_kwargs(cfg, device))

@@ -181,6 +181,30 @@ def test_the_triton_op_traces_into_a_compiled_graph(make_tiny_unet):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+def test_more_unets_than_dynamos_recompile_limit_compile_in_one_process():
+    """Each compiled call has a code object of its own: a process that builds a tenth UNet
+    (another run, eval, tests) still compiles it with fullgraph instead of failing at Dynamo's
+    recompile limit (8 per code object; a new UNet's hooks fail the old entries' guards)."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = torch.nn.Linear(6, 6)
+
+        def forward(self, sample, timestep, encoder_hidden_states=None):
+            return UNet2DConditionOutput(sample=self.to_q(sample))
+
+    limit = torch._dynamo.config.recompile_limit
+    x, t = torch.randn(2, 3, 6), torch.tensor([5, 700])
+    for _ in range(limit + 2):
+        model = Tiny()
+        inject_adapters(model, AdapterConfig(r=2, target_modules=("to_q",), gate=GateConfig(kind="sigmoid")))
+        call = compiled_unet_call(model, CompileConfig(enabled=True, backend="eager"), torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(call(x, t, {}), model(x, t).sample)
+
+
 def test_compile_kwargs_keep_layout_optimization_off_on_the_cpu():
     cpu = compile_kwargs(CompileConfig(enabled=True, mode="max-autotune"), torch.device("cpu"))
     assert cpu["options"]["layout_optimization"] is False and "mode" not in cpu
