@@ -115,7 +115,10 @@ class CompileConfig:
     mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     fullgraph: bool = True  # refuse graph breaks (an error names where) instead of running split graphs
     backend: str = "inductor"  # inductor | aot_eager | eager (debugging)
-    dynamic: bool | None = None  # None: torch's default (static first, dynamic after a shape change)
+    # False: one static graph per input shape (a run's shapes are fixed); None: torch's automatic
+    # dynamic shapes (a dynamic recompile after a shape change: its CPU backward compile failed
+    # in torch 2.13 for the demo UNet, see apo_fast/models/compile.py); True: dynamic at once
+    dynamic: bool | None = False
 
 
 @dataclass

@@ -13,6 +13,11 @@ On the CPU, Inductor's ``layout_optimization`` (convolutions turned channels_las
 switched off for the compiled call: with torch 2.13's CPU build it gave weight gradients
 of a tiny diffusers UNet that differ from eager by 100% (forward outputs equal), measured
 here on 2026-12-02 (``tests/models/test_compile.py`` checks the gradients).
+
+Shapes are static by default (``dynamic: false``): torch's automatic dynamic shapes turn a
+graph dynamic after a shape change, and the dynamic backward of the demo UNet failed to
+compile on the CPU (Inductor ``ValueRangeError: Invalid ranges [0:-1]``, torch 2.13, seen
+in the full test suite after earlier compiles of other shapes).
 """
 from __future__ import annotations
 
