@@ -608,8 +608,13 @@ def test_gated_lora_rejects_what_it_was_not_compiled_for(fake):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+NO_KERNEL_FOR_ARCH = 4  # APO_FK_ERROR_NO_KERNEL_FOR_ARCH
+
+
 @functools.lru_cache(maxsize=1)
 def _gpu_library(build_dir: Path):
+    """(library, the status its launches must return here): OK on sm_80/sm_90, whose cubins it
+    embeds; APO_FK_ERROR_NO_KERNEL_FOR_ARCH on any other GPU (documented, and checked)."""
     lib = _load_library(build_dir, "gpu", None)
     # a CUDA machine (these tests are marked `gpu`) must be able to load the library
     assert lib.status == OK, f"C library on this machine: {lib.apo_fk_status_string(lib.status).decode()}"
@@ -617,9 +622,7 @@ def _gpu_library(build_dir: Path):
     torch.empty(1, device="cuda")  # the primary context, current on this thread
     cc, arch = ctypes.c_int(), ctypes.c_int()
     assert lib.apo_fk_device_query(ctypes.byref(cc), ctypes.byref(arch), None) == OK
-    if arch.value == 0:  # the library embeds sm_80 and sm_90 cubins: another GPU cannot run them
-        pytest.skip(f"no cubins for compute capability {cc.value} (the library targets sm_80 and sm_90)")
-    return lib
+    return lib, (OK if arch.value else NO_KERNEL_FOR_ARCH)
 
 
 @gpu
@@ -628,7 +631,7 @@ def _gpu_library(build_dir: Path):
 def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
     from apo_fast.ops.apo_loss.fused import fused_apo_loss
 
-    lib = _gpu_library(build_dir)
+    lib, launch_status = _gpu_library(build_dir)
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     shape = (8, 4, 64, 64) if not paired else (6, 4, 33, 31)
@@ -666,7 +669,7 @@ def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
             stats.data_ptr(),
             c_loss.data_ptr(),
         )
-        == OK
+        == launch_status
     )
     assert (
         lib.apo_fk_loss_grad(
@@ -679,8 +682,10 @@ def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
             None,
             c_grad.data_ptr(),
         )
-        == OK
+        == launch_status
     )
+    if launch_status != OK:
+        return  # this GPU has no cubin: every launch refused with NO_KERNEL_FOR_ARCH, as documented
     torch.cuda.synchronize()
     n = shape[0]
     # Same kernels; the block sizes may differ from the autotuner's pick (summation order).
@@ -698,7 +703,7 @@ def test_gpu_loss_matches_python_path(build_dir, dtype, paired):
 def test_gpu_gated_lora_matches_python_path(build_dir, dtype, rank):
     from apo_fast.ops.gated_lora import gated_lora_linear
 
-    lib = _gpu_library(build_dir)
+    lib, launch_status = _gpu_library(build_dir)
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(rank)
     S, T, K, N, scaling = 4, 77, 320, 640, 2.0
@@ -740,7 +745,7 @@ def test_gpu_gated_lora_matches_python_path(build_dir, dtype, rank):
             c_y.data_ptr(),
             h.data_ptr(),
         )
-        == OK
+        == launch_status
     )
     assert (
         lib.apo_fk_gated_lora_backward_dx(
@@ -754,7 +759,7 @@ def test_gpu_gated_lora_matches_python_path(build_dir, dtype, rank):
             c_dx.data_ptr(),
             u.data_ptr(),
         )
-        == OK
+        == launch_status
     )
     assert (
         lib.apo_fk_gated_lora_backward_dadb(
@@ -770,8 +775,10 @@ def test_gpu_gated_lora_matches_python_path(build_dir, dtype, rank):
             da_part.data_ptr(),
             dbt_part.data_ptr(),
         )
-        == OK
+        == launch_status
     )
+    if launch_status != OK:
+        return  # this GPU has no cubin: every launch refused with NO_KERNEL_FOR_ARCH, as documented
     torch.cuda.synchronize()
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
 
