@@ -242,9 +242,9 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     buffer), so a ``torch.compile``-d model runs its policy and reference passes
     through the same traced code; other adapter layers (peft's, merged ones) get
     peft's ``disable_adapters`` flag."""
-    layers = _adapter_layers(model)
-    switched = [layer for layer in layers if isinstance(layer, GatedLoRALinear) and not layer.merged]
-    flagged = [layer for layer in layers if not (isinstance(layer, GatedLoRALinear) and not layer.merged)]
+    switched, flagged = [], []
+    for layer in _adapter_layers(model):
+        (switched if isinstance(layer, GatedLoRALinear) and not layer.merged else flagged).append(layer)
     previous_flags = [layer._disable_adapters for layer in flagged]
     previous_switches = [layer._switched_off for layer in switched]
     for layer in flagged:

@@ -303,7 +303,7 @@ def _result(cfg, device, run: _Rounds, sides, resident, build_s, load_start, tel
         "notes": _notes(cfg, device),
         "build_and_warmup_s": build_s,
         **{name: {**_summarize_side(records[name], images, tel_records, cuda), "setup": sides[name].describe(),
-                  "compile_s": getattr(sides[name], "compile_s", 0.0)}
+                  "compile_s": sides[name].compile_s}
            for name in SIDES},
         "telemetry": tel_summary,
         "per_step": {

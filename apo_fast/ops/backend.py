@@ -63,3 +63,12 @@ def use_triton(*tensors: torch.Tensor, override: str | None = None) -> bool:
             "tensors, or TRITON_INTERPRET=1 set before triton is imported (tests only)"
         )
     return True
+
+
+def runs_triton(x: torch.Tensor) -> bool:
+    """Whether a custom op (``apo_fast::``) called on ``x`` launches its Triton kernels: CUDA
+    tensors, or plain CPU tensors under the interpreter; never the fake or functional CPU
+    tensors of a trace, which take the PyTorch reference (Inductor then compiles it)."""
+    if x.is_cuda:
+        return True
+    return interpreter_enabled() and type(x) is torch.Tensor

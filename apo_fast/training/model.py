@@ -41,11 +41,12 @@ class APOModel(nn.Module):
         from apo_fast.adapters import adapters_disabled
 
         cond = self.conditions.unet_kwargs(cond_ids, z.dtype, self.pixel_size, detach=reference)
-        call = self.unet_call
-        if call is None:
-            def call(z, t, cond):
-                return self.unet(z, t, **cond).sample
         if reference:
             with adapters_disabled(self.unet):
-                return call(z, t, cond)
-        return call(z, t, cond)
+                return self._unet_forward(z, t, cond)
+        return self._unet_forward(z, t, cond)
+
+    def _unet_forward(self, z, t, cond):
+        if self.unet_call is not None:
+            return self.unet_call(z, t, cond)
+        return self.unet(z, t, **cond).sample

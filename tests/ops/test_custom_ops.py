@@ -1,14 +1,14 @@
 """The fused ops as torch.library custom ops (``apo_fast::``): ``torch.library.opcheck`` (schema,
-fake implementation, autograd registration, AOT dispatch) on CPU tensors for the registered
-PyTorch reference kernels and, under ``TRITON_INTERPRET=1``, for the Triton implementations;
-and the CPU reference kernels against float64 autograd of the plain references."""
+fake implementation, autograd registration, AOT dispatch) on CPU tensors for their PyTorch
+reference path and, under ``TRITON_INTERPRET=1``, for the Triton implementations; and both
+against float64 autograd of the plain references."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import apo_fast.ops.apo_loss.op as loss_op
-import apo_fast.ops.gated_lora.op as lora_op
+import apo_fast.ops.apo_loss.op  # noqa: F401  (registers apo_fast::apo_loss, apo_loss_grad)
+import apo_fast.ops.gated_lora.op  # noqa: F401  (registers apo_fast::gated_lora_linear and its backward)
 from apo_fast.ops.apo_loss import apo_loss_reference
 from apo_fast.ops.apo_loss.naive import PreferenceForm
 from apo_fast.ops.backend import interpreter_enabled
@@ -19,17 +19,16 @@ IMPLS = ["reference", "triton"]
 
 @pytest.fixture(params=IMPLS)
 def impl(request, monkeypatch):
-    """Which implementation the ops' CPU kernel runs: the PyTorch reference (the interpreter
-    switched off for the ops) or the Triton kernels in the interpreter."""
+    """Which implementation the ops run on CPU tensors: the PyTorch reference (the interpreter
+    switched off for ``ops.backend.runs_triton``) or the Triton kernels in the interpreter."""
+    import apo_fast.ops.backend as backend
+
     if request.param == "triton":
         if not interpreter_enabled():
             pytest.fail("TRITON_INTERPRET=1 is set by conftest; the Triton implementations need it")
     else:
-        monkeypatch.setattr(lora_op, "interpreter_enabled", lambda: False)
-        monkeypatch.setattr(loss_op, "interpreter_enabled", lambda: False)
-        import apo_fast.ops.gated_lora.packed as packed
-
-        monkeypatch.setattr(packed, "runs_triton", lambda x: False)
+        monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
+    assert backend.runs_triton(torch.zeros(1)) == (request.param == "triton")
     return request.param
 
 

@@ -96,6 +96,15 @@ def _target_programs(device: torch.device) -> int:
     return INTERPRETER_TARGET_PROGRAMS
 
 
+def stream_layout(model_pred, ref_pred, target) -> torch.memory_format:
+    """The memory order the kernels stream (and write the gradient in): channels_last when all
+    three are channels_last (and not also contiguous), else contiguous (other layouts are copied)."""
+    preds = (model_pred, ref_pred, target)
+    if not all(x.is_contiguous() for x in preds) and all(_is_channels_last(x) for x in preds):
+        return _channels_last_format(model_pred)
+    return torch.contiguous_format
+
+
 def check_sample_numel(model_pred: torch.Tensor) -> int:
     """Elements per sample, refused when the kernels' 32-bit in-sample offsets cannot hold them."""
     numel = model_pred[0].numel() if model_pred.shape[0] else model_pred.numel()
@@ -114,14 +123,11 @@ def prepare_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, StreamPlan]:
     """Pick the memory order (NCHW or channels_last, copying only other layouts)
     and the streaming plan. Inputs must already be validated."""
+    layout = stream_layout(model_pred, ref_pred, target)
+    channels_last = layout != torch.contiguous_format
     preds = (model_pred, ref_pred, target)
-    if all(x.is_contiguous() for x in preds):
-        channels_last = False
-    elif all(_is_channels_last(x) for x in preds):
-        channels_last = True
-    else:
-        channels_last = False
-        preds = tuple(x.contiguous() for x in preds)
+    if not channels_last:
+        preds = tuple(x.contiguous() for x in preds)  # a no-op for contiguous inputs
     p, r, t = preds
     n_samples = p.shape[0]
     numel = check_sample_numel(p)

@@ -153,15 +153,17 @@ SIGMOID = PreferenceForm()
 
 
 def preference_terms(d: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, form: PreferenceForm):
-    """Per-term loss and implicit-accuracy indicator of ``form`` (float math, differentiable in ``d``)."""
+    """Per-term loss, implicit-accuracy indicator and slope ``d loss / d d`` of ``form`` (float
+    math; the loss is differentiable in ``d``, the slope is its closed form, KTO's reference
+    point held fixed as it is detached; per-term weights are the caller's)."""
     z = beta * d
     kind = form.loss_type
     if kind in ("sigmoid", "margin"):
-        losses = F.softplus(z)
+        losses, slopes = F.softplus(z), torch.sigmoid(z) * beta
     elif kind == "hinge":
-        losses = torch.relu(1.0 + z)
+        losses, slopes = torch.relu(1.0 + z), beta * (1.0 + z > 0).to(d.dtype)
     elif kind == "ipo":
-        losses = (d + 0.5 / beta).square()
+        losses, slopes = (d + 0.5 / beta).square(), 2.0 * (d + 0.5 / beta)
     else:  # kto: unpaired, d = delta
         g = -d
         kl = g.detach().mean().clamp(min=0.0)
@@ -169,10 +171,37 @@ def preference_terms(d: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, f
         sign = 2.0 * labels - 1.0
         u = sign * beta * (g - kl)
         lam = labels * form.lambda_desirable + (1.0 - labels) * form.lambda_undesirable
-        losses = lam * (1.0 - torch.sigmoid(u))
-        return losses, (u > 0).to(d.dtype)
+        s = torch.sigmoid(u)
+        return lam * (1.0 - s), (u > 0).to(d.dtype), (lam * s * (1.0 - s) * sign * beta).detach()
     wins = (d < 0).to(d.dtype) + 0.5 * (d == 0).to(d.dtype)
-    return losses, wins
+    return losses, wins, slopes.detach()
+
+
+def term_differences(e_theta: torch.Tensor, delta: torch.Tensor, paired: bool, form: PreferenceForm) -> torch.Tensor:
+    """``d`` per loss term: ``delta`` (unpaired), ``delta_w - delta_l`` (paired) or, for the
+    reference-free ``margin`` form, ``e_theta_w - e_theta_l``."""
+    if not paired:
+        return delta
+    if form.loss_type == "margin":
+        e_w, e_l = e_theta.chunk(2)
+        return e_w - e_l
+    delta_w, delta_l = delta.chunk(2)
+    return delta_w - delta_l
+
+
+def gradient_coefficients(e_theta, e_ref, beta, paired: bool, lambda_sft: float, form: PreferenceForm,
+                          sample_numel: int) -> torch.Tensor:
+    """``coef_i = dL / de_theta_i * 2 / N`` per sample (B,), so that the gradient of the loss
+    in the prediction is ``coef_i * w * (p - t)``: what the fused finalize kernel writes."""
+    delta = e_theta - e_ref
+    n_terms = len(delta) // 2 if paired else len(delta)
+    beta = beta.to(delta.dtype) if isinstance(beta, torch.Tensor) else torch.full_like(delta[:n_terms], beta)
+    slopes = preference_terms(term_differences(e_theta, delta, paired, form), delta, beta, form)[2]
+    if form.weights is not None:
+        slopes = slopes * form.weights.to(delta.dtype)
+    scale = 2.0 / (n_terms * sample_numel)
+    winners = (slopes + lambda_sft) * scale
+    return torch.cat([winners, -slopes * scale]) if paired else winners
 
 
 def apo_loss_reference(
@@ -216,18 +245,12 @@ def apo_loss_reference(
     if paired:
         delta_w, delta_l = delta.chunk(2)
         reward_w, reward_l = -beta * delta_w, -beta * delta_l
-        if form.loss_type == "margin":  # reference-free: the policy's own errors
-            e_w, e_l = e_theta.chunk(2)
-            d = e_w - e_l
-        else:
-            d = delta_w - delta_l
         positives = e_theta.chunk(2)[0]
     else:
         reward_w = -beta * delta
         reward_l = torch.zeros_like(reward_w)
-        d = delta
         positives = e_theta
-    losses, wins = preference_terms(d, delta, beta, form)
+    losses, wins, _ = preference_terms(term_differences(e_theta, delta, paired, form), delta, beta, form)
     if form.weights is not None:
         losses = losses * form.weights.to(compute)
     loss = losses.mean()

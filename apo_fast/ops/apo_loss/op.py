@@ -15,9 +15,10 @@ Registered with ``torch.library.triton_op`` (the Triton launches go through
   ``coef_i * scale * w * (p - t)``, the backward pass of ``grad_mode == 2``.
 
 The gradient reaches ``model_pred`` only (``register_autograd``). CUDA tensors run the
-Triton kernels; CPU tensors run the reference (:func:`apo_loss_reference` for the
-values, the closed-form derivative :func:`preference_slope` for ``coef``) or, under
-``TRITON_INTERPRET=1``, the kernels. The fake implementations give exact shapes, dtypes
+Triton kernels; CPU tensors run the PyTorch reference (:func:`apo_loss_reference` for the
+values, :func:`~apo_fast.ops.apo_loss.naive.gradient_coefficients`, the closed-form
+derivative, for ``coef``) or, under ``TRITON_INTERPRET=1``, the kernels
+(:func:`apo_fast.ops.backend.runs_triton`). The fake implementations give exact shapes, dtypes
 and strides (``grad`` in the memory order the kernels use).
 """
 from __future__ import annotations
@@ -25,27 +26,23 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from apo_fast.ops.apo_loss.naive import NUM_METRIC_SLOTS, PreferenceForm, apo_loss_reference
-from apo_fast.ops.backend import interpreter_enabled
+from apo_fast.ops.apo_loss.naive import (
+    NUM_METRIC_SLOTS,
+    PreferenceForm,
+    apo_loss_reference,
+    gradient_coefficients,
+)
+from apo_fast.ops.backend import runs_triton
 
-__all__ = ["apo_loss_grad_op", "apo_loss_op", "call_apo_loss_op", "preference_slope"]
+__all__ = ["apo_loss_grad_op", "apo_loss_op", "call_apo_loss_op"]
 
 GRAD_NONE, GRAD_IN_FORWARD, GRAD_IN_BACKWARD = 0, 1, 2
 
 
-def _runs_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or (interpreter_enabled() and type(x) is torch.Tensor)
-
-
 def _grad_layout(model_pred, ref_pred, target) -> torch.memory_format:
-    """The memory order the kernels stream (and write the gradient) in:
-    ``apo_fast.ops.apo_loss.fused.prepare_inputs``'s choice."""
-    from apo_fast.ops.apo_loss.fused import _channels_last_format, _is_channels_last
+    from apo_fast.ops.apo_loss.fused import stream_layout
 
-    preds = (model_pred, ref_pred, target)
-    if not all(x.is_contiguous() for x in preds) and all(_is_channels_last(x) for x in preds):
-        return _channels_last_format(model_pred)
-    return torch.contiguous_format
+    return stream_layout(model_pred, ref_pred, target)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -55,51 +52,10 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- reference
 
 
-def preference_slope(d, delta, beta, form: PreferenceForm) -> torch.Tensor:
-    """``d loss_term / d d`` per term of :func:`apo_fast.ops.apo_loss.naive.preference_terms`
-    (weights included; KTO's reference point held fixed, as it is detached there)."""
-    z = beta * d
-    kind = form.loss_type
-    if kind in ("sigmoid", "margin"):
-        slope = torch.sigmoid(z) * beta
-    elif kind == "hinge":
-        slope = beta * (1.0 + z > 0).to(d.dtype)
-    elif kind == "ipo":
-        slope = 2.0 * (d + 0.5 / beta)
-    else:  # kto
-        kl = (-d).mean().clamp(min=0.0)
-        labels = form.labels.to(d.dtype) if form.labels is not None else torch.ones_like(d)
-        sign = 2.0 * labels - 1.0
-        u = sign * beta * (-d - kl)
-        lam = labels * form.lambda_desirable + (1.0 - labels) * form.lambda_undesirable
-        s = torch.sigmoid(u)
-        slope = lam * s * (1.0 - s) * sign * beta
-    if form.weights is not None:
-        slope = slope * form.weights.to(d.dtype)
-    return slope
-
-
-def _mask_weight(mask, lambda_mask, like):
-    if mask is None:
-        return None
-    return 1.0 + (lambda_mask - 1.0) * mask.to(like.dtype)
-
-
 def _reference(model_pred, ref_pred, target, mask, beta, lambda_mask, paired, lambda_sft, form, grad_mode):
     loss, e_theta, e_ref, metrics = apo_loss_reference(model_pred, ref_pred, target, beta, mask, lambda_mask,
                                                        paired, lambda_sft, form)
-    n = model_pred.shape[0]
-    n_terms = n // 2 if paired else n
-    numel = model_pred[0].numel()
-    delta = e_theta - e_ref
-    beta_t = beta.to(delta.dtype) if isinstance(beta, torch.Tensor) else torch.full_like(delta[:n_terms], beta)
-    if paired:
-        d = e_theta[:n_terms] - e_theta[n_terms:] if form.loss_type == "margin" else delta[:n_terms] - delta[n_terms:]
-    else:
-        d = delta
-    slope = preference_slope(d, delta, beta_t, form)
-    scale = 2.0 / (n_terms * numel)
-    coef = ((slope + lambda_sft) * scale) if not paired else torch.cat([(slope + lambda_sft) * scale, -slope * scale])
+    coef = gradient_coefficients(e_theta, e_ref, beta, paired, lambda_sft, form, model_pred[0].numel())
     stats = torch.cat([e_theta, e_ref, coef, metrics]).to(torch.float32)
     grad = _empty(model_pred)
     if grad_mode == GRAD_IN_FORWARD:
@@ -115,24 +71,19 @@ def _reference_grad(model_pred, target, mask, coef, lambda_mask, scale, layout):
     if scale is not None:
         c = c * scale.to(compute)
     g = c * (model_pred.to(compute) - target.to(compute))
-    w = _mask_weight(mask, lambda_mask, g)
-    if w is not None:
-        g = g * w
+    if mask is not None:
+        g = g * (1.0 + (lambda_mask - 1.0) * mask.to(compute))
     return g.to(model_pred.dtype).contiguous(memory_format=layout)
 
 
 # --------------------------------------------------------------------------- ops
 
 
-def _form(loss_type, labels, weights, lambda_desirable, lambda_undesirable) -> PreferenceForm:
-    return PreferenceForm(loss_type, labels, weights, lambda_desirable, lambda_undesirable)
-
-
 def _loss_impl(model_pred, ref_pred, target, mask, beta, beta_value, lambda_mask, paired, lambda_sft,
                loss_type, labels, weights, lambda_desirable, lambda_undesirable, grad_mode):
-    form = _form(loss_type, labels, weights, lambda_desirable, lambda_undesirable)
+    form = PreferenceForm(loss_type, labels, weights, lambda_desirable, lambda_undesirable)
     beta_arg = beta if beta is not None else beta_value
-    if not _runs_triton(model_pred):
+    if not runs_triton(model_pred):
         return _reference(model_pred, ref_pred, target, mask, beta_arg, lambda_mask, paired, lambda_sft, form,
                           grad_mode)
     from apo_fast.ops.apo_loss import fused
@@ -169,11 +120,6 @@ def apo_loss_op(
                       loss_type, labels, weights, lambda_desirable, lambda_undesirable, grad_mode)
 
 
-@apo_loss_op.register_kernel("cpu")
-def _loss_cpu(*args):
-    return _loss_impl(*args)
-
-
 @apo_loss_op.register_fake
 def _loss_fake(model_pred, ref_pred, target, mask, beta, beta_value, lambda_mask, paired, lambda_sft,
                loss_type, labels, weights, lambda_desirable, lambda_undesirable, grad_mode):
@@ -186,7 +132,7 @@ def _loss_fake(model_pred, ref_pred, target, mask, beta, beta_value, lambda_mask
 
 
 def _grad_impl(model_pred, target, mask, coef, lambda_mask, scale):
-    if not _runs_triton(model_pred):
+    if not runs_triton(model_pred):
         return _reference_grad(model_pred, target, mask, coef, lambda_mask, scale,
                                _grad_layout(model_pred, model_pred, target))
     from apo_fast.ops.apo_loss import fused
@@ -205,11 +151,6 @@ def apo_loss_grad_op(
     scale: torch.Tensor,
 ) -> torch.Tensor:
     return _grad_impl(model_pred, target, mask, coef, lambda_mask, scale)
-
-
-@apo_loss_grad_op.register_kernel("cpu")
-def _grad_cpu(*args):
-    return _grad_impl(*args)
 
 
 @apo_loss_grad_op.register_fake

@@ -52,13 +52,19 @@ def gated_lora_linear_eager(
     ``(tokens, out)`` output, forward and backward; this makes none. Same
     shapes and gradients as :func:`gated_lora_linear_reference` (rounding aside).
     """
+    return gated_lora_eager_parts(x, weight, bias, lora_A, lora_B, gate, scaling)[0]
+
+
+def gated_lora_eager_parts(x, weight, bias, lora_A, lora_B, gate, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gated_lora_linear_eager`'s output and its low-rank product ``h = x A^T`` (the custom
+    op's backward reads ``h``)."""
     y = F.linear(x, weight, bias)
     h = F.linear(x, lora_A)
     rank, out_features = h.shape[-1], y.shape[-1]
     y2d = y.reshape(-1, out_features)
     if gate is None:
-        return torch.addmm(y2d, h.reshape(-1, rank), lora_B.t(), alpha=scaling).reshape(y.shape)
-    return torch.addmm(y2d, gate_rows(h, gate, scaling).reshape(-1, rank), lora_B.t()).reshape(y.shape)
+        return torch.addmm(y2d, h.reshape(-1, rank), lora_B.t(), alpha=scaling).reshape(y.shape), h
+    return torch.addmm(y2d, gate_rows(h, gate, scaling).reshape(-1, rank), lora_B.t()).reshape(y.shape), h
 
 
 def gate_rows(h: torch.Tensor, gate: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -18,31 +18,22 @@ autograd formula is registered with ``register_autograd`` (the base ``weight`` a
 ``bias`` are frozen: no gradient); the fake (meta) implementations give the exact
 shapes, dtypes and (contiguous) strides without running anything.
 
-Implementations: CUDA tensors run the Triton kernels; CPU tensors run the plain PyTorch
-reference formulas (the registered CPU kernel), or the Triton kernels under
-``TRITON_INTERPRET=1`` (tests). While being traced for compilation (fake or functional
+Implementations (:func:`apo_fast.ops.backend.runs_triton`): CUDA tensors run the Triton
+kernels; CPU tensors run the plain PyTorch formulas (the eager path and its hand-written
+gradients), or the Triton kernels under ``TRITON_INTERPRET=1`` (tests). While being traced for compilation (fake or functional
 tensors), CPU tensors take the reference, which Inductor then compiles like any
 PyTorch code.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.library import triton_op
 
-from apo_fast.ops.backend import interpreter_enabled
+from apo_fast.ops.backend import runs_triton
 from apo_fast.ops.gated_lora.fused import gated_lora_backward, gated_lora_forward
-from apo_fast.ops.gated_lora.naive import gate_rows
+from apo_fast.ops.gated_lora.naive import gate_rows, gated_lora_eager_parts
 
-__all__ = ["gated_lora_linear_op", "gated_lora_linear_backward_op", "runs_triton"]
-
-
-def runs_triton(x: torch.Tensor) -> bool:
-    """Whether an op call on ``x`` launches the Triton kernels: CUDA tensors, or plain CPU
-    tensors under the interpreter (never fake/functional CPU tensors being traced)."""
-    if x.is_cuda:
-        return True
-    return interpreter_enabled() and type(x) is torch.Tensor
+__all__ = ["gated_lora_linear_op", "gated_lora_linear_backward_op"]
 
 
 def _empty(like: torch.Tensor, *shape: int, dtype=None) -> torch.Tensor:
@@ -53,11 +44,8 @@ def _empty(like: torch.Tensor, *shape: int, dtype=None) -> torch.Tensor:
 
 
 def _forward_reference(x2d, weight, bias, lora_A, lora_B, gate, scaling, store_h):
-    """y = x W^T + b + ((x A^T) s g) B^T and h = x A^T, in plain PyTorch (2-D)."""
-    h = F.linear(x2d, lora_A)
-    y = F.linear(x2d, weight, bias)
-    hs = h * scaling if gate is None else gate_rows(h, gate, scaling)
-    y = torch.addmm(y, hs, lora_B.t())
+    """y and h = x A^T of the PyTorch (eager) path."""
+    y, h = gated_lora_eager_parts(x2d, weight, bias, lora_A, lora_B, gate, scaling)
     return y, (h if store_h else _empty(x2d, 0, lora_A.shape[0]))
 
 
@@ -82,11 +70,6 @@ def gated_lora_linear_op(
     tokens_per_sample: int,
     store_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample, store_h)
-
-
-@gated_lora_linear_op.register_kernel("cpu")
-def _forward_cpu(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample, store_h):
     return _forward_impl(x2d, weight, bias, lora_A, lora_B, gate, scaling, tokens_per_sample, store_h)
 
 
@@ -145,13 +128,6 @@ def gated_lora_linear_backward_op(
     need_db: bool,
     need_dgate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, tokens_per_sample,
-                          need_dx, need_da, need_db, need_dgate)
-
-
-@gated_lora_linear_backward_op.register_kernel("cpu")
-def _backward_cpu(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, tokens_per_sample,
-                  need_dx, need_da, need_db, need_dgate):
     return _backward_impl(dy, x2d, weight, lora_A, lora_B, gate, h, scaling, tokens_per_sample,
                           need_dx, need_da, need_db, need_dgate)
 

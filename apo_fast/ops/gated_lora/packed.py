@@ -10,8 +10,8 @@ dtype, where bitsandbytes' own LLM.int8 matmul also quantizes them.)
 
 The low-rank products are skinny (rank <= 128) and run as PyTorch matmuls; the base weight
 is frozen (no dW). The kernel is the custom op ``apo_fast::packed_matmul`` (fake
-implementation, autograd for ``a``, ``bias`` and ``add``; its CPU kernel decodes the weight
-in PyTorch and multiplies), so ``torch.compile`` traces the quantized layer without a break. NF4 with double quantization does not take this path; the layer falls
+implementation, autograd for ``a``, ``bias`` and ``add``; on CPU tensors it decodes the
+weight in PyTorch and multiplies), so ``torch.compile`` traces the quantized layer without a break. NF4 with double quantization does not take this path; the layer falls
 back to bitsandbytes' own matmul + the PyTorch branch there.
 """
 from __future__ import annotations
@@ -21,8 +21,7 @@ import functools
 import torch
 from torch.library import triton_op, wrap_triton
 
-from apo_fast.ops.backend import interpreter_enabled
-from apo_fast.ops.gated_lora.op import runs_triton
+from apo_fast.ops.backend import interpreter_enabled, runs_triton
 from apo_fast.ops.utils import cdiv
 
 __all__ = ["dequantize_packed", "fused_packed_format", "gated_lora_packed_linear", "packed_base_linear",
@@ -117,11 +116,6 @@ def packed_matmul_op(
 ) -> torch.Tensor:
     """``a (M, Q) @ op(W) [+ bias] [+ add]`` with W (out_features, in_features) decoded from
     the packed format ``fmt``; ``op(W) = W^T`` (Q = in) or, ``trans``, ``W`` (Q = out)."""
-    return _matmul_impl(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features)
-
-
-@packed_matmul_op.register_kernel("cpu")
-def _packed_matmul_cpu(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features):
     return _matmul_impl(a, qweight, scales, code, bias, add, fmt, trans, out_features, in_features)
 
 
