@@ -229,47 +229,65 @@ def run_gated_lora_benchmarks(device: str | torch.device, out_json: str | Path |
     return records
 
 
+PACKED_FORMATS = (("nf4", False), ("nf4_double", True), ("int8", False), ("fp8", False))
+
+
 def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, rank: int = 16) -> list[dict]:
-    """Forward+backward (dx, dA, dB) of the gated adapter over an NF4 base: the dequantize-in-the-K-loop
-    kernel against bitsandbytes' Linear4bit plus the PyTorch low-rank branch, and against the
-    bf16/fp16 base, in the same run (ratios; no timing is asserted anywhere)."""
+    """Forward+backward (dx, dA, dB) of the gated adapter over a packed base (NF4 with and without
+    double quantization, int8, fp8 e4m3), the dequantize-in-the-K-loop kernel, against peft's
+    LoRA on the same bitsandbytes layer (``peft.tuners.lora.bnb``: bitsandbytes' matmul plus the
+    low-rank branch; for NF4 and int8) and against the fused kernel on the bf16/fp16 base, in the
+    same run (ratios; no timing is asserted anywhere)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return []
+    from peft import LoraConfig, inject_adapter_in_model
+
     from apo_fast.models.quantize import quantize_linears
     from apo_fast.ops.gated_lora.packed import gated_lora_packed_linear
 
     records = []
     for shape in shapes:
-        holder = torch.nn.Module()
-        holder.lin = torch.nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype)
-        dense = holder.lin.requires_grad_(False)  # a frozen base, as in training
-        holder.lin = torch.nn.Linear(shape.in_features, shape.out_features).to(device, dtype)
-        holder.lin.load_state_dict(dense.state_dict())
-        quantize_linears(holder, "nf4", compute_dtype=dtype)
-        base = holder.lin
+        dense = torch.nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype).requires_grad_(False)
         x = torch.randn(shape.batch, shape.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=True)
         a = (0.02 * torch.randn(rank, shape.in_features, device=device, dtype=dtype)).requires_grad_(True)
         b = (0.02 * torch.randn(shape.out_features, rank, device=device, dtype=dtype)).requires_grad_(True)
         gate = torch.rand(shape.batch, rank, device=device)
         dy = torch.randn(shape.batch, shape.tokens, shape.out_features, device=device, dtype=dtype)
 
-        def fused():
-            gated_lora_packed_linear(x, base, a, b, gate, 1.0).backward(dy)
-
-        def bnb_plus_branch():
-            delta = ((x @ a.t()) * gate.to(dtype)[:, None, :]) @ b.t()
-            (base(x) + delta).backward(dy)
-
         def dense_fused():
             gated_lora_linear(x, dense.weight, dense.bias, a, b, gate, 1.0).backward(dy)
 
-        times = {name: time_per_call(fn, device, reps=reps) for name, fn in
-                 (("nf4_fused", fused), ("nf4_bnb", bnb_plus_branch), ("dense_fused", dense_fused))}
-        for name, t in times.items():
-            records.append({"shape": shape.name, "rank": rank, "mode": "forward_backward", "impl": name,
-                            "seconds": t, "vs_bnb": t / times["nf4_bnb"], "vs_dense": t / times["dense_fused"]})
+        dense_s = time_per_call(dense_fused, device, reps=reps)
+        for name, double in PACKED_FORMATS:
+            holder = torch.nn.Module()
+            holder.lin = torch.nn.Linear(shape.in_features, shape.out_features).to(device, dtype)
+            holder.lin.load_state_dict(dense.state_dict())
+            quantize_linears(holder, name.removesuffix("_double"), double_quant=double, compute_dtype=dtype)
+            base = holder.lin
+
+            def fused():
+                gated_lora_packed_linear(x, base, a, b, gate, 1.0).backward(dy)
+
+            times = {f"{name}_fused": time_per_call(fused, device, reps=reps)}
+            if name != "fp8":  # peft's LoRA on the same bitsandbytes layer (its own bnb layer class)
+                peft_model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["lin"]),
+                                                     holder).to(device)
+                peft_model.lin.lora_A["default"].weight.data.copy_(a.detach())
+                peft_model.lin.lora_B["default"].weight.data.copy_(b.detach())
+
+                def peft_lora():
+                    peft_model.lin(x).backward(dy)
+
+                times[f"{name}_peft"] = time_per_call(peft_lora, device, reps=reps)
+            baseline = times.get(f"{name}_peft")
+            for impl, t in times.items():
+                records.append({"shape": shape.name, "rank": rank, "mode": "forward_backward", "impl": impl,
+                                "seconds": t, "vs_dense_fused": t / dense_s,
+                                "vs_peft": t / baseline if baseline else None})
+        records.append({"shape": shape.name, "rank": rank, "mode": "forward_backward", "impl": "dense_fused",
+                        "seconds": dense_s, "vs_dense_fused": 1.0, "vs_peft": None})
     return records
 
 

@@ -21,12 +21,15 @@ part                   budget  what
                                and a UNet with fused vs PyTorch adapters (GPU)
 ``step_sd15``          100     apo-fast vs the diffusers Diffusion-DPO baseline, SD 1.5
                                UNet, 512 px, batch 8 pairs, rank 16, bf16
-``memory_sd15``        45      peak memory of the issue-5 config (``configs/sd15_mvtec.yaml``)
-                               at SD 1.5 512 px batch 4 vs :func:`apo_fast.bench.memory_plan.plan_memory`
+``memory_sd15``        70      peak memory of the issue-5 config (``configs/sd15_mvtec.yaml``)
+                               at SD 1.5 512 px batch 4 vs :func:`apo_fast.bench.memory_plan.plan_memory`,
+                               bf16 base and NF4 base (+ fp8 convolutions; target 3 GiB)
 ``memory_sdxl``        55      the same at SDXL 1024 px batch 1 (a fresh process: nothing
-                               of the SD 1.5 run stays allocated)
+                               of the SD 1.5 run stays allocated); NF4 base target 6 GiB
 ``loss_kernels``       75      ``benchmarks/bench_loss.py: run_loss_benchmarks``
 ``gated_lora_kernels`` 75      ``benchmarks/bench_gated_lora.py: run_gated_lora_benchmarks``
+                               (also the packed bases: NF4, NF4 double-quant, int8, fp8 vs
+                               peft's LoRA on bitsandbytes' layer and vs the bf16 base)
 ``step_sdxl``          80      the step benchmark with the SDXL UNet, 1024 px, batch 1 pair
 ``compile_sd15``       150     ``train.compile`` at SD 1.5 512 px batch 8 rank 16: compiled vs
                                eager apo-fast, and vs the compiled peft baseline
@@ -535,11 +538,13 @@ def part_memory(ctx: PartContext, which: str) -> dict:
     except Exception:  # noqa: BLE001 - not carried to this machine: the 8-bit state is a few MiB of a multi-GiB peak
         optimizer = "adamw"
     dry = ctx.dry_run or not ctx.cuda
-    # (name, preset, pixels, batch, target GiB from issue 5, minimum seconds to try, base quantization)
+    # (name, preset, pixels, batch, target GiB (issue 5; issue 14 for the NF4 base), minimum seconds
+    # to try, base quantization)
     cases = {
-        "sd15": [("sd15_512_b4", "sd15", 512, 4, 6.0, 30.0, "none")],
+        "sd15": [("sd15_512_b4", "sd15", 512, 4, 6.0, 30.0, "none"),
+                 ("sd15_512_b4_nf4", "sd15", 512, 4, 3.0, 30.0, "nf4")],
         "sdxl": [("sdxl_1024_b1", "sdxl", 1024, 1, 12.0, 40.0, "none"),
-                 ("sdxl_1024_b1_nf4", "sdxl", 1024, 1, None, 40.0, "nf4")],
+                 ("sdxl_1024_b1_nf4", "sdxl", 1024, 1, 6.0, 40.0, "nf4")],
     }
     cases = cases[which]
     if dry:
@@ -681,7 +686,7 @@ PARTS = (
     Part("env", 15, 5, part_env),
     Part("correctness", 40, 10, part_correctness),
     Part("step_sd15", 100, 50, part_step_sd15),
-    Part("memory_sd15", 45, 30, lambda ctx: part_memory(ctx, "sd15")),
+    Part("memory_sd15", 70, 30, lambda ctx: part_memory(ctx, "sd15")),
     Part("memory_sdxl", 55, 40, lambda ctx: part_memory(ctx, "sdxl")),
     Part("loss_kernels", 75, 30, part_loss_kernels),
     Part("gated_lora_kernels", 75, 30, part_gated_lora_kernels),

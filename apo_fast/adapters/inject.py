@@ -32,7 +32,7 @@ from apo_fast.adapters.gates import build_gate
 from apo_fast.adapters.layer import (
     GatedLoRAConv2d,
     GatedLoRALinear,
-    is_quantized_linear,
+    is_packed_base,
 )
 from apo_fast.adapters.state import (
     GATE_MODULE_NAME,
@@ -64,12 +64,13 @@ LAYER_FOR = {nn.Linear: GatedLoRALinear, nn.Conv2d: GatedLoRAConv2d}
 
 
 def _layer_class(module: nn.Module):
-    """The adapter layer for ``module``: exact types, plus the quantized linears of a
-    ``model.base_quantization`` base (bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear)."""
+    """The adapter layer for ``module``: exact types, plus the packed layers of a
+    ``model.base_quantization`` base (bitsandbytes' Linear4bit / Linear8bitLt and apo_fast's
+    Float8Linear subclass nn.Linear; Float8Conv2d subclasses nn.Conv2d)."""
     if type(module) in LAYER_FOR:
         return LAYER_FOR[type(module)]
-    if isinstance(module, nn.Linear) and is_quantized_linear(module):
-        return GatedLoRALinear
+    if is_packed_base(module):
+        return GatedLoRAConv2d if isinstance(module, nn.Conv2d) else GatedLoRALinear
     return None
 
 
@@ -119,9 +120,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise TypeError(f"target module {path!r} is a grouped convolution (groups={module.groups}); "
                             "only groups=1 takes an adapter")
-        if not module.weight.is_floating_point() and not is_quantized_linear(module):
+        if not module.weight.is_floating_point() and not is_packed_base(module):
             raise TypeError(f"target module {path!r} has a non-floating-point weight in a format the adapters do "
-                            "not read (bitsandbytes' Linear4bit / Linear8bitLt are read)")
+                            "not read (bitsandbytes' Linear4bit / Linear8bitLt and apo_fast's fp8 layers are read)")
         targets.append(path)
     if not targets:
         raise ValueError(

@@ -39,6 +39,7 @@ from apo_fast.adapters.state import GateState
 from apo_fast.ops.backend import use_triton
 from apo_fast.ops.gated_lora import gate_rows, gated_lora_linear
 from apo_fast.ops.gated_lora.packed import (
+    is_fp8_layer,
     fused_packed_format,
     gated_lora_packed_linear,
     packed_base_linear,
@@ -72,11 +73,11 @@ def _check_base_layer(base_layer, kind: type = nn.Linear) -> None:
         raise TypeError(f"base_layer must be an nn.{kind.__name__}, got {type(base_layer).__name__}")
     if kind is nn.Conv2d and base_layer.groups != 1:
         raise TypeError(f"base_layer is a grouped convolution (groups={base_layer.groups}); only groups=1 is supported")
-    if not base_layer.weight.is_floating_point() and not (kind is nn.Linear and is_quantized_linear(base_layer)
-                                                         and type(base_layer).__module__.startswith("bitsandbytes")):
+    if not base_layer.weight.is_floating_point() and not is_packed_base(base_layer):
         raise TypeError(
-            f"base_layer.weight must be floating point, or a bitsandbytes Linear4bit / Linear8bitLt "
-            f"(model.base_quantization), got {type(base_layer).__name__} with dtype {base_layer.weight.dtype}"
+            f"base_layer.weight must be floating point, or a bitsandbytes Linear4bit / Linear8bitLt or an apo_fast "
+            f"Float8Linear / Float8Conv2d (model.base_quantization), got {type(base_layer).__name__} with dtype "
+            f"{base_layer.weight.dtype}"
         )
 
 
@@ -93,9 +94,17 @@ def _gated_lora_delta(x, lora_A, lora_B, gate, scaling) -> torch.Tensor:
 
 def is_quantized_linear(module: nn.Module) -> bool:
     """A linear layer whose weight is stored packed (bitsandbytes' 4-bit or 8-bit formats, as
-    ``model.base_quantization`` or diffusers' BitsAndBytesConfig leave it)."""
+    ``model.base_quantization`` or diffusers' BitsAndBytesConfig leave it, or fp8 e4m3)."""
     weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and weight is not None and not weight.is_floating_point()
+    return isinstance(module, nn.Linear) and weight is not None and not weight.is_floating_point() and (
+        type(module).__module__.startswith("bitsandbytes") or is_fp8_layer(module))
+
+
+def is_packed_base(module: nn.Module) -> bool:
+    """A base layer the adapters wrap although its weight is not floating point: a quantized
+    linear (:func:`is_quantized_linear`) or an fp8 convolution (``apo_fast.models.fp8``)."""
+    return is_quantized_linear(module) or (isinstance(module, nn.Conv2d) and is_fp8_layer(module))
+
 
 class GatedLoRALinear(nn.Module, LoraLayer):
     """Time-gated LoRA on a frozen ``nn.Linear``, in peft's layout.
@@ -399,7 +408,8 @@ class GatedLoRAConv2d(GatedLoRALinear):
     def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         dropout = self.lora_dropout[names[0]]
         dropout_active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-        if self.pointwise and len(names) == 1 and not dropout_active and x.dim() == 4:
+        if (self.pointwise and len(names) == 1 and not dropout_active and x.dim() == 4
+                and self.base_layer.weight.is_floating_point()):  # an fp8 base convolution decodes in its forward
             return self._pointwise_forward(x, names[0])
         result = self.base_layer(x)
         out_dtype = result.dtype

@@ -44,7 +44,9 @@ key                        default                meaning
 ``fragmentation``          1.10                   caching-allocator reserve / allocated ratio
 ``extra_mib``              0                      anything else on the GPU (VAE, text encoder)
 ``base_quantization``      ``"none"``             the frozen base's linears in ``nf4`` / ``int8``
-                                                  (bitsandbytes formats; ``model.base_quantization``)
+                                                  (bitsandbytes formats) or ``fp8`` (e4m3, row
+                                                  scales); with ``nf4`` / ``fp8`` the convolutions
+                                                  in fp8 too (``model.base_quantization``)
 ``base_double_quant``      False                  NF4 with double-quantized absmax
 =========================  =====================  ===============================================
 
@@ -208,7 +210,9 @@ class MemoryPlan:
             f"- parameters: base {self.params_base:,}, trainable {self.params_trainable:,}"
             + ("" if c["base_quantization"] == "none" else
                f"; the base's linear layers in {c['base_quantization']}"
-               f"{' (double-quantized absmax)' if c['base_double_quant'] else ''}, the rest in {c['precision']}"),
+               f"{' (double-quantized absmax)' if c['base_double_quant'] else ''}"
+               f"{', convolutions in fp8 e4m3' if c['base_quantization'] in ('nf4', 'fp8') else ''}"
+               f", the rest in {c['precision']}"),
             f"- attention {c['attention']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
             f"optimizer {c['optimizer']}",
             f"- ZeRO stage {c['zero_stage']} on {c['world_size']} rank(s), offload optimizer "
@@ -355,18 +359,23 @@ def optimizer_state_bytes(name: str, param_sizes: list[int], flat: bool) -> int:
 
 def _base_weight_bytes(unet: nn.Module, c: dict, wb: int) -> tuple[int, int]:
     """(bytes of the frozen base, the largest transient dequantized weight): linear weights in the
-    ``base_quantization`` format (apo_fast.models.quantize: what NF4 cannot hold stays), the rest
-    in the compute dtype. bitsandbytes dequantizes one layer's weight at a time for its matmul."""
+    ``base_quantization`` format (apo_fast.models.quantize: what NF4 cannot hold stays), the
+    convolutions in fp8 e4m3 for ``nf4`` and ``fp8``, the rest in the compute dtype.
+    bitsandbytes dequantizes one layer's weight at a time for its matmul, and an fp8 convolution
+    decodes its weight for its call."""
     kind = c["base_quantization"]
     total = sum(p.numel() for p in unet.parameters()) * wb
     if kind == "none":
         return total, 0
     buffer = 0
     for module in unet.modules():
-        if type(module) is not nn.Linear or (kind == "nf4" and module.weight.numel() % NF4_BLOCKSIZE):
+        if type(module) is nn.Linear and not (kind == "nf4" and module.weight.numel() % NF4_BLOCKSIZE):
+            n, rows, fmt = module.weight.numel(), module.out_features, kind
+        elif type(module) is nn.Conv2d and kind in ("nf4", "fp8"):
+            n, rows, fmt = module.weight.numel(), module.out_channels, "fp8"
+        else:
             continue
-        n = module.weight.numel()
-        total += quantized_bytes(n, module.out_features, kind, c["base_double_quant"]) - n * wb
+        total += quantized_bytes(n, rows, fmt, c["base_double_quant"] and fmt == "nf4") - n * wb
         buffer = max(buffer, n * wb)
     return total, buffer
 

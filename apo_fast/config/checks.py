@@ -102,8 +102,32 @@ def _check_model(m) -> None:
     _choice("model.base_quantization", m.base_quantization, C.BASE_QUANTIZATIONS)
     if m.base_double_quant and m.base_quantization != "nf4":
         raise ConfigError("model.base_double_quant is an NF4 option; set model.base_quantization: nf4")
+    if m.base_quantization in ("nf4", "fp8") and not _torch_has_float8():
+        what = "base" if m.base_quantization == "fp8" else "convolutions"
+        raise ConfigError(
+            f"model.base_quantization: {m.base_quantization} stores the {what} in fp8 e4m3, which needs "
+            f"torch.float8_e4m3fn (torch >= 2.1); this torch {_torch_version()} has none: upgrade torch, or "
+            "choose model.base_quantization: int8")
     if m.latent and not (m.pretrained or m.vae):
         raise ConfigError("model.latent is true but neither model.pretrained nor model.vae names a VAE")
+
+
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _torch_has_float8() -> bool:
+    """torch >= 2.1 (its float8 dtypes), read from the installed package's metadata (no torch import here)."""
+    parts = _torch_version().split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (2, 1)
+    except (ValueError, IndexError):
+        return False
 
 
 def _check_data(d) -> None:

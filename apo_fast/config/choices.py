@@ -25,7 +25,9 @@ DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # train_diffusion_dpo.py --l
 
 # models (apo_fast.models)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-BASE_QUANTIZATIONS = ("none", "nf4", "int8")  # storage of the frozen base's linear layers (bitsandbytes formats)
+# storage of the frozen base's linear layers (nf4, int8: bitsandbytes formats; fp8: e4m3 + row
+# scales); with nf4 and fp8 the convolutions are stored in fp8 e4m3 too
+BASE_QUANTIZATIONS = ("none", "nf4", "int8", "fp8")
 NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' beta_schedule names
 ATTENTION = ("auto", "xformers", "sdpa")
 # torch.compile modes (train.compile.mode, sample.compile.mode); reduce-overhead adds CUDA graphs

@@ -62,7 +62,8 @@ class ModelConfig:
     text_encoder: str | None = None  # diffusers folder with tokenizer/ + text_encoder/ (default: pretrained)
     local_files_only: bool = True
     # The frozen base's linear layers in bitsandbytes' NF4 (blocks of 64; base_double_quant also
-    # quantizes the absmax) or LLM.int8 format (apo_fast.models.quantize); none: the compute dtype.
+    # quantizes the absmax) or LLM.int8 format, or fp8 e4m3 with row scales; with nf4 and fp8 the
+    # convolutions in fp8 e4m3 too (apo_fast.models.quantize); none: the compute dtype.
     base_quantization: str = "none"
     base_double_quant: bool = False
 

@@ -1,17 +1,19 @@
 """A frozen base stored in fewer bits (``model.base_quantization``): the UNet's linear layers as
 bitsandbytes' own ``Linear4bit`` (NF4, blocks of 64, fp32 absmax, optionally double-quantized)
 or ``Linear8bitLt`` (LLM.int8 row-wise), so a UNet that diffusers loaded with
-``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` is the same thing.
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` is the same thing, or
+in fp8 e4m3 with a per-row fp32 scale (``fp8``, :mod:`apo_fast.models.fp8`; no bitsandbytes
+needed). With ``nf4`` or ``fp8`` the convolutions (which bitsandbytes does not quantize) are
+stored in fp8 e4m3 with a per-output-channel scale too; norms and biases keep the compute
+dtype.
 
 The adapters then wrap the quantized layers; the reference pass (adapters off) runs the same
 packed base, so policy and reference see one base. On the Triton path (CUDA, or the
-interpreter) an NF4 layer without double quantization, or an int8 one, runs the base
-matmuls of the forward and of dx in ``apo_fast.kernels.gated_lora_packed``, which
-dequantizes the packed weight inside the K loop (no full-precision copy of W is written;
-int8 there is weight-only: the activations stay in the compute dtype); double-quantized
-NF4, and every layer off the Triton path, run bitsandbytes' own matmul plus the PyTorch
-low-rank branch. Convolutions, norms and biases
-keep the compute dtype.
+interpreter) every quantized linear (NF4 with or without double quantization, int8, fp8)
+runs the base matmuls of the forward and of dx in ``apo_fast.kernels.gated_lora_packed``,
+which dequantizes the packed weight inside the K loop (no full-precision copy of W is
+written; int8 there is weight-only: the activations stay in the compute dtype); off it
+bitsandbytes' own matmul (or the fp8 layer's decode) plus the PyTorch low-rank branch run.
 
 bitsandbytes 0.50.2's CPU ``dequantize_4bit`` (and its CPU ``Linear4bit`` forward) misdecodes
 weights whose in_features is a multiple of 16 but not of 64 (measured for 32 and 48: every
@@ -28,7 +30,7 @@ from torch import nn
 
 from apo_fast.config.choices import BASE_QUANTIZATIONS
 
-__all__ = ["NF4_BLOCKSIZE", "quantize_base", "quantize_linears", "quantized_bytes"]
+__all__ = ["NF4_BLOCKSIZE", "quantize_base", "quantize_convs", "quantize_linears", "quantized_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ def _bitsandbytes():
 
 
 def _quantized(linear: nn.Linear, kind: str, double_quant: bool, compute_dtype: torch.dtype) -> nn.Module:
+    if kind == "fp8":
+        from apo_fast.models.fp8 import Float8Linear
+
+        return Float8Linear(linear, compute_dtype)
     bnb = _bitsandbytes()
     weight = linear.weight.data.detach().to(torch.float32).clone()
     device = linear.weight.device
@@ -66,11 +72,13 @@ def _quantized(linear: nn.Linear, kind: str, double_quant: bool, compute_dtype: 
 def quantize_linears(model: nn.Module, kind: str, *, double_quant: bool = False,
                      compute_dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (before adapters are injected) by its ``kind``
-    (``nf4`` | ``int8``) bitsandbytes form, in place; returns the replaced module paths.
+    form (``nf4`` | ``int8``: bitsandbytes'; ``fp8``: :class:`~apo_fast.models.fp8.Float8Linear`),
+    in place; returns the replaced module paths.
 
     Layers NF4 cannot hold (a weight whose element count is not a multiple of its 64-element
     blocks) stay in the compute dtype, said in the log. Raises ValueError for an unknown
-    ``kind`` and ImportError without bitsandbytes.
+    ``kind``, ImportError without bitsandbytes (nf4, int8) and RuntimeError for fp8 on a torch
+    without float8 dtypes.
     """
     if kind not in BASE_QUANTIZATIONS or kind == "none":
         raise ValueError(f"kind must be one of {tuple(k for k in BASE_QUANTIZATIONS if k != 'none')}, got {kind!r}")
@@ -91,31 +99,53 @@ def quantize_linears(model: nn.Module, kind: str, *, double_quant: bool = False,
     return replaced
 
 
+def quantize_convs(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every ``nn.Conv2d`` of ``model`` by a :class:`~apo_fast.models.fp8.Float8Conv2d`
+    (e4m3 weight, per-output-channel fp32 scale), in place; returns the replaced paths."""
+    from apo_fast.models.fp8 import Float8Conv2d
+
+    replaced = []
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(module, name, Float8Conv2d(child, compute_dtype))
+                replaced.append(f"{path}.{name}" if path else name)
+    return replaced
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    """Parameter and buffer bytes (the fp8 scales are buffers)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 def quantize_base(unet: nn.Module, cfg, device: torch.device) -> list[str]:
     """``cfg.model.base_quantization`` applied to a freshly built UNet (before the adapters), on
-    ``device``, with the compute dtype of ``cfg.train.mixed_precision``; logs the weight bytes."""
+    ``device``, with the compute dtype of ``cfg.train.mixed_precision`` (the convolutions in fp8
+    for ``nf4`` and ``fp8``); logs the weight bytes and returns the replaced layers' paths."""
     kind = cfg.model.base_quantization
     if kind == "none":
         return []
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
-    before = sum(p.numel() * p.element_size() for p in unet.parameters())
+    before = _stored_bytes(unet)
     unet.to(device)
     names = quantize_linears(unet, kind, double_quant=cfg.model.base_double_quant, compute_dtype=compute)
-    after = sum(p.numel() * p.element_size() for p in unet.parameters())
-    log.info("frozen base: %d linear layers in %s%s; UNet weights %.1f MB -> %.1f MB", len(names), kind,
-             " (double-quantized absmax)" if cfg.model.base_double_quant else "", before / 2**20, after / 2**20)
-    return names
+    convs = quantize_convs(unet, compute) if kind in ("nf4", "fp8") else []
+    after = _stored_bytes(unet)
+    log.info("frozen base: %d linear layers in %s%s, %d convolutions in %s; UNet weights %.1f MB -> %.1f MB",
+             len(names), kind, " (double-quantized absmax)" if cfg.model.base_double_quant else "", len(convs),
+             "fp8 e4m3" if convs else str(compute).replace("torch.", ""), before / 2**20, after / 2**20)
+    return names + convs
 
 
 def quantized_bytes(numel: int, out_features: int, kind: str, double_quant: bool = False) -> int:
     """Bytes a linear weight of ``numel`` elements takes in ``kind`` (the memory planner's count):
     NF4 packs two codes per byte plus an fp32 absmax per 64-element block (an 8-bit absmax plus a
-    second-level fp32 absmax per 256 blocks when double-quantized); int8 one byte per element plus
-    an fp32 scale per output row."""
+    second-level fp32 absmax per 256 blocks when double-quantized); int8 and fp8 one byte per
+    element plus an fp32 scale per output row (channel, for a convolution)."""
     if kind == "nf4":
         blocks = -(-numel // NF4_BLOCKSIZE)
         absmax = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
         return -(-numel // 2) + absmax
-    if kind == "int8":
+    if kind in ("int8", "fp8"):
         return numel + 4 * out_features
-    raise ValueError(f"kind must be nf4 or int8, got {kind!r}")
+    raise ValueError(f"kind must be nf4, int8 or fp8, got {kind!r}")

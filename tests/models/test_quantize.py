@@ -1,7 +1,8 @@
-"""A frozen base in bitsandbytes' NF4 / int8 formats (`model.base_quantization`): the layers are
-bitsandbytes' own, the gated adapter on top matches its float64 formula with the weight taken
-from bitsandbytes' own dequantization, the reference pass runs the same packed base, and a
-tiny UNet trains, saves the same adapter file and resumes exactly."""
+"""A frozen base in bitsandbytes' NF4 / int8 formats or fp8 e4m3 (`model.base_quantization`):
+the layers are bitsandbytes' own (or apo_fast's fp8 ones), the gated adapter on top matches its
+float64 formula with the weight taken from bitsandbytes' own dequantization (torch's float8
+conversion for fp8), the reference pass runs the same packed base, convolutions go to fp8 with
+nf4 and fp8, and a tiny UNet trains, saves the same adapter file and resumes exactly."""
 from __future__ import annotations
 
 import json
@@ -37,21 +38,28 @@ class _Block(nn.Module):
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
-    """The weight as bitsandbytes itself decodes it (the format check: bit-compatible)."""
+    """The weight as bitsandbytes itself decodes it (the format check: bit-compatible), or as
+    torch's float8_e4m3fn conversion decodes an fp8 layer's bytes."""
     w = layer.weight
+    if getattr(layer, "weight_format", None) == "fp8_e4m3":
+        return w.data.view(torch.float8_e4m3fn).to(F64) * layer.scale.to(F64).reshape(-1, *[1] * (w.dim() - 1))
     if w.dtype == torch.uint8:
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(F64)
     return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).to(F64)
 
 
-@pytest.mark.parametrize("kind, double", [("nf4", False), ("nf4", True), ("int8", False)])
+KINDS = [("nf4", False), ("nf4", True), ("int8", False), ("fp8", False)]
+
+
+@pytest.mark.parametrize("kind, double", KINDS)
 def test_quantized_base_and_gated_adapter_match_float64(kind, double):
     torch.manual_seed(0)
     model = _Block()
     names = quantize_linears(model, kind, double_quant=double)
     assert names == (["to_q"] if kind == "nf4" else ["to_q", "odd"])
     base = model.to_q
-    assert type(base).__module__.startswith("bitsandbytes") and not base.weight.is_floating_point()
+    owner = "apo_fast.models.fp8" if kind == "fp8" else "bitsandbytes"
+    assert type(base).__module__.startswith(owner) and not base.weight.is_floating_point()
     inject_adapters(model, AdapterConfig(r=5, lora_alpha=10.0, target_modules=("to_q",),
                                          gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
     layer = dict(gated_layers(model))["to_q"]
@@ -68,7 +76,7 @@ def test_quantized_base_and_gated_adapter_match_float64(kind, double):
     B = layer.lora_B["default"].weight.detach().to(F64).requires_grad_(True)
     delta = (((x.to(F64) @ A.t()) * gate.to(F64)[:, None, :]) * 2.0) @ B.t()
     torch.testing.assert_close(y.to(F64), base_out.to(F64) + delta, rtol=1e-5, atol=1e-5)
-    if kind == "nf4":  # bitsandbytes' 4-bit matmul is x @ dequantize(W)^T exactly
+    if kind in ("nf4", "fp8"):  # bitsandbytes' 4-bit matmul (the fp8 layer's) is x @ dequantize(W)^T exactly
         want = x.to(F64) @ _dequantized(layer.base_layer).t() + layer.base_layer.bias.to(F64)
         torch.testing.assert_close(base_out.to(F64), want, rtol=1e-5, atol=1e-5)
     (y.square().sum()).backward()
@@ -81,12 +89,14 @@ def test_quantized_base_and_gated_adapter_match_float64(kind, double):
         layer.merge()
 
 
-@pytest.mark.parametrize("kind, double", [("nf4", False), ("nf4", True), ("int8", False)])
+@pytest.mark.parametrize("kind, double", KINDS)
 def test_planner_bytes_match_the_packed_tensors(kind, double):
     model = _Block(128, 96)
     quantize_linears(model, kind, double_quant=double)
     w = model.to_q.weight
-    if kind == "nf4":
+    if kind == "fp8":
+        actual = w.numel() + model.to_q.weight_scale.numel()  # e4m3 bytes + the fp32 scales' bytes
+    elif kind == "nf4":
         state = w.quant_state
         actual = w.data.numel() + state.absmax.numel() * state.absmax.element_size()
         if double:
@@ -116,8 +126,55 @@ def _train(cfg):
     return [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
+def test_fp8_convolutions_follow_the_format_and_take_adapters():
+    """nf4 / fp8 store the convolutions in e4m3 with a per-output-channel scale: the layer
+    equals the float64 convolution with the decoded weight, the decoded weight is within
+    e4m3's rounding of the original, a module-wide cast leaves the bytes and scales whole, and
+    a gated adapter on it (pointwise and 3x3) matches base + branch."""
+    from apo_fast.models.fp8 import Float8Conv2d
+    from apo_fast.models.quantize import quantize_convs
+
+    torch.manual_seed(2)
+    net = nn.Module()
+    net.conv = nn.Conv2d(6, 10, 3, padding=1)
+    net.proj = nn.Conv2d(10, 7, 1)
+    original = net.conv.weight.detach().to(F64).clone()
+    assert quantize_convs(net) == ["conv", "proj"]
+    conv = net.conv
+    assert isinstance(conv, Float8Conv2d) and conv.weight.dtype == torch.uint8
+    w = _dequantized(conv)
+    scale = conv.scale.to(F64)[:, None, None, None]
+    v = (original / scale).abs()
+    bound = torch.where(v >= 2 ** -6, 2 ** -4 * original.abs(), 2 ** -10 * scale.expand_as(original))
+    assert ((w - original).abs() <= bound * (1 + 1e-6)).all()  # round to nearest e4m3
+    x = torch.randn(2, 6, 5, 9)
+    want = torch.nn.functional.conv2d(x.to(F64), w, conv.bias.to(F64), padding=1)
+    torch.testing.assert_close(conv(x).to(F64), want, rtol=1e-5, atol=1e-5)
+    scales = conv.scale.clone()
+    net.half()
+    assert conv.weight.dtype == torch.uint8 and torch.equal(conv.scale, scales)
+    net.float()
+    inject_adapters(net, AdapterConfig(r=3, target_modules=("conv", "proj"), gate=GateConfig(kind="constant")))
+    for name, layer in gated_layers(net):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.3)
+        inp = x if name == "conv" else torch.randn(2, 10, 5, 9)
+        with torch.no_grad():
+            down, up = layer.lora_A["default"], layer.lora_B["default"]
+            torch.testing.assert_close(layer(inp), layer.base_layer(inp) + up(down(inp)) * layer.scaling["default"])
+
+
+def test_fp8_refuses_what_it_cannot_hold():
+    from apo_fast.models.fp8 import fp8_quantize
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fp8_quantize(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="2 or more dims"):
+        fp8_quantize(torch.ones(4))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "int8", "fp8"])
 def test_training_on_a_quantized_base_saves_the_same_file_and_resumes_exactly(tmp_path, kind):
     from safetensors import safe_open
 
@@ -149,6 +206,8 @@ def test_sampling_a_run_uses_its_quantized_base(tmp_path):
     run = load_run(tmp_path / "run", device="cpu")
     quantized = [m for m in run.unet.modules() if type(m).__name__ == "Linear4bit"]
     assert quantized and all(m.weight.dtype == torch.uint8 for m in quantized)
+    convs = [m for m in run.unet.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m).__name__ == "Float8Conv2d" for m in convs)  # nf4: convolutions in fp8
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -159,6 +218,16 @@ def test_sampling_a_run_uses_its_quantized_base(tmp_path):
 def test_quantization_settings_are_checked_before_any_work(tmp_path, overrides, words):
     with pytest.raises(ConfigError, match=words):
         _cfg(tmp_path, *overrides)
+
+
+@pytest.mark.parametrize("kind, words", [("fp8", "stores the base in fp8"), ("nf4", "stores the convolutions")])
+def test_fp8_without_float8_dtypes_is_refused_with_what_to_choose(tmp_path, monkeypatch, kind, words):
+    import apo_fast.config.checks as checks
+
+    monkeypatch.setattr(checks, "_torch_version", lambda: "2.0.1")
+    with pytest.raises(ConfigError, match=f"(?s){words}.*torch.float8_e4m3fn.*int8"):
+        _cfg(tmp_path, f"model.base_quantization={kind}")
+    _cfg(tmp_path, "model.base_quantization=int8")  # int8 needs no float8 dtype
 
 
 def test_blocksize_is_bitsandbytes_default():
@@ -178,12 +247,16 @@ def test_the_memory_planner_counts_the_packed_base():
     c = normalize_config(settings)
     unet = build_meta_unet(c["unet_config"], torch.float32)
     linears = [m for m in unet.modules() if type(m) is nn.Linear]
-    for kind in ("nf4", "int8"):
+    convs = [m for m in unet.modules() if type(m) is nn.Conv2d]
+    for kind in ("nf4", "int8", "fp8"):
         quant = plan_memory({**settings, "base_quantization": kind})
-        held = [m for m in linears if kind == "int8" or m.weight.numel() % NF4_BLOCKSIZE == 0]
+        held = [m for m in linears if kind != "nf4" or m.weight.numel() % NF4_BLOCKSIZE == 0]
         saved = sum(m.weight.numel() * 4 - quantized_bytes(m.weight.numel(), m.out_features, kind) for m in held)
+        fp8_convs = convs if kind in ("nf4", "fp8") else []  # convolutions in e4m3 + a scale per output channel
+        saved += sum(m.weight.numel() * 3 - 4 * m.out_channels for m in fp8_convs)
         assert plain.weights - quant.weights == saved > 0
-        assert quant.workspace - plain.workspace == max(m.weight.numel() * 4 for m in held)  # one dequantized layer
+        largest = max(m.weight.numel() * 4 for m in held + fp8_convs)  # one dequantized layer at a time
+        assert quant.workspace - plain.workspace == largest
     with pytest.raises(ValueError, match="ZeRO-3"):
         plan_memory({**settings, "base_quantization": "nf4", "zero_stage": 3})
 

@@ -93,6 +93,9 @@ def test_gated_lora_op_matches_float64_autograd(impl):
     torch.testing.assert_close(h, (x @ A.t()).detach(), rtol=1e-5, atol=1e-5)
 
 
+PACKED_KINDS = ["nf4", "nf4_double", "int8", "fp8"]
+
+
 def _packed_args(kind: str):
     from apo_fast.models.quantize import quantize_linears
     from apo_fast.ops.gated_lora.packed import _format_tensors, fused_packed_format
@@ -101,35 +104,36 @@ def _packed_args(kind: str):
     torch.manual_seed(4)
     holder = torch.nn.Module()
     holder.lin = torch.nn.Linear(64, 24)
-    quantize_linears(holder, kind, double_quant=False)
+    quantize_linears(holder, kind.removesuffix("_double"), double_quant=kind.endswith("_double"))
     layer = holder.lin
     fmt = fused_packed_format(layer)
     assert fmt is not None
     return layer, fmt, _format_tensors(layer, fmt, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", PACKED_KINDS)
 def test_opcheck_packed_matmul(impl, kind):
-    layer, fmt, (qweight, scales, code) = _packed_args(kind)
+    layer, fmt, (qweight, scales, code, scales2) = _packed_args(kind)
     a = torch.randn(5, layer.in_features, requires_grad=True)
     add = torch.randn(5, layer.out_features, requires_grad=True)
     bias = layer.bias.detach().clone().requires_grad_()
-    args = (a, qweight, scales, code, bias, add, fmt, False, layer.out_features, layer.in_features)
+    args = (a, qweight, scales, code, scales2, bias, add, fmt, False, layer.out_features, layer.in_features)
     torch.library.opcheck(torch.ops.apo_fast.packed_matmul.default, args)
     dy = torch.randn(5, layer.out_features, requires_grad=True)
     torch.library.opcheck(torch.ops.apo_fast.packed_matmul.default,
-                          (dy, qweight, scales, code, None, None, fmt, True, layer.out_features, layer.in_features))
+                          (dy, qweight, scales, code, scales2, None, None, fmt, True, layer.out_features,
+                           layer.in_features))
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", PACKED_KINDS)
 def test_packed_matmul_equals_the_decoded_weight_product(impl, kind):
     from apo_fast.ops.gated_lora.packed import dequantize_packed
 
-    layer, fmt, (qweight, scales, code) = _packed_args(kind)
-    weight = dequantize_packed(qweight, scales, code, fmt, layer.out_features, layer.in_features).double()
+    layer, fmt, (qweight, scales, code, scales2) = _packed_args(kind)
+    weight = dequantize_packed(qweight, scales, code, scales2, fmt, layer.out_features, layer.in_features).double()
     a = torch.randn(6, layer.in_features, requires_grad=True)
-    y = torch.ops.apo_fast.packed_matmul(a, qweight, scales, code, None, None, fmt, False, layer.out_features,
-                                         layer.in_features)
+    y = torch.ops.apo_fast.packed_matmul(a, qweight, scales, code, scales2, None, None, fmt, False,
+                                         layer.out_features, layer.in_features)
     want = a.detach().double() @ weight.t()
     assert ((y.double() - want).abs().max() / want.abs().max()) < 1e-5
     y.sum().backward()
