@@ -10,6 +10,12 @@ scores them with the fidelity judge (:mod:`apo_fast.eval.judge`, trained once on
 held-out real anomalies). Writes ``<out>/ablation.md`` (one row per variant: right-kind
 rate guided/free, looks-like-the-product rate, judge KID, the last-20 training loss,
 wall time) and ``<out>/<variant>/kinds.png`` (real and generated anomalies per kind).
+
+``sample.*`` overrides change sampling only: a variant whose other overrides equal an
+earlier variant's (same seed) samples that variant's trained run instead of training
+again (``train_s`` is then 0), e.g. ``--variant const600=... --variant
+"const600_sa4=...,sample.s_align=4"``. A run folder that already holds trained adapters
+is reused too.
 """
 from __future__ import annotations
 
@@ -71,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     judge = data = real = None
+    trained: dict[tuple, Path] = {}  # (training overrides, seed) -> the run folder trained with them
     for text in args.variant:
         name, sets = parse_variant(text)
+        train_key = tuple(sorted(kv for kv in sets if not kv.startswith("sample.")))
         for seed in args.seed or [0]:
-            run = out / f"{name}-seed{seed}"
+            run = trained.get((train_key, seed), out / f"{name}-seed{seed}")
+            trained.setdefault((train_key, seed), run)
             cfg = demo_config(str(run), [f"model.pretrained={base / 'base_unet'}", "model.subfolder=",
                                          f"model.conditions={base / 'base_conditions.safetensors'}",
                                          "train.progress=false", f"train.seed={seed}", *args.overrides, *sets])
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             train_s = time.perf_counter() - start
             ecfg = cfg.eval
             ecfg.num_per_defect = args.num
-            syn = generate_synthetic(run, data, ecfg, device="cpu")
+            syn = generate_synthetic(run, data, ecfg, device="cpu", sample=cfg.sample)
             row = {"variant": name, "seed": seed, "overrides": sets, "train_s": round(train_s, 1),
                    "loss_last20": _tail_mean(run / "train_log.jsonl", "loss", 20),
                    "acc_last20": _tail_mean(run / "train_log.jsonl", "implicit_acc", 20)}
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                 m = judge_metrics(judge, syn.images[sel], syn.masks[sel], [syn.defects[i] for i in sel], real,
                                   kid_subsets=20)
                 row.update({f"{k}_{mode}": v for k, v in m.items()})
-            save_kind_sheet(run / "kinds.png", data, {name: syn})
+            sheet = out / f"{name}-seed{seed}" / "kinds.png"
+            sheet.parent.mkdir(parents=True, exist_ok=True)
+            save_kind_sheet(sheet, data, {name: syn})
             rows.append(row)
             print(json.dumps(row), flush=True)
     (out / "ablation.json").write_text(json.dumps({"judge_val_accuracy": judge.val_accuracy,

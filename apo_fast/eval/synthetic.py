@@ -84,12 +84,14 @@ def split_counts(num: int, guided_fraction: float) -> tuple[int, int]:
 
 
 def generate_synthetic(
-    run_dir: str | Path, data: EvalData, ecfg: EvalConfig, *, device: str = "auto", progress: bool = False
+    run_dir: str | Path, data: EvalData, ecfg: EvalConfig, *, device: str = "auto", progress: bool = False,
+    sample=None,
 ) -> SyntheticSet:
     """``ecfg.num_per_defect`` anomalies per defect type from a trained run (APO or the LoRA baseline).
 
     Seeds depend only on ``ecfg.sample_seed`` and the defect's position, so two
-    runs get the same guides and the same initial noise.
+    runs get the same guides and the same initial noise. ``sample`` (a ``SampleConfig``)
+    replaces the run's own sampling settings (a sampling-only ablation of one trained run).
     """
     from apo_fast.data import category_augment
     from apo_fast.sampling.runs import generate_for_defect, load_run
@@ -97,6 +99,8 @@ def generate_synthetic(
     run = load_run(run_dir, device=device)
     if run.cfg.data.category != data.category:
         raise ValueError(f"run {run_dir} was trained on {run.cfg.data.category!r}, the data is {data.category!r}")
+    if sample is not None:
+        run.cfg.sample = sample
     if ecfg.num_inference_steps is not None:
         run.cfg.sample.num_inference_steps = ecfg.num_inference_steps
     mode = category_augment(data.category, data.normal_train)
