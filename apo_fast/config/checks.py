@@ -102,6 +102,10 @@ def _check_model(m) -> None:
     _choice("model.base_quantization", m.base_quantization, C.BASE_QUANTIZATIONS)
     if m.base_double_quant and m.base_quantization != "nf4":
         raise ConfigError("model.base_double_quant is an NF4 option; set model.base_quantization: nf4")
+    if m.base_quantization in ("nf4", "int8") and not _installed("bitsandbytes"):
+        raise ConfigError(
+            f"model.base_quantization: {m.base_quantization} uses bitsandbytes' format, and bitsandbytes is not "
+            "installed: pip install bitsandbytes, or choose model.base_quantization: fp8 (no bitsandbytes needed)")
     if m.base_quantization in ("nf4", "fp8") and not _torch_has_float8():
         what = "base" if m.base_quantization == "fp8" else "convolutions"
         raise ConfigError(
@@ -110,6 +114,12 @@ def _check_model(m) -> None:
             "choose model.base_quantization: int8")
     if m.latent and not (m.pretrained or m.vae):
         raise ConfigError("model.latent is true but neither model.pretrained nor model.vae names a VAE")
+
+
+def _installed(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
 
 
 def _torch_version() -> str:

@@ -230,6 +230,16 @@ def test_fp8_without_float8_dtypes_is_refused_with_what_to_choose(tmp_path, monk
     _cfg(tmp_path, "model.base_quantization=int8")  # int8 needs no float8 dtype
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_bitsandbytes_format_without_bitsandbytes_is_refused_before_any_work(tmp_path, monkeypatch, kind):
+    import apo_fast.config.checks as checks
+
+    monkeypatch.setattr(checks, "_installed", lambda name: name != "bitsandbytes")
+    with pytest.raises(ConfigError, match="(?s)bitsandbytes is not installed.*fp8"):
+        _cfg(tmp_path, f"model.base_quantization={kind}")
+    _cfg(tmp_path, "model.base_quantization=fp8")
+
+
 def test_blocksize_is_bitsandbytes_default():
     w = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4").to("cpu")
     assert w.quant_state.blocksize == NF4_BLOCKSIZE
