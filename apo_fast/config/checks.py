@@ -259,6 +259,9 @@ def _check_eval(e: EvalConfig) -> None:
     for key in ("segmenter_steps", "segmenter_batch_size", "segmenter_channels", "segmenter_depth",
                 "kid_subsets", "segmenter_lr", "judge_steps"):
         _positive(f"eval.{key}", getattr(e, key))
+    if isinstance(e.generator_seeds, bool) or not isinstance(e.generator_seeds, int) or e.generator_seeds < 1:
+        raise ConfigError(f"eval.generator_seeds must be an integer >= 1 (generators trained per source); "
+                          f"got {e.generator_seeds!r}")
     if e.kid_subset_size < 2:
         raise ConfigError(f"eval.kid_subset_size must be >= 2; got {e.kid_subset_size}")
     _choice("eval.lpips_net", e.lpips_net, C.LPIPS_NETS)

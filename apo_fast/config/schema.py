@@ -198,6 +198,10 @@ class EvalConfig:
     sample_seed: int = 2024
     lora_run: str | None = None  # LoRA-baseline run folder (None: "<run>-lora" beside the APO run)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one segmenter per source and seed
+    # generators trained per generated source: the run itself and generator_seeds - 1 more from
+    # its config with train.seed + k (<run>-gen<k>, and its LoRA baseline <run>-gen<k>-lora), so
+    # the spread covers the generator's training as well as the detector's
+    generator_seeds: int = 2
     segmenter_steps: int = 300
     segmenter_batch_size: int = 8
     segmenter_lr: float = 1e-3

@@ -55,7 +55,7 @@ import torch
 from apo_fast.config import APOConfig, EvalConfig, load_config, validate_config
 from apo_fast.eval.eval_data import EvalData, load_eval_data
 from apo_fast.eval.judging import judge_lines, judge_sources, save_kind_sheet
-from apo_fast.eval.runs import ensure_apo_run, ensure_lora_run
+from apo_fast.eval.runs import ensure_apo_run, ensure_generator_run, ensure_lora_run
 from apo_fast.eval.synthetic import (
     GENERATED_SOURCES,
     SyntheticSet,
@@ -63,6 +63,7 @@ from apo_fast.eval.synthetic import (
     generate_synthetic,
     split_counts,
 )
+from apo_fast.eval.report import mean_over_generators
 from apo_fast.eval.verdict import compare_sources, margin_lines
 from apo_fast.machine import loadavg
 
@@ -139,26 +140,42 @@ def evaluate(
             ensure_apo_run(cfg, run_dir, train_missing=train_missing, progress=progress)
         run_cfg = load_config(run_dir / "config.yaml")
         _check_same_data(cfg, run_cfg, run_dir)
-        runs = {"apo": str(run_dir)}
-        if "lora" in ecfg.sources:
-            with clock.phase("lora_run_s"):
-                runs["lora"] = str(ensure_lora_run(run_dir, ecfg.lora_run, train_missing=train_missing,
-                                                   progress=progress))
+        generators = [_generator_runs(run_dir, k, ecfg, train_missing, progress, clock)
+                      for k in range(ecfg.generator_seeds)]
+        runs = {**generators[0], "generators": generators}
         with clock.phase("synthesis_s"):
             data = load_eval_data(run_cfg, ecfg.guide_normals)
-            synthetic = _synthesize(data, ecfg, runs, device, progress, clock.say)
+            synthetic_by_generator = [_synthesize(data, ecfg, g, device, progress, clock.say, k)
+                                      for k, g in enumerate(generators)]
         generation: dict[str, dict] = {}
         if ecfg.generation_metrics:
             with clock.phase("generation_metrics_s"):
-                generation = _generation_scores(data, synthetic, ecfg, device)
+                generation = mean_over_generators([_generation_scores(data, syn, ecfg, device)
+                                                   for syn in synthetic_by_generator])
         judge_record = None
         if ecfg.judge:
             with clock.phase("judge_s"):
-                judge_record = judge_sources(data, synthetic, ecfg, generation)
+                judge_record = judge_sources(data, synthetic_by_generator, ecfg, generation)
         with clock.phase("downstream_s"):
-            downstream = _downstream(data, synthetic, ecfg, device, progress, clock.say)
-    results = _Results(runs, data, synthetic, downstream, generation, judge_record)
+            downstream = _downstream(data, synthetic_by_generator, ecfg, device, progress, clock.say)
+    results = _Results(runs, data, synthetic_by_generator[0], downstream, generation, judge_record)
     return _write_eval_report(out_dir, run_dir, ecfg, results, clock, device)
+
+
+def _generator_runs(run_dir: Path, k: int, ecfg: EvalConfig, train_missing: bool, progress: bool,
+                    clock: "_Phases") -> dict[str, str]:
+    """Generator ``k``'s APO run (the run itself for 0) and, when ``lora`` is a source, its baseline."""
+    suffix = "" if k == 0 else f"_gen{k}"
+    apo = run_dir
+    if k:  # generator 0 is the run itself, trained (or found) before
+        with clock.phase(f"apo_run{suffix}_s"):
+            apo = ensure_generator_run(run_dir, k, train_missing=train_missing, progress=progress)
+    runs = {"apo": str(apo)}
+    if "lora" in ecfg.sources:
+        with clock.phase(f"lora_run{suffix}_s"):
+            runs["lora"] = str(ensure_lora_run(apo, ecfg.lora_run if k == 0 else None, train_missing=train_missing,
+                                               progress=progress))
+    return runs
 
 
 @dataclass
@@ -194,18 +211,21 @@ class _Phases:
 
 
 def _synthesize(data: EvalData, ecfg: EvalConfig, runs: dict, device: str, progress: bool,
-                say: Callable[[str], None]) -> dict[str, SyntheticSet | None]:
-    """Every source's synthetic anomalies (``none``: no anomalies, normals only)."""
+                say: Callable[[str], None], k: int = 0) -> dict[str, SyntheticSet | None]:
+    """Every source's synthetic anomalies for generator ``k`` (``none``: no anomalies, normals
+    only; CutPaste, which has no generator, pastes with a seed of its own per ``k``). The
+    generated sources sample every generator with the same seeds: they differ by training only."""
     synthetic: dict[str, SyntheticSet | None] = {}
     num = ecfg.num_per_defect * len(data.defects)
     for source in ecfg.sources:
         if source == "none":
             synthetic[source] = None
         elif source == "cutpaste":
-            synthetic[source] = cutpaste_synthetic(data, num, ecfg.sample_seed)
+            synthetic[source] = cutpaste_synthetic(data, num, ecfg.sample_seed + 7919 * k)
         else:
             synthetic[source] = generate_synthetic(runs[source], data, ecfg, device=device, progress=progress)
-        say(f"[eval] synthetic data {source}: {0 if synthetic[source] is None else synthetic[source].images.shape[0]}")
+        n = 0 if synthetic[source] is None else synthetic[source].images.shape[0]
+        say(f"[eval] synthetic data {source}{f' (generator {k})' if k else ''}: {n}")
     return synthetic
 
 
@@ -232,9 +252,11 @@ def _generation_scores(data: EvalData, synthetic: dict, ecfg: EvalConfig, device
     return generation
 
 
-def _downstream(data: EvalData, synthetic: dict, ecfg: EvalConfig, device: str, progress: bool,
+def _downstream(data: EvalData, synthetic_by_generator: list[dict], ecfg: EvalConfig, device: str, progress: bool,
                 say: Callable[[str], None]) -> dict:
-    """One detector per (source, seed) on normals + that source's anomalies, tested on the held-out set."""
+    """One detector per (source, generator, seed) on normals + that source's anomalies, tested on
+    the held-out set; ``none`` (no generator) per seed only. Every per-seed result carries its
+    ``generator_seed`` (0, 1, ...), so the summary's spread covers generators and detectors."""
     from apo_fast.eval.downstream import downstream_comparison
 
     augment = ecfg.segmenter_augment
@@ -242,16 +264,30 @@ def _downstream(data: EvalData, synthetic: dict, ecfg: EvalConfig, device: str, 
         from apo_fast.data import category_augment
 
         augment = category_augment(data.category, data.normal_train) == "dihedral"
-    return downstream_comparison(
-        data.normal_train,
-        {s: None if syn is None else (syn.images, syn.masks) for s, syn in synthetic.items()},
-        data.test_images, data.test_masks, data.test_labels,
-        seeds=list(ecfg.seeds), steps=ecfg.segmenter_steps, batch_size=ecfg.segmenter_batch_size,
-        lr=ecfg.segmenter_lr, device=device, progress=progress,
-        segmenter_kwargs={"base_channels": ecfg.segmenter_channels, "depth": ecfg.segmenter_depth,
-                          "augment": augment},
-        log=say,
-    )
+    merged: dict | None = None
+    for k, synthetic in enumerate(synthetic_by_generator):
+        sources = {s: None if syn is None else (syn.images, syn.masks) for s, syn in synthetic.items()
+                   if k == 0 or syn is not None}
+        if not sources:
+            continue
+        out = downstream_comparison(
+            data.normal_train, sources, data.test_images, data.test_masks, data.test_labels,
+            seeds=list(ecfg.seeds), steps=ecfg.segmenter_steps, batch_size=ecfg.segmenter_batch_size,
+            lr=ecfg.segmenter_lr, device=device, progress=progress,
+            segmenter_kwargs={"base_channels": ecfg.segmenter_channels, "depth": ecfg.segmenter_depth,
+                              "augment": augment},
+            log=(lambda line, k=k: say(line.replace("[downstream]", f"[downstream gen {k}]"))) if k else say,
+        )
+        for runs in out["results"].values():
+            for r in runs:
+                r["generator_seed"] = k
+        if merged is None:
+            merged = out
+            merged["settings"]["generator_seeds"] = len(synthetic_by_generator)
+        else:
+            for source, runs in out["results"].items():
+                merged["results"].setdefault(source, []).extend(runs)
+    return merged
 
 
 def _data_record(data: EvalData, synthetic: dict) -> dict:
@@ -326,6 +362,10 @@ def _protocol_lines(ecfg, data, runs, run_dir, timings, machine, load_before) ->
          f"generated ones {n_guided} mask-guided (training masks on {ecfg.guide_normals} normals) and {n_free} free."),
         (f"- lora: {runs.get('lora', 'not run')} (constant gate, plain diffusion loss, same base and steps); "
          f"apo: {run_dir}."),
+        (f"- Generators: {len(runs['generators'])} per generated source (train.seed + k: "
+         f"{', '.join(Path(g['apo']).name for g in runs['generators'])}); the spread (±) covers "
+         f"{len(runs['generators'])} generator(s) x {len(ecfg.seeds)} detector seed(s)"
+         + ("." if len(runs["generators"]) > 1 else ": one generator, so it covers the detectors only.")),
         (f"- Wall time {timings['total_s']:.0f}s (CPU {timings['cpu_s']:.0f}s, {machine['torch_threads']} "
          f"thread(s), load average {load_before} -> {machine['loadavg_after']})."),
         "",

@@ -12,11 +12,14 @@ from apo_fast.eval.synthetic import GENERATED_SOURCES
 
 log = logging.getLogger(__name__)
 
-def judge_sources(data: EvalData, synthetic: dict, ecfg, generation: dict) -> dict:
-    """Train the fidelity judge (:mod:`apo_fast.eval.judge`) on the held-out real anomalies and
-    test/good images, and add its metrics to ``generation`` (per source, and per mode for the
-    generated sources). Returns the judge's classes, crop size and validation accuracy."""
+def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, generation: dict) -> dict:
+    """Train the fidelity judge (:mod:`apo_fast.eval.judge`) once, on the held-out real anomalies
+    and test/good images, score every generator's anomalies (per source, and per mode for the
+    generated sources) and add the metrics to ``generation``: with several generators their
+    mean, ``<metric>_std`` over generators and ``judge_per_generator``. Returns the judge's
+    classes, crop size and validation accuracy."""
     from apo_fast.data import category_augment
+    from apo_fast.eval.report import mean_over_generators
     from apo_fast.eval.judge import judge_metrics, mask_crops, train_judge
 
     held = data.test_labels == 1
@@ -27,20 +30,31 @@ def judge_sources(data: EvalData, synthetic: dict, ecfg, generation: dict) -> di
                         steps=ecfg.judge_steps, seed=ecfg.sample_seed,
                         texture=category_augment(data.category, data.normal_train) == "dihedral")
     real = mask_crops(data.test_images[held], data.test_masks[held], judge.crop)
-    for source, syn in synthetic.items():
-        if syn is None:
-            continue
-        parts = {source: list(range(len(syn.modes)))}
-        if source in GENERATED_SOURCES:
-            parts.update({f"{source} ({m})": [i for i, x in enumerate(syn.modes) if x == m] for m in ("guided", "free")})
-        for name, rows in parts.items():
-            if len(rows) < 2:
+    scored = []
+    for synthetic in synthetic_by_generator:
+        scores: dict[str, dict] = {}
+        for source, syn in synthetic.items():
+            if syn is None:
                 continue
-            metrics = judge_metrics(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows], real,
-                                    kid_subsets=ecfg.kid_subsets, seed=ecfg.sample_seed)
-            generation.setdefault(name, {"metrics": {}, "skipped": {}})["metrics"].update(metrics)
+            parts = {source: list(range(len(syn.modes)))}
+            if source in GENERATED_SOURCES:
+                parts.update({f"{source} ({m})": [i for i, x in enumerate(syn.modes) if x == m]
+                              for m in ("guided", "free")})
+            for name, rows in parts.items():
+                if len(rows) < 2:
+                    continue
+                metrics = judge_metrics(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows],
+                                        real, kid_subsets=ecfg.kid_subsets, seed=ecfg.sample_seed)
+                scores[name] = {"metrics": metrics}
+        scored.append(scores)
+    for name, merged in mean_over_generators(scored).items():
+        entry = generation.setdefault(name, {"metrics": {}, "skipped": {}})
+        entry["metrics"].update(merged["metrics"])
+        if "per_generator" in merged:
+            entry["judge_per_generator"] = merged["per_generator"]
     return {"classes": judge.classes, "crop": judge.crop, "val_accuracy": judge.val_accuracy,
-            "trained_on": {"anomalies": int(held.sum()), "good": int(good.shape[0])}}
+            "trained_on": {"anomalies": int(held.sum()), "good": int(good.shape[0])},
+            "generators": len(synthetic_by_generator)}
 
 
 def judge_lines(record: dict | None) -> list[str]:

@@ -136,6 +136,34 @@ def markdown_table(
     return "\n".join([header, rule, *rows])
 
 
+def mean_over_generators(per_generator: list[dict[str, dict]]) -> dict[str, dict]:
+    """Generation / judge metrics of each generator merged: per source the mean over generators,
+    ``<metric>_std`` (over generators, ddof 1; it replaces a metric's own ``_std``, e.g. KID's
+    over subsets) when more than one has it, and the per-generator values under
+    ``per_generator``; ``skipped`` from the first."""
+    if len(per_generator) == 1:
+        return per_generator[0]
+    merged: dict[str, dict] = {}
+    for name in dict.fromkeys(n for g in per_generator for n in g):
+        parts = [g[name] for g in per_generator if name in g]
+        keys = dict.fromkeys(k for p in parts for k in p.get("metrics", {}) if not k.endswith("_std"))
+        metrics = {}
+        for key in keys:
+            values = [float(p["metrics"][key]) for p in parts
+                      if isinstance(p.get("metrics", {}).get(key), (int, float))
+                      and math.isfinite(p["metrics"][key])]
+            if not values:  # no generator has it (e.g. CutPaste's right-kind rate: no kind)
+                metrics[key] = math.nan
+                continue
+            metrics[key] = sum(values) / len(values)
+            if len(values) > 1:
+                mean = metrics[key]
+                metrics[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        merged[name] = {"metrics": metrics, "skipped": parts[0].get("skipped", {}),
+                        "per_generator": [p.get("metrics", {}) for p in parts]}
+    return merged
+
+
 def generation_table(generation_by_source: Mapping[str, Mapping[str, Any]], *, digits: int = 3) -> str:
     """Markdown table of generation metrics, one row per source; skipped metrics show "skipped"."""
     names: list[str] = []

@@ -53,6 +53,40 @@ def ensure_apo_run(cfg: APOConfig, run_dir: str | Path, *, train_missing: bool =
     return run_dir
 
 
+def generator_run_dir(run_dir: str | Path, k: int) -> Path:
+    """The folder of generator ``k`` of an APO run: the run itself for 0, ``<run>-gen<k>`` beside it."""
+    run_dir = Path(run_dir)
+    return run_dir if k == 0 else run_dir.parent / f"{run_dir.name}-gen{k}"
+
+
+def ensure_generator_run(run_dir: str | Path, k: int, *, train_missing: bool = True, progress: bool = False) -> Path:
+    """Generator ``k`` of the (trained) APO run ``run_dir``: its config, base and data with
+    ``train.seed + k``, trained into :func:`generator_run_dir` if missing.
+
+    Raises:
+        ValueError: the folder holds a run trained with other settings.
+        FileNotFoundError: it is missing and ``train_missing`` is False.
+    """
+    run_dir = Path(run_dir)
+    out = generator_run_dir(run_dir, k)
+    if k == 0:
+        return out
+    cfg = load_config(run_dir / "config.yaml")  # its model.pretrained names the base the run trained from
+    cfg.output_dir = str(out)
+    cfg.train.seed += k
+    cfg.train.progress = progress
+    if (out / "config.yaml").is_file() and _training_settings(load_config(out / "config.yaml")) != _training_settings(cfg):
+        raise ValueError(f"{out} holds a run trained with other settings than generator {k} of {run_dir} "
+                         f"(its config with train.seed {cfg.train.seed}); delete it or evaluate another run")
+    if has_trained_run(out):
+        return out
+    if not train_missing:
+        raise FileNotFoundError(f"generator {k} of {run_dir} ({out}) is not trained; allow training or set "
+                                "eval.generator_seeds: 1")
+    _train(cfg)
+    return out
+
+
 def lora_baseline_config(apo_cfg: APOConfig, lora_dir: str | Path) -> APOConfig:
     """The plain-LoRA baseline of an APO run: same config, constant gate, plain diffusion loss."""
     cfg = copy.deepcopy(apo_cfg)
@@ -99,16 +133,20 @@ def ensure_lora_run(
     return lora_dir
 
 
-def demo_eval_config(ecfg: EvalConfig, *, seeds: int = 2, segmenter_steps: int = 150, num_per_defect: int = 8) -> EvalConfig:
+def demo_eval_config(ecfg: EvalConfig, *, seeds: int = 2, segmenter_steps: int = 150, num_per_defect: int = 8,
+                     generator_seeds: int = 1) -> EvalConfig:
     """The short comparison ``apo-fast demo`` ends with: ``ecfg`` capped to ``seeds`` seeds,
-    ``segmenter_steps`` detector steps and ``num_per_defect`` anomalies per defect type.
+    ``segmenter_steps`` detector steps, ``num_per_defect`` anomalies per defect type and
+    ``generator_seeds`` generators per source.
 
-    Two seeds keep a spread in the table (one seed cannot tell a margin from noise); the
-    plain-LoRA baseline still trains for the APO run's full step count.
+    Two detector seeds keep a spread in the table (one seed cannot tell a margin from noise);
+    one generator keeps the demo in its time budget (the report says the spread then covers
+    the detectors only); the plain-LoRA baseline still trains for the APO run's full step count.
     """
     return dataclasses.replace(
         ecfg, seeds=list(ecfg.seeds[:seeds]), segmenter_steps=min(ecfg.segmenter_steps, segmenter_steps),
         num_per_defect=min(ecfg.num_per_defect, num_per_defect),
+        generator_seeds=min(ecfg.generator_seeds, generator_seeds),
     )
 
 

@@ -102,7 +102,7 @@ def test_every_source_gets_detection_metrics_and_the_report_is_written(evaluated
     assert list(result["summary"]) == SOURCES
     for source in SOURCES:
         runs = result["downstream"]["results"][source]
-        assert [r["seed"] for r in runs] == [0]
+        assert [r["seed"] for r in runs] == [0] * (1 if source == "none" else 2)  # x 2 generators
         for metric in DETECTION_METRICS:
             value = result["summary"][source][metric]["mean"]
             assert 0.0 <= value <= 1.0, (source, metric, value)
@@ -149,7 +149,9 @@ def test_missing_weights_skip_only_their_metrics_with_a_message(evaluated):
         for metric in ("ms_ssim_diversity", "l2_diversity", "ic_l2"):
             assert math.isfinite(res["metrics"][metric]), (name, metric)
         judge = {"judge_right_kind", "judge_defect", "judge_product", "judge_kid", "judge_kid_std"}
-        assert set(res["metrics"]) <= set(WEIGHT_FREE_METRICS) | judge  # the judge needs no downloaded weights
+        allowed = set(WEIGHT_FREE_METRICS) | judge  # the judge needs no downloaded weights
+        allowed |= {f"{m}_std" for m in allowed}  # spreads over the two generators
+        assert set(res["metrics"]) <= allowed
     md = evaluated["result"]["markdown"]
     assert "Skipped:" in md and "- kid:" in md and "| skipped |" in md
 
@@ -160,7 +162,8 @@ def test_lora_baseline_is_the_same_run_with_constant_gate_and_plain_loss(evaluat
 
     root = evaluated["root"]
     apo, lora = load_config(root / "run" / "config.yaml"), load_config(root / "run-lora" / "config.yaml")
-    assert evaluated["result"]["runs"] == {"apo": str(root / "run"), "lora": str(root / "run-lora")}
+    runs = evaluated["result"]["runs"]
+    assert {k: runs[k] for k in ("apo", "lora")} == {"apo": str(root / "run"), "lora": str(root / "run-lora")}
     assert (apo.loss.mode, apo.adapter.gate.kind) == ("unpaired", "rank_prefix")
     assert (lora.loss.mode, lora.adapter.gate.kind) == ("diffusion", "constant")
     assert lora.train.steps == apo.train.steps and lora.model == apo.model and lora.optim == apo.optim
@@ -173,6 +176,16 @@ def test_lora_baseline_is_the_same_run_with_constant_gate_and_plain_loss(evaluat
     (other / "config.yaml").write_text(text)
     with pytest.raises(ValueError, match="train.steps"):
         ensure_lora_run(root / "run", other, train_missing=False)
+    # the same for a second generator: reused when trained, refused when its settings differ
+    from apo_fast.eval.runs import ensure_generator_run
+
+    assert ensure_generator_run(root / "run", 1, train_missing=False) == root / "run-gen1"
+    with pytest.raises(FileNotFoundError, match="generator 2"):
+        ensure_generator_run(root / "run", 2, train_missing=False)
+    (root / "run-gen2").mkdir()
+    (root / "run-gen2" / "config.yaml").write_text((root / "run" / "config.yaml").read_text())  # seed not + 2
+    with pytest.raises(ValueError, match="other settings than generator 2"):
+        ensure_generator_run(root / "run", 2, train_missing=False)
 
 
 @pytest.mark.slow
@@ -207,6 +220,34 @@ def test_heldout_data_never_trains_the_segmenter_or_guides_generation(evaluated)
                 assert (tests[:, keep] - flat[i, keep]).abs().amax(dim=1).min() > 1e-3, (source, i)
             if i % 3 < guided:  # a guided sample keeps a train/good image exactly outside the training mask
                 assert (normals[:, keep] - flat[i, keep]).abs().amax(dim=1).min() < 1e-5, (source, i)
+
+
+@pytest.mark.slow
+def test_the_spread_covers_two_generators_and_the_detector_seeds(evaluated):
+    """eval.generator_seeds (default 2): a second APO run and LoRA baseline from the run's config
+    with train.seed + 1 (same base), detectors per (generator, seed), the summary over all of
+    them, the judge's metrics the mean over generators with their spread."""
+    from apo_fast.config import load_config
+
+    res, cfg = evaluated["result"], evaluated["cfg"]
+    gens = res["runs"]["generators"]
+    assert len(gens) == cfg.eval.generator_seeds == 2 and gens[0]["apo"] == cfg.output_dir
+    run_cfg = load_config(Path(cfg.output_dir) / "config.yaml")
+    for key in ("apo", "lora"):
+        other = load_config(Path(gens[1][key]) / "config.yaml")
+        assert other.train.seed == run_cfg.train.seed + 1 and other.model.pretrained == run_cfg.model.pretrained
+        assert (other.loss.mode == "diffusion") == (key == "lora")
+    per = res["downstream"]["results"]
+    for source in ("apo", "lora", "cutpaste"):
+        assert sorted((r["generator_seed"], r["seed"]) for r in per[source]) == [
+            (k, s) for k in (0, 1) for s in cfg.eval.seeds]
+        assert res["summary"][source]["image_auroc"]["n"] == 2 * len(cfg.eval.seeds)
+    assert [r["generator_seed"] for r in per["none"]] == [0] * len(cfg.eval.seeds)
+    guided = res["generation"]["apo (guided)"]
+    values = [p["judge_right_kind"] for p in guided["judge_per_generator"]]
+    assert len(values) == 2 and guided["metrics"]["judge_right_kind"] == pytest.approx(sum(values) / 2)
+    assert guided["metrics"]["judge_right_kind_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "2 generator(s) x" in res["markdown"]
 
 
 @pytest.mark.slow
@@ -299,6 +340,8 @@ def test_compare_sources_counts_wins_and_spread():
         ("eval.guided_fraction=1.5", "eval.guided_fraction"),
         ("eval.guide_normals=test", "eval.guide_normals"),
         ("eval.seeds=[]", "eval.seeds"),
+        ("eval.generator_seeds=0", "eval.generator_seeds"),
+        ("eval.generator_seeds=1.5", "eval.generator_seeds"),
         ("eval.segmenter_steps=0", "eval.segmenter_steps"),
         ("eval.kid_subset_size=1", "eval.kid_subset_size"),
         ("eval.num_threads=-1", "eval.num_threads"),
