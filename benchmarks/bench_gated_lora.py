@@ -245,7 +245,12 @@ def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, r
     from peft import LoraConfig, inject_adapter_in_model
 
     from apo_fast.models.quantize import quantize_linears
-    from apo_fast.ops.gated_lora.packed import gated_lora_packed_linear
+    from apo_fast.ops.gated_lora.packed import (
+        _format_tensors,
+        dequantize_packed,
+        fused_packed_format,
+        gated_lora_packed_linear,
+    )
 
     records = []
     for shape in shapes:
@@ -270,6 +275,13 @@ def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, r
             def fused():
                 gated_lora_packed_linear(x, base, a, b, gate, 1.0).backward(dy)
 
+            with torch.no_grad():  # the kernel against its decoded weight (fp32) before timing it
+                qweight, scales, code, scales2 = _format_tensors(base, fused_packed_format(base), device)
+                w = dequantize_packed(qweight, scales, code, scales2, fused_packed_format(base), *dense.weight.shape)
+                want = x.float() @ w.t() + dense.bias.float() + ((x.float() @ a.float().t())
+                                                                 * gate[:, None, :]) @ b.float().t()
+                got = gated_lora_packed_linear(x, base, a, b, gate, 1.0).float()
+                rel_err = float((got - want).abs().max() / want.abs().max())
             times = {f"{name}_fused": time_per_call(fused, device, reps=reps)}
             if name != "fp8":  # peft's LoRA on the same bitsandbytes layer (its own bnb layer class)
                 peft_model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["lin"]),
@@ -285,7 +297,8 @@ def time_nf4(shapes, device: torch.device, dtype: torch.dtype, reps: int = 20, r
             for impl, t in times.items():
                 records.append({"shape": shape.name, "rank": rank, "mode": "forward_backward", "impl": impl,
                                 "seconds": t, "vs_dense_fused": t / dense_s,
-                                "vs_peft": t / baseline if baseline else None})
+                                "vs_peft": t / baseline if baseline else None,
+                                "max_rel_err_vs_decoded": rel_err if impl.endswith("_fused") else None})
         records.append({"shape": shape.name, "rank": rank, "mode": "forward_backward", "impl": "dense_fused",
                         "seconds": dense_s, "vs_dense_fused": 1.0, "vs_peft": None})
     return records
