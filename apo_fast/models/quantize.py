@@ -70,13 +70,16 @@ def _quantized(linear: nn.Linear, kind: str, double_quant: bool, compute_dtype: 
 
 
 def quantize_linears(model: nn.Module, kind: str, *, double_quant: bool = False,
-                     compute_dtype: torch.dtype = torch.float32) -> list[str]:
+                     compute_dtype: torch.dtype = torch.float32, whole_blocks_per_row: bool = False) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (before adapters are injected) by its ``kind``
     form (``nf4`` | ``int8``: bitsandbytes'; ``fp8``: :class:`~apo_fast.models.fp8.Float8Linear`),
     in place; returns the replaced module paths.
 
     Layers NF4 cannot hold (a weight whose element count is not a multiple of its 64-element
-    blocks) stay in the compute dtype, said in the log. Raises ValueError for an unknown
+    blocks) stay in the compute dtype, said in the log; with ``whole_blocks_per_row`` (what
+    :func:`quantize_base` sets on the CPU) so do NF4 layers whose in_features is not a multiple
+    of 64, which bitsandbytes 0.50.2's CPU kernels misdecode (training) or fail on (its
+    no-grad forward: ``shape '[n, 0]' is invalid``). Raises ValueError for an unknown
     ``kind``, ImportError without bitsandbytes (nf4, int8) and RuntimeError for fp8 on a torch
     without float8 dtypes.
     """
@@ -88,14 +91,16 @@ def quantize_linears(model: nn.Module, kind: str, *, double_quant: bool = False,
             if type(child) is not nn.Linear:
                 continue
             full = f"{path}.{name}" if path else name
-            if kind == "nf4" and child.weight.numel() % NF4_BLOCKSIZE:
+            if kind == "nf4" and (child.weight.numel() % NF4_BLOCKSIZE
+                                  or (whole_blocks_per_row and child.in_features % NF4_BLOCKSIZE)):
                 kept.append(full)
                 continue
             setattr(module, name, _quantized(child, kind, double_quant, compute_dtype))
             replaced.append(full)
     if kept:
-        log.info("base quantization %s: %d linear layer(s) kept in %s (weight not a multiple of %d elements), "
-                 "e.g. %s", kind, len(kept), str(compute_dtype).replace("torch.", ""), NF4_BLOCKSIZE, kept[0])
+        log.info("base quantization %s: %d linear layer(s) kept in %s (weight%s not a multiple of %d elements), "
+                 "e.g. %s", kind, len(kept), str(compute_dtype).replace("torch.", ""),
+                 " or, on the CPU, a row" if whole_blocks_per_row else "", NF4_BLOCKSIZE, kept[0])
     return replaced
 
 
@@ -128,7 +133,8 @@ def quantize_base(unet: nn.Module, cfg, device: torch.device) -> list[str]:
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     before = _stored_bytes(unet)
     unet.to(device)
-    names = quantize_linears(unet, kind, double_quant=cfg.model.base_double_quant, compute_dtype=compute)
+    names = quantize_linears(unet, kind, double_quant=cfg.model.base_double_quant, compute_dtype=compute,
+                             whole_blocks_per_row=torch.device(device).type == "cpu")
     convs = quantize_convs(unet, compute) if kind in ("nf4", "fp8") else []
     after = _stored_bytes(unet)
     log.info("frozen base: %d linear layers in %s%s, %d convolutions in %s; UNet weights %.1f MB -> %.1f MB",

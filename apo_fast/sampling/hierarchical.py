@@ -117,7 +117,9 @@ def hierarchical_sample(
     from apo_fast.models import cat_unet_kwargs, vae_scale_factor
 
     device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
+    # the compute dtype: the first floating-point parameter (a quantized base's first layers hold
+    # uint8 bytes, e.g. an fp8 conv_in), as diffusers' ModelMixin.dtype reads it
+    dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
     known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
     b = cond_ids.shape[0]
     cond_ids = cond_ids.to(device)

@@ -206,8 +206,14 @@ def test_sampling_a_run_uses_its_quantized_base(tmp_path):
     run = load_run(tmp_path / "run", device="cpu")
     quantized = [m for m in run.unet.modules() if type(m).__name__ == "Linear4bit"]
     assert quantized and all(m.weight.dtype == torch.uint8 for m in quantized)
+    # on the CPU only whole 64-element rows are NF4 (bitsandbytes' CPU forward fails on others)
+    assert all(m.in_features % NF4_BLOCKSIZE == 0 for m in quantized)
     convs = [m for m in run.unet.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m).__name__ == "Float8Conv2d" for m in convs)  # nf4: convolutions in fp8
+    from apo_fast.sampling.runs import generate_for_defect
+
+    images, _masks, _maps = generate_for_defect(run, "hole", 2, seed=0)  # no-grad sampling on the quantized base
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -53,6 +53,8 @@ def fused_packed_format(base) -> int | None:
     if is_fp8_layer(base):
         return 3 if isinstance(base, torch.nn.Linear) else None
     state = getattr(weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        return None  # bitsandbytes' CPU eval forward repacked the weight in place (its own layout)
     if (weight.dtype == torch.uint8 and state is not None and state.quant_type == "nf4"
             and state.blocksize == 64 and tuple(state.shape) == (base.out_features, base.in_features)):
         if not state.nested:
