@@ -337,9 +337,12 @@ def write_report(
             f"{settings.get('n_normal_train')} normal training images, {settings.get('n_test')} test images "
             f"at {settings.get('image_size')} px.", "",
         ]
-    lines += ["## Downstream detector (mean ± std over seeds)", "", markdown_table(summary), ""]
+    gens = settings.get("generator_seeds", 1)
+    over = f"{gens} generators x detector seeds" if gens > 1 else "seeds"
+    lines += [f"## Downstream detector (mean ± std over {over})", "", markdown_table(summary), ""]
     if generation_by_source:
-        lines += ["## Generation metrics", "", generation_table(generation_by_source), ""]
+        lines += [f"## Generation metrics{f' (mean ± std over {gens} generators)' if gens > 1 else ''}", "",
+                  generation_table(generation_by_source), ""]
         notes = {(n, msg) for g in generation_by_source.values() for n, msg in g.get("skipped", {}).items()}
         if notes:
             lines += ["Skipped:", ""] + [f"- {n}: {msg}" for n, msg in sorted(notes)] + [""]

@@ -248,6 +248,7 @@ def test_the_spread_covers_two_generators_and_the_detector_seeds(evaluated):
     assert len(values) == 2 and guided["metrics"]["judge_right_kind"] == pytest.approx(sum(values) / 2)
     assert guided["metrics"]["judge_right_kind_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     assert "2 generator(s) x" in res["markdown"]
+    assert "(mean ± std over 2 generators x detector seeds)" in res["markdown"]
 
 
 @pytest.mark.slow
