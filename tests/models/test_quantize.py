@@ -196,6 +196,18 @@ def test_training_on_a_quantized_base_saves_the_same_file_and_resumes_exactly(tm
         with safe_open(str(f), "pt") as fh:
             layouts.append({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
     assert layouts[0] == layouts[1]  # same keys and shapes as on an unquantized base
+    # and the file loads into an unquantized diffusers UNet with diffusers' own loader
+    from apo_fast.config import load_config
+    from apo_fast.models.build import build_unet
+
+    run_cfg = load_config(tmp_path / "whole" / "config.yaml")
+    fresh = build_unet(run_cfg.model, in_channels=3, sample_size=16, seed=run_cfg.train.seed)
+    fresh.load_lora_adapter(str(files[0].parent), prefix="unet", weight_name=files[0].name)
+    with safe_open(str(files[0]), "pt") as fh:
+        key = next(k for k in fh.keys() if "lora_B" in k)
+        saved = fh.get_tensor(key)
+    module = fresh.get_submodule(key.removeprefix("unet.").rsplit(".lora_B", 1)[0])
+    assert torch.equal(module.lora_B["default_0"].weight, saved) and saved.abs().sum() > 0
 
 
 @pytest.mark.slow
