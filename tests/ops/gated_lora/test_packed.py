@@ -88,6 +88,27 @@ def test_forward_and_gradients_match_float64(kind, dtype, shape, gate_rows):
         assert _rel(got, want) < TOL[dtype]
 
 
+class _ToQ(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(64, 32)
+
+    def forward(self, sample, timestep):
+        return self.to_q(sample)
+
+
+def _adapted_packed_net(kind: str) -> nn.Module:
+    """A one-projection net with its linear in ``kind`` (a KINDS key) and a rank-4 gated adapter on it."""
+    from apo_fast.adapters import AdapterConfig, GateConfig, inject_adapters
+
+    torch.manual_seed(0)
+    net = _ToQ()
+    quantize_linears(net, KINDS[kind][0], double_quant=KINDS[kind][1])
+    inject_adapters(net, AdapterConfig(r=4, target_modules=("to_q",),
+                                       gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
+    return net
+
+
 def _flat_block_decode(base) -> torch.Tensor:
     """NF4 as the format defines it: flat row-major blocks of 64, high nibble first."""
     st = base.weight.quant_state
@@ -133,32 +154,16 @@ def test_a_wrong_nibble_order_would_fail():
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest)")
 def test_the_layer_takes_the_kernel_on_the_triton_path_for_every_format(monkeypatch):
-    from apo_fast.adapters import AdapterConfig, GateConfig, inject_adapters
-
     calls = []
     real = nf4_op._matmul_impl
     monkeypatch.setattr(nf4_op, "_matmul_impl", lambda *a, **k: calls.append((a[7], a[8])) or real(*a, **k))
-    for kind, double, fmt in KINDS.values():
-        expected = [(fmt, False), (fmt, True)]  # forward (TRANS=0) then dx (TRANS=1)
+    monkeypatch.setenv("APO_FAST_BACKEND", "triton")  # CPU tensors take the Triton path (interpreter)
+    for kind, (_, _, fmt) in KINDS.items():
         calls.clear()
-
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.to_q = nn.Linear(64, 32)
-
-            def forward(self, sample, timestep):
-                return self.to_q(sample)
-
-        torch.manual_seed(0)
-        net = Net()
-        quantize_linears(net, kind, double_quant=double)
-        monkeypatch.setenv("APO_FAST_BACKEND", "triton")  # CPU tensors take the Triton path (interpreter)
-        inject_adapters(net, AdapterConfig(r=4, target_modules=("to_q",),
-                                           gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
+        net = _adapted_packed_net(kind)
         x = torch.randn(2, 3, 64, requires_grad=True)
         net(x, torch.tensor([3, 700])).sum().backward()
-        assert calls == expected
+        assert calls == [(fmt, False), (fmt, True)], kind  # forward (TRANS=0) then dx (TRANS=1)
 
 
 @pytest.mark.parametrize("fmt", [0, 2, 1, 3], ids=["nf4", "nf4_double", "int8", "fp8"])
@@ -189,27 +194,10 @@ def test_the_reference_pass_runs_the_same_packed_base(kind, monkeypatch):
     """At init (B = 0) the policy and the reference (adapters off) are the same numbers, bit for
     bit: both go through the packed-weight kernel (bitsandbytes' own int8 matmul would also
     quantize the activations, a different base)."""
-    from apo_fast.adapters import (
-        AdapterConfig,
-        GateConfig,
-        adapters_disabled,
-        inject_adapters,
-    )
+    from apo_fast.adapters import adapters_disabled
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.to_q = nn.Linear(64, 32)
-
-        def forward(self, sample, timestep):
-            return self.to_q(sample)
-
-    monkeypatch.setenv("APO_FAST_BACKEND", "triton")
-    torch.manual_seed(0)
-    net = Net()
-    quantize_linears(net, KINDS[kind][0], double_quant=KINDS[kind][1])
-    inject_adapters(net, AdapterConfig(r=4, target_modules=("to_q",),
-                                       gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
+    monkeypatch.setenv("APO_FAST_BACKEND", "triton")  # CPU tensors take the Triton path (interpreter)
+    net = _adapted_packed_net(kind)
     x, t = torch.randn(2, 5, 64), torch.tensor([3, 700])
     policy = net(x, t)
     with adapters_disabled(net):
@@ -226,22 +214,8 @@ def test_a_packed_layer_compiles_as_one_graph_and_matches_eager(kind, monkeypatc
     """torch.compile(fullgraph=True) (a graph break would raise) of a gated adapter over every
     packed format: the custom op is traced through its fake, and the compiled forward and dx
     equal eager's."""
-    from apo_fast.adapters import AdapterConfig, GateConfig, inject_adapters
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.to_q = nn.Linear(64, 32)
-
-        def forward(self, sample, timestep):
-            return self.to_q(sample)
-
-    monkeypatch.setenv("APO_FAST_BACKEND", "triton")
-    torch.manual_seed(0)
-    net = Net()
-    quantize_linears(net, KINDS[kind][0], double_quant=KINDS[kind][1])
-    inject_adapters(net, AdapterConfig(r=4, target_modules=("to_q",),
-                                       gate=GateConfig(kind="rank_prefix", num_train_timesteps=1000)))
+    monkeypatch.setenv("APO_FAST_BACKEND", "triton")  # CPU tensors take the Triton path (interpreter)
+    net = _adapted_packed_net(kind)
     with torch.no_grad():
         net.to_q.lora_B["default"].weight.normal_()
     x, t = torch.randn(2, 5, 64, requires_grad=True), torch.tensor([3, 700])
