@@ -50,15 +50,16 @@ def _rel(a, b):
     return float((a.detach().to(F64) - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+_SHAPES = [((3, 7, 40), 3), ((2, 5, 64), 1), ((11, 56), None), ((4, 3, 24), 4), ((2, 3, 128), 2)]
+# bf16 storage on one shape: the rounding bound is the dtype's, not the shape's
+_CASES = [(d, *sg) for d in (torch.float32, torch.float16) for sg in _SHAPES] + [(torch.bfloat16, *_SHAPES[-1])]
+
+
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest)")
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape, gate_rows", [((3, 7, 40), 3), ((2, 5, 64), 1), ((11, 56), None), ((4, 3, 24), 4),
-                                              ((2, 3, 128), 2)])
+@pytest.mark.parametrize("dtype, shape, gate_rows", _CASES)
 def test_forward_and_gradients_match_float64(kind, dtype, shape, gate_rows):
     fin = shape[-1]
-    if dtype == torch.bfloat16 and fin != 128:
-        pytest.skip("bf16 storage: one shape (the rounding bound is the dtype's, not the shape's)")
     # whole 64-element blocks, and sizes bitsandbytes' own CPU decode gets right (see below);
     # 128 x 160 has 320 blocks: two second-level absmax blocks of 256 for double quantization
     fmt_kind, double, fmt = KINDS[kind]
