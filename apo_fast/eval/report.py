@@ -149,16 +149,12 @@ def mean_over_generators(per_generator: list[dict[str, dict]]) -> dict[str, dict
         keys = dict.fromkeys(k for p in parts for k in p.get("metrics", {}) if not k.endswith("_std"))
         metrics = {}
         for key in keys:
-            values = [float(p["metrics"][key]) for p in parts
-                      if isinstance(p.get("metrics", {}).get(key), (int, float))
-                      and math.isfinite(p["metrics"][key])]
-            if not values:  # no generator has it (e.g. CutPaste's right-kind rate: no kind)
-                metrics[key] = math.nan
-                continue
-            metrics[key] = sum(values) / len(values)
-            if len(values) > 1:
-                mean = metrics[key]
-                metrics[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            values = np.array([p["metrics"][key] for p in parts
+                               if isinstance(p.get("metrics", {}).get(key), (int, float))], dtype=float)
+            values = values[np.isfinite(values)]  # none left: e.g. CutPaste's right-kind rate (no kind)
+            metrics[key] = float(values.mean()) if values.size else math.nan
+            if values.size > 1:
+                metrics[f"{key}_std"] = float(values.std(ddof=1))
         merged[name] = {"metrics": metrics, "skipped": parts[0].get("skipped", {}),
                         "per_generator": [p.get("metrics", {}) for p in parts]}
     return merged

@@ -74,16 +74,29 @@ def ensure_generator_run(run_dir: str | Path, k: int, *, train_missing: bool = T
     cfg = load_config(run_dir / "config.yaml")  # its model.pretrained names the base the run trained from
     cfg.output_dir = str(out)
     cfg.train.seed += k
-    cfg.train.progress = progress
-    if (out / "config.yaml").is_file() and _training_settings(load_config(out / "config.yaml")) != _training_settings(cfg):
-        raise ValueError(f"{out} holds a run trained with other settings than generator {k} of {run_dir} "
-                         f"(its config with train.seed {cfg.train.seed}); delete it or evaluate another run")
+    return _ensure_trained(cfg, out, f"generator {k} of {run_dir} (train.seed {cfg.train.seed})",
+                           "set eval.generator_seeds: 1", train_missing, progress)
+
+
+def _ensure_trained(expected: APOConfig, out: Path, what: str, instead: str, train_missing: bool,
+                    progress: bool) -> Path:
+    """``out`` trained from ``expected``: reused when it holds a run with the same training
+    settings, refused (ValueError, naming the differing keys) when it holds another, trained
+    when missing unless not ``train_missing`` (FileNotFoundError; ``instead`` says the way out)."""
+    if (out / "config.yaml").is_file():
+        found = _training_settings(load_config(out / "config.yaml"))
+        want = _training_settings(expected)
+        if found != want:
+            differ = sorted(f"{s}.{k}" for s in want for k in set(want[s]) | set(found.get(s, {}))
+                            if want[s].get(k) != found.get(s, {}).get(k))
+            raise ValueError(f"{out} holds a run trained with other settings than {what} ({', '.join(differ)}); "
+                             f"delete it or {instead}")
     if has_trained_run(out):
         return out
     if not train_missing:
-        raise FileNotFoundError(f"generator {k} of {run_dir} ({out}) is not trained; allow training or set "
-                                "eval.generator_seeds: 1")
-    _train(cfg)
+        raise FileNotFoundError(f"{what} ({out}) is not trained; allow training or {instead}")
+    expected.train.progress = progress
+    _train(expected)
     return out
 
 
@@ -116,21 +129,8 @@ def ensure_lora_run(
     apo_run = Path(apo_run)
     lora_dir = Path(lora_dir) if lora_dir else apo_run.parent / f"{apo_run.name}-lora"
     expected = lora_baseline_config(load_config(apo_run / "config.yaml"), lora_dir)
-    if (lora_dir / "config.yaml").is_file():
-        found = _training_settings(load_config(lora_dir / "config.yaml"))
-        want = _training_settings(expected)
-        if found != want:
-            differ = sorted(f"{s}.{k}" for s in want for k in set(want[s]) | set(found.get(s, {}))
-                            if want[s].get(k) != found.get(s, {}).get(k))
-            raise ValueError(f"{lora_dir} holds a run trained with other settings ({', '.join(differ)}) than the "
-                             f"LoRA baseline of {apo_run}; delete it or set eval.lora_run to another folder")
-    if has_trained_run(lora_dir):
-        return lora_dir
-    if not train_missing:
-        raise FileNotFoundError(f"the LoRA baseline {lora_dir} is not trained; allow training or set eval.lora_run")
-    expected.train.progress = progress
-    _train(expected)
-    return lora_dir
+    return _ensure_trained(expected, lora_dir, f"the LoRA baseline of {apo_run}",
+                           "set eval.lora_run to another folder", train_missing, progress)
 
 
 def demo_eval_config(ecfg: EvalConfig, *, seeds: int = 2, segmenter_steps: int = 150, num_per_defect: int = 8,

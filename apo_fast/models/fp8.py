@@ -67,10 +67,15 @@ class _Float8Weight:
 
     weight_format = FP8_FORMAT
 
-    def _store(self, weight: torch.Tensor) -> None:
+    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
         qbytes, scale = fp8_quantize(weight)
         self.weight = nn.Parameter(qbytes, requires_grad=False)
         self.register_buffer("weight_scale", scale.contiguous().view(torch.uint8))
+        self.bias = (nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
+                     if bias is not None else None)
+
+    def _bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.bias.to(x.dtype) if self.bias is not None else None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -88,13 +93,10 @@ class Float8Linear(_Float8Weight, nn.Linear):
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.float32) -> None:
         nn.Linear.__init__(self, linear.in_features, linear.out_features, bias=linear.bias is not None,
                            device="meta")
-        self._store(linear.weight)
-        self.bias = (nn.Parameter(linear.bias.detach().to(compute_dtype).clone(), requires_grad=False)
-                     if linear.bias is not None else None)
+        self._store(linear.weight, linear.bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return F.linear(x, self.dequantized_weight(x.dtype), self._bias_for(x))
 
 
 class Float8Conv2d(_Float8Weight, nn.Conv2d):
@@ -104,10 +106,7 @@ class Float8Conv2d(_Float8Weight, nn.Conv2d):
     def __init__(self, conv: nn.Conv2d, compute_dtype: torch.dtype = torch.float32) -> None:
         nn.Conv2d.__init__(self, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
-        self._store(conv.weight)
-        self.bias = (nn.Parameter(conv.bias.detach().to(compute_dtype).clone(), requires_grad=False)
-                     if conv.bias is not None else None)
+        self._store(conv.weight, conv.bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return self._conv_forward(x, self.dequantized_weight(x.dtype), bias)
+        return self._conv_forward(x, self.dequantized_weight(x.dtype), self._bias_for(x))
