@@ -20,9 +20,13 @@ __all__ = ["DEFAULT_TARGET_MODULES", "GATE_KINDS", "AdapterConfig", "GateConfig"
 
 
 def default_r_min(r_max: int) -> int:
-    """The rank-prefix gate's active dims at ``t = T`` when ``r_min`` is not set: a quarter
-    of ``r_max`` (at least 1). The one place this default is computed."""
-    return max(1, r_max // 4)
+    """The rank-prefix gate's active dims at ``t = T`` when ``r_min`` is not set: three
+    quarters of ``r_max`` (at least 1). The one place this default is computed.
+
+    A base that never saw a defect must be taught the defect's shape and colour at high
+    noise, where they are decided; with a quarter open there (the earlier default) APO's
+    guided anomalies stayed faint (``docs/fidelity.md``, session 7)."""
+    return max(1, (3 * r_max) // 4)
 
 
 def module_matches(path: str, targets: tuple[str, ...]) -> bool:

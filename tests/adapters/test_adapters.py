@@ -82,8 +82,9 @@ def test_gate_config_validation():
     with pytest.raises(ValueError, match="r_max"):
         GateConfig(r_max=8).rank_range(4)
     assert GateConfig.from_dict(GateConfig(kind="sigmoid", r_min=2).to_dict()) == GateConfig(kind="sigmoid", r_min=2)
-    assert GateConfig().rank_range(8) == (2, 8)  # defaults: r_max = r, r_min = max(1, r // 4)
-    assert GateConfig().rank_range(3) == (1, 3)
+    assert GateConfig().rank_range(8) == (6, 8)  # defaults: r_max = r, r_min = max(1, 3 r // 4)
+    assert GateConfig().rank_range(4) == (3, 4) and GateConfig().rank_range(1) == (1, 1)
+    assert GateConfig().rank_range(3) == (2, 3)
     with pytest.raises(ValueError, match="lora_alpha"):
         AdapterConfig(lora_alpha=-1)
     with pytest.raises(ValueError, match="target_modules"):
