@@ -34,6 +34,7 @@ from apo_fast.adapters.layer import (
     GatedLoRALinear,
     is_packed_base,
 )
+from apo_fast.adapters.mask_input import attach_mask_input, get_mask_input
 from apo_fast.adapters.state import (
     GATE_MODULE_NAME,
     attach_gate,
@@ -143,6 +144,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
             backend=config.backend,
         )
         setattr(parent, child, layer)
+    if config.mask_input:
+        attach_mask_input(model)
     return targets
 
 
@@ -189,7 +192,7 @@ def _adapter_layers(model: nn.Module) -> list[BaseTunerLayer]:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters: ``lora_A``/``lora_B`` of each adapter
-    layer's active adapters and the learned gate's parameters (if any)."""
+    layer's active adapters, the learned gate's parameters and the mask input's (if any)."""
     params: list[nn.Parameter] = []
     seen: set[int] = set()
 
@@ -208,6 +211,10 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     gate = getattr(model, GATE_MODULE_NAME, None)
     if isinstance(gate, nn.Module):
         for p in gate.parameters():
+            add(p)
+    mask_input = get_mask_input(model)
+    if mask_input is not None:
+        for p in mask_input.parameters():
             add(p)
     return params
 
@@ -232,6 +239,9 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     for layer in _adapter_layers(model):
         layer._disable_adapters = not enabled
+    mask_input = get_mask_input(model)
+    if mask_input is not None:
+        mask_input.enabled = enabled
 
 
 @contextlib.contextmanager
@@ -248,6 +258,10 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         (switched if isinstance(layer, GatedLoRALinear) and not layer.merged else flagged).append(layer)
     previous_flags = [layer._disable_adapters for layer in flagged]
     previous_switches = [layer._switched_off for layer in switched]
+    mask_input = get_mask_input(model)
+    previous_mask = mask_input.enabled if mask_input is not None else None
+    if mask_input is not None:
+        mask_input.enabled = False
     for layer in flagged:
         layer._disable_adapters = True
     for layer in switched:
@@ -259,3 +273,5 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer._disable_adapters = flag
         for layer, off in zip(switched, previous_switches):
             layer.set_switch(not off)
+        if mask_input is not None:
+            mask_input.enabled = previous_mask

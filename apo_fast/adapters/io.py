@@ -20,6 +20,8 @@ The safetensors header carries
 A learned gate's parameters go to ``dir/taca_gate.safetensors`` (extra keys in
 the LoRA file would trip diffusers' loader). diffusers ignores the gate: a
 diffusers model that loads the file runs the constant-gate (plain LoRA) form.
+The mask input (``adapter.mask_input``) goes to ``dir/mask_input.safetensors`` likewise;
+diffusers runs without it (no mask, as the reference does).
 
 Writes are atomic (temporary file in ``dir`` + ``os.replace``).
 """
@@ -43,6 +45,7 @@ from apo_fast.adapters.inject import (
     inject_adapters,
     set_gate,
 )
+from apo_fast.adapters.mask_input import attach_mask_input, get_mask_input
 from apo_fast.adapters.state import GATE_MODULE_NAME, get_gate_state
 
 __all__ = [
@@ -57,6 +60,8 @@ __all__ = [
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GATE_WEIGHT_NAME = "taca_gate.safetensors"
+#: the mask input's weights (``adapter.mask_input``), beside the LoRA file for the same reason.
+MASK_WEIGHT_NAME = "mask_input.safetensors"
 TACA_METADATA_KEY = "apo_fast_taca"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key
 FORMAT_VERSION = 1
@@ -156,11 +161,13 @@ def save_adapters(
     adapter_config = state.adapter_config.to_dict() if state is not None and state.adapter_config is not None else None
     gate_module = getattr(model, GATE_MODULE_NAME, None)
     gate_params = dict(gate_module.state_dict()) if isinstance(gate_module, nn.Module) else {}
+    mask_module = get_mask_input(model)
     taca = {
         "format_version": FORMAT_VERSION,
         "adapter_name": name,
         "gate": gate_config.to_dict(),
         "gate_file": GATE_WEIGHT_NAME if gate_params else None,
+        "mask_file": MASK_WEIGHT_NAME if mask_module is not None else None,
         "adapter_config": adapter_config,
         "modules": len(layers),
     }
@@ -175,10 +182,17 @@ def save_adapters(
         gate_info = {"gate": gate_config.to_dict(), "max_rank": getattr(gate_module, "max_rank", None)}
         gate_header = {"format": "pt", TACA_METADATA_KEY: json.dumps(gate_info)}
         _atomic_save(gate_tensors, gate_path, gate_header)
+    mask_path = directory / MASK_WEIGHT_NAME
+    if mask_module is not None:
+        mask_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in mask_module.state_dict().items()}
+        mask_info = {"hidden": mask_module.hidden, "out_channels": mask_module.out_channels}
+        _atomic_save(mask_tensors, mask_path, {"format": "pt", TACA_METADATA_KEY: json.dumps(mask_info)})
     lora_path = directory / LORA_WEIGHT_NAME
     _atomic_save(tensors, lora_path, header)
     if not gate_params and gate_path.exists():
         gate_path.unlink()  # a stale learned gate from an earlier save would contradict the metadata
+    if mask_module is None and mask_path.exists():
+        mask_path.unlink()  # likewise a stale mask input
     return lora_path
 
 
@@ -262,6 +276,8 @@ def load_adapters(
             layers[path].set_scale(name, 1.0)
         if taca.get("gate_file"):
             _load_gate(model, Path(file).parent / taca["gate_file"])
+        if taca.get("mask_file"):
+            _load_mask_input(model, Path(file).parent / taca["mask_file"])
     state = get_gate_state(model)
     if state is not None and state.adapter_config is not None:
         return state.adapter_config
@@ -312,6 +328,7 @@ def _layers_for(model, file, ranks: dict, alphas: dict, gate_config: GateConfig,
             adapter_name=adapter_name or taca.get("adapter_name") or "default",
             dropout=saved.get("dropout", 0.0),
             backend=saved.get("backend"),
+            mask_input=bool(taca.get("mask_file")) and get_mask_input(model) is None,
         )
         inject_adapters(model, config)
         return dict(gated_layers(model))
@@ -349,3 +366,21 @@ def _load_gate(model: nn.Module, gate_file: Path) -> None:
         wanted = {k: tuple(v.shape) for k, v in expected.items()}
         raise ValueError(f"{str(gate_file)!r} does not fit the model's gate: keys/shapes {saved} vs {wanted}")
     gate_module.load_state_dict(gate_state)
+
+
+def _load_mask_input(model: nn.Module, mask_file: Path) -> None:
+    """The saved mask input, attached to ``model`` when it has none."""
+    if not mask_file.is_file():
+        raise FileNotFoundError(f"the adapter metadata names a mask input file {str(mask_file)!r}, which is missing")
+    with safe_open(str(mask_file), framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get(TACA_METADATA_KEY, "{}"))
+        saved = {key: f.get_tensor(key) for key in f.keys()}
+    module = get_mask_input(model)
+    if module is None:
+        module = attach_mask_input(model, hidden=int(info.get("hidden", 32)))
+    expected = module.state_dict()
+    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in expected):
+        got = {k: tuple(v.shape) for k, v in saved.items()}
+        wanted = {k: tuple(v.shape) for k, v in expected.items()}
+        raise ValueError(f"{str(mask_file)!r} does not fit the model's mask input: keys/shapes {got} vs {wanted}")
+    module.load_state_dict(saved)

@@ -144,6 +144,9 @@ class AdapterConfig:
         adapter_name: peft adapter name (dropped in saved files).
         dropout: LoRA dropout on the adapter branch's input (0 keeps the fused path).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``None`` (environment).
+        mask_input: give the policy the defect mask as a spatial input (a zero-initialised
+            branch added to ``conv_in``'s output, :mod:`apo_fast.adapters.mask_input`), so it
+            knows where the defect goes; off in the reference pass.
     """
 
     r: int = 4
@@ -153,6 +156,7 @@ class AdapterConfig:
     adapter_name: str = "default"
     dropout: float = 0.0
     backend: str | None = None
+    mask_input: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -185,6 +189,8 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.dropout must be a number in [0, 1), got {dropout!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"AdapterConfig.backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        if not isinstance(self.mask_input, bool):
+            raise ValueError(f"AdapterConfig.mask_input must be true or false, got {self.mask_input!r}")
 
     @property
     def alpha(self) -> float:

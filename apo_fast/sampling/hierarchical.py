@@ -92,6 +92,7 @@ def hierarchical_sample(
     progress: bool = False,
     desc: str = "sampling",
     unet_call=None,
+    cond_mask: torch.Tensor | None = None,
 ) -> SampleOutput:
     """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
 
@@ -110,6 +111,9 @@ def hierarchical_sample(
         unet_call: ``(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``,
             e.g. :func:`apo_fast.models.compile.compiled_unet_call` (``sample.compile``);
             None calls ``unet``.
+        cond_mask: (B, 1, H, W) {0,1}, any resolution: where the defect goes, given to the
+            policy's mask input (``adapter.mask_input``; the reference passes never see it).
+            Without ``known`` it is also the returned mask (a free sample drawn into it).
     """
     from tqdm.auto import tqdm
 
@@ -126,6 +130,12 @@ def hierarchical_sample(
     pixel_size = image_size or shape[-1] * (vae_scale_factor(vae) if vae is not None else 1)
     kw_c = conditions.unet_kwargs(cond_ids, dtype, pixel_size)
     kw_ref = cat_unet_kwargs(conditions.unet_kwargs(torch.full_like(cond_ids, -1), dtype, pixel_size), kw_c)
+    if cond_mask is not None:
+        from apo_fast.adapters.mask_input import MASK_KWARG
+
+        if cond_mask.dim() != 4 or cond_mask.shape[:2] != (b, 1):
+            raise ValueError(f"cond_mask must have shape ({b}, 1, H, W), got {tuple(cond_mask.shape)}")
+        kw_c = {**kw_c, MASK_KWARG: cond_mask.to(device, dtype)}
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     z = torch.randn((b, *shape), generator=generator, device="cpu").to(device) * scheduler.init_noise_sigma
@@ -150,7 +160,8 @@ def hierarchical_sample(
         if known is not None:
             t_prev = int(timesteps[i + 1]) if i + 1 < n else -1
             z = known_mask * z + (1 - known_mask) * _noised_background(known, alphas, t_prev, generator, device)
-    return _finish(z, acc, vae, image_size, known_mask, mask_sigma, mask_threshold, device)
+    given = known_mask if known_mask is not None else (cond_mask.to(device).float() if cond_mask is not None else None)
+    return _finish(z, acc, vae, image_size, given, mask_sigma, mask_threshold, device)
 
 
 def _check_guides(cond_ids, shape, known, known_mask, device):
@@ -180,7 +191,8 @@ def _noised_background(known, alphas, t_prev: int, generator, device) -> torch.T
 
 def _finish(z, acc, vae, image_size, known_mask, mask_sigma, mask_threshold, device) -> SampleOutput:
     """Decode (latent models), clamp, resize to ``image_size``, and the localization map and mask
-    (the user's mask when mask-guided)."""
+    (the given mask when there is one: the user's when mask-guided, the drawn one for a free
+    sample of a mask-input policy)."""
     images = z.float()
     if vae is not None:
         from apo_fast.models import decode_latents

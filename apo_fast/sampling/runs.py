@@ -33,6 +33,7 @@ class LoadedRun:
     vae: torch.nn.Module | None
     device: torch.device
     unet_call: object = None  # the UNet call, compiled when sample.compile says so
+    mask_bank: object = None  # the training masks free samples draw from (adapter.mask_input)
 
 
 def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | None = None,
@@ -42,6 +43,7 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
     from safetensors import safe_open
 
     from apo_fast.adapters import load_adapters
+    from apo_fast.adapters.mask_input import get_mask_input
     from apo_fast.models.conditions import load_conditions
     from apo_fast.models.quantize import quantize_base
 
@@ -73,7 +75,12 @@ def load_run(run_dir: str | Path, device: str = "auto", adapters: str | Path | N
         from apo_fast.models.compile import compiled_unet_call
 
         unet_call = compiled_unet_call(unet, cfg.sample.compile, dev)
-    return LoadedRun(cfg, unet, conds, names, vae, dev, unet_call)
+    mask_bank = None
+    if get_mask_input(unet) is not None:
+        from apo_fast.sampling.mask_bank import MASK_BANK_NAME, load_mask_bank
+
+        mask_bank = load_mask_bank(adapters / MASK_BANK_NAME)
+    return LoadedRun(cfg, unet, conds, names, vae, dev, unet_call, mask_bank)
 
 
 def gate_weight_fn(unet):
@@ -119,12 +126,15 @@ def generate_for_defect(
     imgs, masks, maps = [], [], []
     for start in range(0, num, s.batch_size):
         bsz = min(s.batch_size, num - start)
-        known = kmask = None
+        known = kmask = cond_mask = None
         if known_images is not None:
             ki = known_images[start : start + bsz]
             km = known_masks[start : start + bsz].float()
             known = encode_images(run.vae, ki) if run.vae is not None else ki
             kmask = F.adaptive_max_pool2d(km, shape[1:]) if km.shape[-2:] != shape[1:] else km
+            cond_mask = km if run.mask_bank is not None else None
+        elif run.mask_bank is not None:  # a mask-input policy draws its free defect into a training mask
+            cond_mask = run.mask_bank.draw(name, bsz, g)
         out = hierarchical_sample(
             run.unet,
             run.conditions,
@@ -144,6 +154,7 @@ def generate_for_defect(
             image_size=size,
             progress=progress,
             unet_call=run.unet_call,
+            cond_mask=cond_mask,
             desc=f"{desc} {start // s.batch_size + 1}/{-(-num // s.batch_size)}" if num > s.batch_size else desc,
         )
         imgs.append(out.images)

@@ -189,9 +189,10 @@ class UNetOutputKeeper:
 
 def export_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What an adapter export reads: every ``lora_A``/``lora_B`` weight, the learned gate
-    (``unet.taca_gate``) and the condition embeddings of an :class:`APOModel`-like model
+    (``unet.taca_gate``), the mask input (``unet.apo_mask_input``) and the condition embeddings of an :class:`APOModel`-like model
     (``model.unet``, ``model.conditions``); not the frozen base weights."""
     from apo_fast.adapters import gated_layers
+    from apo_fast.adapters.mask_input import get_mask_input
     from apo_fast.adapters.state import GATE_MODULE_NAME
 
     unet = model.unet
@@ -203,6 +204,9 @@ def export_parameters(model: nn.Module) -> list[nn.Parameter]:
     gate = getattr(unet, GATE_MODULE_NAME, None)
     if isinstance(gate, nn.Module):
         params.extend(gate.parameters())
+    mask_input = get_mask_input(unet)
+    if mask_input is not None:
+        params.extend(mask_input.parameters())
     params.extend(model.conditions.parameters())
     seen: set[int] = set()
     return [p for p in params if not (id(p) in seen or seen.add(id(p)))]

@@ -18,9 +18,11 @@ log = logging.getLogger(__name__)
 class APOModel(nn.Module):
     """The UNet (with adapters) and the condition embeddings, as one module for DeepSpeed.
 
-    ``forward(z, t, cond_ids, reference=False)``: z (B, C, H, W), t (B,) int, cond_ids
-    (B,) -> noise prediction (B, C, H, W). ``reference=True`` runs the same UNet
-    with its adapters disabled (APO's reference), the condition taken without grad.
+    ``forward(z, t, cond_ids, reference=False, masks=None)``: z (B, C, H, W), t (B,) int,
+    cond_ids (B,), masks (B, 1, H', W') the defect masks (read by the policy when the
+    UNet has a mask input, ``adapter.mask_input``) -> noise prediction (B, C, H, W).
+    ``reference=True`` runs the same UNet with its adapters disabled (APO's reference),
+    the condition taken without grad.
     """
 
     def __init__(self, unet: nn.Module, conditions: ConditionEmbedding, pixel_size: int):
@@ -37,10 +39,13 @@ class APOModel(nn.Module):
 
         self.__dict__["unet_call"] = compiled_unet_call(self.unet, cfg, device)  # not a submodule
 
-    def forward(self, z, t, cond_ids, reference: bool = False):
+    def forward(self, z, t, cond_ids, reference: bool = False, masks=None):
         from apo_fast.adapters import adapters_disabled
+        from apo_fast.adapters.mask_input import MASK_KWARG, get_mask_input
 
         cond = self.conditions.unet_kwargs(cond_ids, z.dtype, self.pixel_size, detach=reference)
+        if masks is not None and not reference and get_mask_input(self.unet) is not None:
+            cond[MASK_KWARG] = masks
         if reference:
             with adapters_disabled(self.unet):
                 return self._unet_forward(z, t, cond)

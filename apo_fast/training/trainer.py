@@ -269,7 +269,7 @@ class APOTrainer:
         z = z.to(self.model_dtype)
         if cfg.train.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
-        pred = self.engine(z, t, conds)
+        pred = self.engine(z, t, conds, masks=masks.to(z.dtype))
         if pred.shape[-2:] != masks.shape[-2:]:
             masks = F.adaptive_max_pool2d(masks, pred.shape[-2:])  # keep thin defects at latent size
         if cfg.loss.mode == "diffusion":
@@ -400,7 +400,8 @@ class APOTrainer:
         return summary
 
     def export(self, path: Path) -> None:
-        """Write the adapters (peft/diffusers file) and condition embeddings from rank 0.
+        """Write the adapters (peft/diffusers file) and condition embeddings from rank 0
+        (and, with ``adapter.mask_input``, the training masks free samples draw from).
 
         Under ZeRO-3 only what the export reads (adapter weights, a learned gate,
         condition embeddings: :func:`apo_fast.training.distributed.export_parameters`) is
@@ -414,6 +415,11 @@ class APOTrainer:
                 meta = {"condition_names": json.dumps(self.data.condition_names)}
                 save_adapters(model.unet, path, metadata=meta)
                 save_conditions(model.conditions, self.data.condition_names, Path(path) / "conditions.safetensors")
+                if self.cfg.adapter.mask_input:  # where free samples draw their defects (sampling.mask_bank)
+                    from apo_fast.sampling.mask_bank import MASK_BANK_NAME, save_mask_bank
+
+                    save_mask_bank(Path(path) / MASK_BANK_NAME, self.data.anomaly_masks, self.data.anomaly_conds,
+                                   self.data.condition_names, self.augment_mode)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 

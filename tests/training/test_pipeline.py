@@ -372,3 +372,47 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path):
             assert rr[key] == pytest.approx(rc[key], rel=1e-6, abs=1e-9), (rc["step"], key)
     assert summary["compile_s"] > 0 and "compile_s" in c[0] and "compile_s" not in e[0]
     assert c[0]["compile_s"] <= c[-1]["compile_s"] <= summary["compile_s"] + 1e-9
+
+
+# --------------------------------------------------------------------------- mask input
+
+
+@pytest.mark.slow
+def test_mask_input_run_resumes_exactly_and_samples_into_its_masks(tmp_path):
+    """adapter.mask_input: training resumes exactly, the export keeps the mask branch and the
+    training masks; free samples are drawn into a training mask of their kind (moved by the
+    run's symmetries) and returned with it, guided ones keep the product outside the user's
+    mask; the compiled sampler (eager backend) gives the same samples."""
+    from safetensors.torch import load_file
+
+    from apo_fast.adapters.mask_input import get_mask_input
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
+
+    common = ("adapter.mask_input=true", "train.checkpoint_every=2", "sample.compile.backend=eager")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_train(tiny_cfg(straight, "train.steps=4", *common))
+    run_train(tiny_cfg(interrupted, "train.steps=2", *common))
+    run_train(tiny_cfg(interrupted, "train.steps=4", *common))
+    for ra, rb in zip(read_log(straight), read_log(interrupted)):
+        for key in ("loss", "e_theta", "e_ref"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+    adapters = straight / "adapters"
+    branch = load_file(str(adapters / "mask_input.safetensors"))
+    assert branch["project.weight"].abs().sum() > 0  # zero-init projection was trained
+    bank = load_file(str(adapters / "mask_bank.safetensors"))
+    assert sorted(bank) == ["brick/crack", "brick/hole", "brick/stain"]
+    run = load_run(straight, device="cpu")
+    assert get_mask_input(run.unet) is not None and run.mask_bank.augment == "dihedral"
+    imgs, masks, _ = generate_for_defect(run, "hole", 3, seed=1)
+    sizes = {int(m.sum()) for m in bank["brick/hole"]}
+    assert imgs.shape == (3, 3, 16, 16) and all(int(m.sum()) in sizes for m in masks)
+    known, kmask = heldout_guides(run.cfg, "crack", 2)
+    gi, gm, _ = generate_for_defect(run, "crack", 2, known_images=known, known_masks=kmask)
+    outside = (1 - kmask).bool().expand_as(gi)
+    assert torch.equal(gm, kmask) and torch.allclose(gi[outside], known.clamp(-1, 1)[outside], atol=1e-6)
+    compiled = load_run(straight, device="cpu", compile=True)
+    for kwargs in ({}, {"known_images": known, "known_masks": kmask}):
+        a = generate_for_defect(run, "crack", 2, seed=3, **kwargs)
+        b = generate_for_defect(compiled, "crack", 2, seed=3, **kwargs)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)

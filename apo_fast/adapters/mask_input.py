@@ -1,0 +1,156 @@
+"""The defect mask as a spatial input of the policy (``adapter.mask_input``).
+
+A diffusion UNet conditioned only on a defect *kind* does not know *where* the defect
+goes: mask-guided sampling tells it only through the RePaint blend of the region outside
+the mask, and at the demo's 32 px the frozen full-resolution layers carry no adapter at
+all, so thin defects (cracks, scratches) were never drawn inside their masks
+(``docs/fidelity.md``). This adapter gives the policy the mask itself, ControlNet-style:
+
+    h = conv_in(z_t) + P(silu(E(m)))        m: (B, 1, H, W) in [0, 1]
+
+``E`` (1 -> hidden, 3x3) and ``P`` (hidden -> conv_in's channels, 3x3, zero-initialised)
+have no bias, so an all-zero mask (or none) adds exactly nothing and the policy starts
+equal to the reference. The mask is resized to conv_in's output by max-pooling (a thin
+defect survives a latent's 8x downsampling) or nearest upsampling.
+
+The mask reaches the layer as a keyword of the UNet call, ``unet(z, t, ..., apo_mask=m)``:
+a forward pre-hook on the UNet takes it out of the keywords (diffusers' forward never
+sees it) and a forward hook on ``conv_in`` adds the branch. Like the LoRA layers the
+branch is off inside :func:`apo_fast.adapters.adapters_disabled` (the reference pass),
+and a call without ``apo_mask`` runs the UNet unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["MASK_KWARG", "MASK_MODULE_NAME", "MaskInput", "attach_mask_input", "get_mask_input", "resize_mask"]
+
+#: attribute name of the mask branch on a model (a registered submodule).
+MASK_MODULE_NAME = "apo_mask_input"
+#: keyword of the UNet call that carries the mask.
+MASK_KWARG = "apo_mask"
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, *size): max-pool down (thin defects survive), nearest up."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    if mask.shape[-2] >= size[0] and mask.shape[-1] >= size[1]:
+        return F.adaptive_max_pool2d(mask, size)
+    return F.interpolate(mask, size=size, mode="nearest")
+
+
+class MaskInput(nn.Module):
+    """``m (B, 1, H, W) -> (B, out_channels, h, w)``, added to the UNet's ``conv_in`` output.
+
+    Attributes:
+        enabled: False inside ``adapters_disabled`` (the reference pass adds nothing).
+    """
+
+    def __init__(self, out_channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        if not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
+        self.hidden = hidden
+        self.out_channels = out_channels
+        self.encode = nn.Conv2d(1, hidden, 3, padding=1, bias=False)
+        self.project = nn.Conv2d(hidden, out_channels, 3, padding=1, bias=False)
+        nn.init.zeros_(self.project.weight)  # the policy starts as the reference
+        self.enabled = True
+        self._pending: list[torch.Tensor | None] = []
+
+    def forward(self, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        mask = resize_mask(mask.to(self.encode.weight.dtype), size)
+        return self.project(F.silu(self.encode(mask)))
+
+    # -- hooks ---------------------------------------------------------------
+    def take_mask(self, sample: torch.Tensor, kwargs: dict) -> None:
+        """The UNet's pre-hook: pop ``apo_mask`` from the call's keywords, check it, push it."""
+        mask = kwargs.pop(MASK_KWARG, None)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"{MASK_KWARG} must be a (B, 1, H, W) tensor, got {got}")
+            if mask.shape[0] != sample.shape[0]:
+                raise ValueError(
+                    f"{MASK_KWARG} has {mask.shape[0]} masks for a batch of {sample.shape[0]} samples"
+                )
+            mask = mask.to(sample.device)
+        self._pending.append(mask)
+
+    def add_branch(self, output: torch.Tensor) -> torch.Tensor:
+        """conv_in's forward hook: ``output + branch(mask)`` when enabled and a mask was given."""
+        mask = self._pending[-1] if self._pending else None
+        if mask is None or not self.enabled:
+            return output
+        return output + self(mask, tuple(output.shape[-2:])).to(output.dtype)
+
+    def release(self) -> None:
+        if self._pending:
+            self._pending.pop()
+
+
+class _TakeMask:
+    """Forward pre-hook object on the UNet (a plain callable, so ``deepcopy`` copies it)."""
+
+    def __init__(self, module: MaskInput) -> None:
+        self.module = module
+
+    def __call__(self, model, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError("a UNet with a mask input must be called with a batched tensor `sample` first")
+        self.module.take_mask(sample, kwargs)
+        return args, kwargs
+
+
+class _Release:
+    def __init__(self, module: MaskInput) -> None:
+        self.module = module
+
+    def __call__(self, model, args, output):
+        self.module.release()
+        return None
+
+
+class _AddBranch:
+    def __init__(self, module: MaskInput) -> None:
+        self.module = module
+
+    def __call__(self, conv_in, args, output):
+        return self.module.add_branch(output)
+
+
+def get_mask_input(model: nn.Module) -> MaskInput | None:
+    """The model's mask branch, or ``None``."""
+    module = getattr(model, MASK_MODULE_NAME, None)
+    return module if isinstance(module, MaskInput) else None
+
+
+def attach_mask_input(model: nn.Module, hidden: int = 32) -> MaskInput:
+    """Register a :class:`MaskInput` as ``model.apo_mask_input`` and its hooks.
+
+    ``model`` must have a ``conv_in`` convolution (diffusers' UNets do); the branch is
+    created on its device and dtype.
+    """
+    if get_mask_input(model) is not None:
+        raise ValueError(f"{type(model).__name__} already has a mask input")
+    conv_in = getattr(model, "conv_in", None)
+    if not isinstance(conv_in, nn.Conv2d):
+        raise TypeError(
+            f"{type(model).__name__} has no `conv_in` convolution to add the mask input to "
+            "(adapter.mask_input needs a diffusers UNet)"
+        )
+    module = MaskInput(conv_in.out_channels, hidden)
+    weight = next((p for p in conv_in.parameters() if p.is_floating_point()), None)
+    if weight is not None:
+        module.to(device=weight.device, dtype=weight.dtype)
+    setattr(model, MASK_MODULE_NAME, module)
+    model.register_forward_pre_hook(_TakeMask(module), with_kwargs=True)
+    model.register_forward_hook(_Release(module), always_call=True)
+    conv_in.register_forward_hook(_AddBranch(module))
+    return module

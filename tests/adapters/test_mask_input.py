@@ -1,0 +1,181 @@
+"""The mask input (``adapter.mask_input``): the policy sees the defect mask, the reference does not."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apo_fast.adapters import (
+    AdapterConfig,
+    adapter_parameters,
+    adapters_disabled,
+    freeze_base,
+    inject_adapters,
+    load_adapters,
+    save_adapters,
+    set_adapters_enabled,
+)
+from apo_fast.adapters.io import MASK_WEIGHT_NAME
+from apo_fast.adapters.mask_input import MASK_KWARG, MaskInput, get_mask_input, resize_mask
+
+pytest.importorskip("diffusers")
+
+F64 = torch.float64
+
+
+def masked_unet(make_tiny_unet, dtype=torch.float32, std=0.3, seed=5):
+    unet = make_tiny_unet().to(dtype).eval()
+    inject_adapters(unet, AdapterConfig(r=4, mask_input=True))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in get_mask_input(unet).parameters():
+            p.normal_(0, std)
+    return unet
+
+
+def inputs(batch, size=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, 4, size, size, generator=g, dtype=F64).to(dtype)
+    c = torch.randn(batch, 5, 32, generator=g, dtype=F64).to(dtype)
+    m = (torch.rand(batch, 1, size, size, generator=g) > 0.7).to(dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return z, t, c, m
+
+
+def branch_f64(module: MaskInput, mask: torch.Tensor, size) -> torch.Tensor:
+    """The branch written out in float64: max-pool/nearest resize, conv, SiLU, conv."""
+    m = mask.to(F64)
+    if m.shape[-2] >= size[0]:
+        m = F.adaptive_max_pool2d(m, size)
+    else:
+        m = F.interpolate(m, size=size, mode="nearest")
+    h = F.conv2d(m, module.encode.weight.to(F64), padding=1)
+    h = h * torch.sigmoid(h)
+    return F.conv2d(h, module.project.weight.to(F64), padding=1)
+
+
+@pytest.mark.parametrize("mask_size,size", [(13, 13), (29, 7), (5, 11), (32, 4)])
+def test_branch_matches_float64_reference_with_gradients(mask_size, size, f64_close):
+    assert_close, _ = f64_close
+    torch.manual_seed(mask_size)
+    module = MaskInput(out_channels=6, hidden=5)
+    with torch.no_grad():
+        module.project.weight.normal_(0, 0.5)
+    ref = MaskInput(out_channels=6, hidden=5).to(F64)
+    ref.load_state_dict({k: v.to(F64) for k, v in module.state_dict().items()})
+    mask = (torch.rand(3, 1, mask_size, mask_size) > 0.6).float()
+    out = module(mask, (size, size))
+    expected = branch_f64(ref, mask, (size, size))
+    assert out.shape == (3, 6, size, size)
+    torch.testing.assert_close(out.to(F64), expected, rtol=1e-5, atol=1e-5)
+    # gradients of both weights, float64 module vs the written-out float64 reference
+    w = torch.randn_like(expected)
+    (ref(mask.to(F64), (size, size)) * w).sum().backward()
+    enc = ref.encode.weight.detach().clone().requires_grad_(True)
+    proj = ref.project.weight.detach().clone().requires_grad_(True)
+    m = resize_mask(mask.to(F64), (size, size))
+    h = F.conv2d(m, enc, padding=1)
+    (F.conv2d(h * torch.sigmoid(h), proj, padding=1) * w).sum().backward()
+    terms = 2 * 2 * 9 * 5
+    assert_close(ref.encode.weight.grad, enc.grad, terms=terms, msg="encode grad")
+    assert_close(ref.project.weight.grad, proj.grad, terms=terms, msg="project grad")
+
+
+def test_resize_keeps_a_one_pixel_line_when_pooling_down():
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[0, 0, 5, :] = 1.0  # a 1-pixel crack
+    down = resize_mask(mask, (4, 4))
+    assert down.sum() == 4 and down[0, 0, 0].eq(1).all()
+    up = resize_mask(torch.eye(3).view(1, 1, 3, 3), (6, 6))
+    assert torch.equal(up[0, 0, ::2, ::2], torch.eye(3))
+
+
+def test_policy_starts_as_the_reference_and_a_zero_mask_adds_nothing(make_tiny_unet):
+    unet = make_tiny_unet().eval()
+    inject_adapters(unet, AdapterConfig(r=4, mask_input=True))
+    z, t, c, m = inputs(2)
+    with torch.no_grad():
+        plain = unet(z, t, encoder_hidden_states=c).sample
+        assert torch.equal(unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample, plain)  # zero-init P
+        for p in get_mask_input(unet).parameters():
+            p.normal_(0, 0.3)
+        # no bias anywhere: an all-zero mask is exactly no mask
+        zero = unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: torch.zeros_like(m)}).sample
+        assert torch.equal(zero, plain)
+        assert not torch.allclose(unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample, plain, atol=1e-4)
+
+
+def test_unet_output_equals_conv_in_plus_branch_in_float64(make_tiny_unet, f64_close):
+    """The hooked UNet equals the same UNet whose conv_in output gets the written-out branch."""
+    unet = masked_unet(make_tiny_unet, F64)
+    z, t, c, m = inputs(3, dtype=F64)
+    module = get_mask_input(unet)
+    with torch.no_grad():
+        out = unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample
+        with adapters_disabled(unet):
+            handle = unet.conv_in.register_forward_hook(lambda mod, a, o: o + branch_f64(module, m, o.shape[-2:]))
+            try:
+                expected = unet(z, t, encoder_hidden_states=c).sample
+            finally:
+                handle.remove()
+    # adapters_disabled also switched the LoRA layers off: B is zero-init, so they add nothing
+    assert_close, terms = f64_close
+    assert_close(out, expected, terms=terms(unet), msg="unet with mask input")
+
+
+def test_reference_pass_ignores_the_mask_and_only_the_policy_gets_gradients(make_tiny_unet):
+    unet = masked_unet(make_tiny_unet)
+    freeze_base(unet)
+    module = get_mask_input(unet)
+    params = {id(p) for p in adapter_parameters(unet)}
+    assert all(id(p) in params and p.requires_grad for p in module.parameters())
+    z, t, c, m = inputs(2)
+    plain = unet(z, t, encoder_hidden_states=c).sample.detach()
+    with adapters_disabled(unet):
+        ref = unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample
+    assert torch.equal(ref.detach(), plain) and module.enabled
+    assert ref.grad_fn is None or all(p.grad is None for p in module.parameters())
+    set_adapters_enabled(unet, False)
+    assert torch.equal(unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample.detach(), plain)
+    set_adapters_enabled(unet, True)
+    unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert not module._pending  # every forward released its mask
+
+
+@pytest.mark.parametrize("bad,words", [
+    (torch.zeros(3, 1, 16, 16), "3 masks for a batch of 2"),
+    (torch.zeros(2, 16, 16), r"\(B, 1, H, W\)"),
+    (torch.zeros(2, 2, 16, 16), r"\(B, 1, H, W\)"),
+])
+def test_wrong_masks_are_named(make_tiny_unet, bad, words):
+    unet = masked_unet(make_tiny_unet)
+    z, t, c, _ = inputs(2)
+    with pytest.raises(ValueError, match=words):
+        unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: bad})
+    assert not get_mask_input(unet)._pending
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="mask_input must be true or false"):
+        AdapterConfig(mask_input="yes")
+    with pytest.raises(ValueError, match="hidden must be"):
+        MaskInput(4, hidden=0)
+
+
+def test_save_and_load_roundtrip_and_stale_file_removed(make_tiny_unet, tmp_path):
+    unet = masked_unet(make_tiny_unet)
+    save_adapters(unet, tmp_path)
+    assert (tmp_path / MASK_WEIGHT_NAME).is_file()
+    fresh = make_tiny_unet().eval()
+    config = load_adapters(fresh, tmp_path)
+    assert config.mask_input and get_mask_input(fresh) is not None
+    z, t, c, m = inputs(2, seed=3)
+    with torch.no_grad():
+        a = unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample
+        b = fresh(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample
+    assert torch.equal(a, b)
+    plain = make_tiny_unet().eval()
+    inject_adapters(plain, AdapterConfig(r=4))
+    save_adapters(plain, tmp_path)  # the same folder, now without a mask input
+    assert not (tmp_path / MASK_WEIGHT_NAME).exists()

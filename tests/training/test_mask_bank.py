@@ -1,0 +1,65 @@
+"""Free-sample masks of a mask-input run: drawn from the training masks under the run's symmetries."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apo_fast.sampling.mask_bank import MaskBank, load_mask_bank, save_mask_bank
+
+
+def _masks(n=5, size=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, size, size, generator=g) > 0.6).float()
+
+
+def _symmetries(m: torch.Tensor, shifts: bool) -> list[torch.Tensor]:
+    out = []
+    for v in range(8):
+        x = m
+        if v & 1:
+            x = x.flip(-1)
+        if v & 2:
+            x = x.flip(-2)
+        if v & 4:
+            x = x.transpose(-1, -2)
+        if shifts:
+            out += [torch.roll(x, (dy, dx), (-2, -1)) for dy in range(m.shape[-2]) for dx in range(m.shape[-1])]
+        else:
+            out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "dihedral"])
+def test_draws_are_training_masks_under_the_runs_symmetries(augment, tmp_path):
+    masks = _masks()
+    conds = torch.tensor([0, 1, 1, 2, 1])
+    names = ["p/a", "p/b", "p/c"]
+    bank = load_mask_bank(save_mask_bank(tmp_path / "bank.safetensors", masks, conds, names, augment))
+    assert bank.augment == augment and sorted(bank.masks) == names
+    torch.testing.assert_close(bank.masks["p/b"], masks[conds == 1])
+    drawn = bank.draw("p/b", 12, torch.Generator().manual_seed(3))
+    assert drawn.shape == (12, 1, 9, 9)
+    allowed = {"none": [0], "flip": [0, 1], "dihedral": list(range(8))}[augment]
+    for d in drawn:
+        candidates = []
+        for m in masks[conds == 1]:
+            sym = _symmetries(m, shifts=augment == "dihedral")
+            per = len(sym) // 8
+            candidates += [s for v in allowed for s in sym[v * per:(v + 1) * per]]
+        assert any(torch.equal(d, c) for c in candidates)
+    again = bank.draw("p/b", 12, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, again)  # the generator alone decides
+
+
+def test_bad_banks_are_named(tmp_path):
+    with pytest.raises(ValueError, match="augment must be one of"):
+        MaskBank({"p/a": _masks()}, "rotate")
+    with pytest.raises(ValueError, match=r"must be \(N>0, 1, H, W\)"):
+        MaskBank({"p/a": torch.zeros(0, 1, 4, 4)}, "none")
+    bank = MaskBank({"p/a": _masks()}, "none")
+    with pytest.raises(ValueError, match="no masks for 'p/z'"):
+        bank.draw("p/z", 1, torch.Generator())
+    with pytest.raises(FileNotFoundError, match="adapter.mask_input keeps its training masks"):
+        load_mask_bank(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="cond_ids"):
+        save_mask_bank(tmp_path / "b.safetensors", _masks(), torch.zeros(3, dtype=torch.long), ["p/a"], "none")
