@@ -23,13 +23,13 @@ DEMO_CONFIG: dict = {
     "model": {"preset": "tiny", "num_train_timesteps": 1000, "noise_schedule": "squaredcos_cap_v2", "cond_tokens": 4,
               "prediction_type": "v_prediction"},
     "data": {"root": "builtin:demo", "category": "brick", "shots": "third", "image_size": 32, "augment": True},
-    "adapter": {"r": 8, "lora_alpha": 8.0, "gate": {"kind": "rank_prefix"}},
+    "adapter": {"r": 8, "lora_alpha": 8.0, "gate": {"kind": "rank_prefix"}, "mask_input": True},
     "loss": {"mode": "unpaired", "beta": 5000.0, "beta_schedule": "dlogsnr", "lambda_mask": 2.0, "lambda_sft": 0.0},
     "optim": {"name": "adamw", "lr": 1e-3, "cond_lr": 1e-2},
     "train": {"steps": 400, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},
     "pretrain": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
                  "sample_every": 1000},
-    "sample": {"num_inference_steps": 25, "s_text": 3.0, "s_align": 2.0, "num_per_defect": 8, "batch_size": 8},
+    "sample": {"num_inference_steps": 25, "s_text": 3.0, "s_align": 1.0, "num_per_defect": 8, "batch_size": 8},
 }
 
 

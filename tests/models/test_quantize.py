@@ -220,7 +220,8 @@ def test_sampling_a_run_uses_its_quantized_base(tmp_path):
     assert quantized and all(m.weight.dtype == torch.uint8 for m in quantized)
     # on the CPU only whole 64-element rows are NF4 (bitsandbytes' CPU forward fails on others)
     assert all(m.in_features % NF4_BLOCKSIZE == 0 for m in quantized)
-    convs = [m for m in run.unet.modules() if isinstance(m, nn.Conv2d)]
+    # the base's convolutions (not the trained mask-input branch, an adapter)
+    convs = [m for name, m in run.unet.named_modules() if isinstance(m, nn.Conv2d) and "apo_mask_input" not in name]
     assert convs and all(type(m).__name__ == "Float8Conv2d" for m in convs)  # nf4: convolutions in fp8
     from apo_fast.sampling.runs import generate_for_defect
 

@@ -277,6 +277,23 @@ def test_conv_adapters_train_alike_under_zero0_and_zero3(tmp_path):
 
 
 @pytest.mark.slow
+def test_mask_input_trains_alike_under_zero0_and_zero3(tmp_path):
+    """adapter.mask_input: ZeRO-3 partitions the mask branch, gathers it inside conv_in's hook and
+    for the export, and trains like stage 0 (losses, LoRA weights and the branch)."""
+    from safetensors.torch import load_file
+
+    run_train(tiny_cfg(tmp_path / "z0", "adapter.mask_input=true", "train.zero_stage=0"))
+    run_train(tiny_cfg(tmp_path / "z3", "adapter.mask_input=true", "train.zero_stage=3",
+                       "train.gradient_checkpointing=true", NO_PERSIST))
+    assert_same_run(tmp_path / "z3", tmp_path / "z0")
+    a, b = (load_file(str(tmp_path / z / "adapters" / "mask_input.safetensors")) for z in ("z3", "z0"))
+    assert a.keys() == b.keys() and b["project.weight"].abs().sum() > 0
+    for key in a:
+        err = ((a[key].double() - b[key].double()).norm() / b[key].double().norm().clamp_min(1e-12)).item()
+        assert err <= WEIGHT_RTOL, (key, err)
+
+
+@pytest.mark.slow
 def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage_0(tmp_path, stage0_run):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0), gradient checkpointing
     (recompute gathers again) and the fused adapter layer reading its submodules' weights."""
