@@ -4,7 +4,8 @@ A free sample of such a policy needs a mask to draw its defect into. The run kee
 masks of its training anomalies per condition (``adapters/mask_bank.safetensors``, written
 with the adapters); a free sample draws one of its kind's masks and moves it by the
 symmetries its training augmentation used (``flip``: horizontal flips; ``dihedral``: the 8
-square symmetries, plus a random circular shift, since a texture has no fixed place). The
+square symmetries, plus a random shift that keeps the mask whole inside the image, since a
+texture has no fixed place). The
 drawn mask is the free sample's mask, as a user's mask is a guided sample's.
 """
 from __future__ import annotations
@@ -48,14 +49,28 @@ class MaskBank:
         pick = torch.randint(bank.shape[0], (num,), generator=generator).tolist()
         variants = torch.randint(AUGMENT_VARIANTS[self.augment], (num,), generator=generator).tolist()
         h, w = bank.shape[-2:]
-        shifts = torch.randint(max(h, w), (num, 2), generator=generator).tolist()
+        places = torch.rand((num, 2), generator=generator).tolist()
         out = []
-        for i, v, (dy, dx) in zip(pick, variants, shifts):
+        for i, v, (fy, fx) in zip(pick, variants, places):
             m = augment_pair(bank[i], bank[i], v)[1] if h == w else bank[i]
             if self.augment == "dihedral":
-                m = torch.roll(m, shifts=(dy % h, dx % w), dims=(-2, -1))
+                m = _move_inside(m, fy, fx)
             out.append(m)
         return torch.stack(out).float()
+
+
+def _move_inside(mask: torch.Tensor, fy: float, fx: float) -> torch.Tensor:
+    """``mask`` (1, H, W) shifted so that its bounding box lands at fraction ``(fy, fx)`` of the
+    room it has inside the image (never wrapped across a border)."""
+    rows = mask[0].amax(1).nonzero().flatten()
+    cols = mask[0].amax(0).nonzero().flatten()
+    if rows.numel() == 0:
+        return mask
+    h, w = mask.shape[-2:]
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    dy = int(fy * (h - (y1 - y0))) - y0  # new top in [0, h - height]
+    dx = int(fx * (w - (x1 - x0))) - x0
+    return torch.roll(mask, shifts=(dy, dx), dims=(-2, -1))
 
 
 def save_mask_bank(path: str | Path, masks: torch.Tensor, cond_ids: torch.Tensor, names: list[str],

@@ -12,6 +12,12 @@ def _masks(n=5, size=9, seed=0):
     return (torch.rand(n, 1, size, size, generator=g) > 0.6).float()
 
 
+def _box(m: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the mask's bounding box."""
+    rows, cols = m[0].amax(1).nonzero().flatten(), m[0].amax(0).nonzero().flatten()
+    return int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1
+
+
 def _symmetries(m: torch.Tensor, shifts: bool) -> list[torch.Tensor]:
     out = []
     for v in range(8):
@@ -47,6 +53,7 @@ def test_draws_are_training_masks_under_the_runs_symmetries(augment, tmp_path):
             per = len(sym) // 8
             candidates += [s for v in allowed for s in sym[v * per:(v + 1) * per]]
         assert any(torch.equal(d, c) for c in candidates)
+        assert _box(d) in {_box(c) for c in candidates if c.sum() > 0} or d.sum() == 0  # never split at a border
     again = bank.draw("p/b", 12, torch.Generator().manual_seed(3))
     assert torch.equal(drawn, again)  # the generator alone decides
 
@@ -63,3 +70,14 @@ def test_bad_banks_are_named(tmp_path):
         load_mask_bank(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="cond_ids"):
         save_mask_bank(tmp_path / "b.safetensors", _masks(), torch.zeros(3, dtype=torch.long), ["p/a"], "none")
+
+
+def test_texture_draws_move_the_mask_whole_to_many_places():
+    """dihedral (texture) draws shift the mask anywhere it fits, never wrapped across a border."""
+    mask = torch.zeros(1, 1, 10, 10)
+    mask[0, 0, 7:10, 8:10] = 1.0  # a 3x2 blob in the corner: any wrap-around would split it
+    bank = MaskBank({"p/a": mask}, "dihedral")
+    drawn = bank.draw("p/a", 64, torch.Generator().manual_seed(0))
+    assert all(int(d.sum()) == 6 and _box(d) in {(3, 2), (2, 3)} for d in drawn)
+    tops = {tuple(d[0].nonzero()[0].tolist()) for d in drawn}
+    assert len(tops) > 16  # spread over the image, not parked in the corner
