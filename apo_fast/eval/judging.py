@@ -76,15 +76,17 @@ def judge_lines(record: dict | None) -> list[str]:
 def save_kind_sheet(path: Path, data: EvalData, synthetic: dict, per_row: int = 6) -> Path:
     """One picture per product: for each defect kind, real held-out anomalies, then each source's
     guided and free anomalies of that kind (CutPaste's: any), mask outlines in red."""
-    from apo_fast.sampling.images import overlay, save_grid
+    from apo_fast.sampling.images import save_grid
 
     held = data.test_labels == 1
     kinds = held_out_defects(data)
     rows: dict[str, torch.Tensor] = {}
+    outlines: dict[str, torch.Tensor] = {}
     for kind in data.defects:
         idx = [i for i, k in enumerate(kinds) if k == kind][:per_row]
         if idx:
-            rows[f"{kind}: real"] = overlay(data.test_images[held][idx], data.test_masks[held][idx])
+            rows[f"{kind}: real"] = data.test_images[held][idx]
+            outlines[f"{kind}: real"] = data.test_masks[held][idx]
         for source, syn in synthetic.items():
             if syn is None:
                 continue
@@ -96,8 +98,8 @@ def save_kind_sheet(path: Path, data: EvalData, synthetic: dict, per_row: int = 
                        if m == mode and (d == kind or not generated)][:per_row]
                 if sel:
                     label = f"{kind}: {source}" + (f" {mode}" if generated else "")
-                    rows[label] = overlay(syn.images[sel], syn.masks[sel])
-    save_grid(rows, path)
+                    rows[label], outlines[label] = syn.images[sel], syn.masks[sel]
+    save_grid(rows, path, outlines=outlines)
     return path
 
 

@@ -40,9 +40,16 @@ def overlay(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return out * (1 - edge) + red * edge
 
 
-def save_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 3) -> None:
-    """A labelled grid: one row per key, each row (N, 3, H, W) in [-1, 1]."""
+def save_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 3,
+              outlines: dict[str, torch.Tensor] | None = None) -> None:
+    """A labelled grid: one row per key, each row (N, 3, H, W) in [-1, 1].
+
+    ``outlines[key]`` (N, 1, H, W): masks whose outline is drawn in red around each tile's
+    region at the grid's resolution (one screen pixel wide, outside the mask), so a 1-2 px
+    defect inside it stays visible; rows without an entry are drawn as they are."""
     from PIL import Image, ImageDraw
+
+    outlines = outlines or {}
 
     names = list(rows)
     n_cols = max(r.shape[0] for r in rows.values())
@@ -54,7 +61,12 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 3) -> None
     for r, name in enumerate(names):
         y = r * (h + 2)
         draw.text((4, y + h // 2 - 6), name, fill="black")
-        for c, img in enumerate(to_uint8(rows[name])):
+        images = rows[name]
+        if name in outlines:
+            big = F.interpolate(images.float(), size=(h, w), mode="nearest")
+            masks = F.interpolate(outlines[name].float(), size=(h, w), mode="nearest")
+            images = overlay(big, masks)
+        for c, img in enumerate(to_uint8(images)):
             tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (label_w + c * (w + 2), y))
     from apo_fast.io_utils import atomic_save

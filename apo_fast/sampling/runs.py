@@ -21,7 +21,7 @@ from apo_fast.models import (
     vae_scale_factor,
 )
 from apo_fast.sampling.hierarchical import hierarchical_sample
-from apo_fast.sampling.images import overlay, save_grid, save_images
+from apo_fast.sampling.images import save_grid, save_images
 
 
 @dataclass
@@ -209,18 +209,18 @@ def sample_run(
     guided = cfg.sample.mask_guided if mask_guided is None else mask_guided
     all_defects = [n.split("/", 1)[1] for n in run.condition_names if not n.endswith("/good")]
     defects = defects or all_defects
-    rows, record = {}, {}
+    rows, outlines, record = {}, {}, {}
     for defect in defects:
         imgs, masks, _ = generate_for_defect(run, defect, num, progress=progress)
         save_images(imgs, masks, out_dir / defect / "free")
-        rows[f"{defect} free"] = overlay(imgs, masks)
+        rows[f"{defect} free"], outlines[f"{defect} free"] = imgs, masks
         record[defect] = {"free": num, "mask_fraction_free": float(masks.mean())}
         if guided:
             ki, km = heldout_guides(cfg, defect, num)
             gi, gm, _ = generate_for_defect(run, defect, num, known_images=ki, known_masks=km, progress=progress)
             save_images(gi, gm, out_dir / defect / "guided")
-            rows[f"{defect} guided"] = overlay(gi, gm)
+            rows[f"{defect} guided"], outlines[f"{defect} guided"] = gi, gm
             record[defect]["guided"] = num
-    save_grid(rows, out_dir / "grid.png")
+    save_grid(rows, out_dir / "grid.png", outlines=outlines)
     atomic_write_json(out_dir / "samples.json", record)
     return {"out_dir": str(out_dir), "defects": record}

@@ -1,6 +1,7 @@
 """Free-sample masks of a mask-input run: drawn from the training masks under the run's symmetries."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,25 @@ def test_texture_draws_move_the_mask_whole_to_many_places():
     assert all(int(d.sum()) == 6 and _box(d) in {(3, 2), (2, 3)} for d in drawn)
     tops = {tuple(d[0].nonzero()[0].tolist()) for d in drawn}
     assert len(tops) > 16  # spread over the image, not parked in the corner
+
+
+def test_grid_outlines_leave_a_one_pixel_defect_visible(tmp_path):
+    """save_grid draws mask outlines at the grid's resolution, outside the mask: a 1-px dark
+    line (a crack at 32 px) keeps its colour inside the red outline."""
+    from PIL import Image
+
+    from apo_fast.sampling.images import save_grid
+
+    img = torch.ones(1, 3, 8, 8) * 0.5
+    img[0, :, 4, :] = -1.0  # a dark horizontal line, one pixel high
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 4, :] = 1.0
+    path = tmp_path / "grid.png"
+    save_grid({"crack": img}, path, scale=3, outlines={"crack": mask})
+    px = torch.tensor(np.array(Image.open(path).convert("RGB"))).int()
+    label_w = 8 + 7 * len("crack")
+    tile = px[:24, label_w:label_w + 24]
+    assert (tile[12:15, :, :] == 0).all()  # the line, 3 screen rows, still dark
+    assert (tile[11, :, 0] == 255).all() and (tile[11, :, 1] == 0).all()  # red just above it
+    assert (tile[15, :, 0] == 255).all() and (tile[15, :, 1] == 0).all()  # and just below
+    assert (tile[5, 5] == torch.tensor([191, 191, 191])).all()  # the rest untouched
