@@ -57,15 +57,20 @@ class MaskInput(nn.Module):
             raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
         self.hidden = hidden
         self.out_channels = out_channels
-        self.encode = nn.Conv2d(1, hidden, 3, padding=1, bias=False)
-        self.project = nn.Conv2d(hidden, out_channels, 3, padding=1, bias=False)
-        nn.init.zeros_(self.project.weight)  # the policy starts as the reference
+        # plain parameters of this module (no child convolutions): its forward reads only its own
+        # weights, so ZeRO-3 gathers them with the module and never has to discover them
+        self.encode_weight = nn.Parameter(torch.empty(hidden, 1, 3, 3))
+        self.project_weight = nn.Parameter(torch.empty(out_channels, hidden, 3, 3))
+        for weight in (self.encode_weight, self.project_weight):  # nn.Conv2d's init, same random draws
+            nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
+        nn.init.zeros_(self.project_weight)  # the policy starts as the reference
         self.enabled = True
         self._pending: list[torch.Tensor | None] = []
 
     def forward(self, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        mask = resize_mask(mask.to(self.encode.weight.dtype), size)
-        return self.project(F.silu(self.encode(mask)))
+        mask = resize_mask(mask.to(self.encode_weight.dtype), size)
+        hidden = F.silu(F.conv2d(mask, self.encode_weight, padding=1))
+        return F.conv2d(hidden, self.project_weight, padding=1)
 
     # -- hooks ---------------------------------------------------------------
     def take_mask(self, sample: torch.Tensor, kwargs: dict) -> None:

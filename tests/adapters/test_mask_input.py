@@ -49,9 +49,9 @@ def branch_f64(module: MaskInput, mask: torch.Tensor, size) -> torch.Tensor:
         m = F.adaptive_max_pool2d(m, size)
     else:
         m = F.interpolate(m, size=size, mode="nearest")
-    h = F.conv2d(m, module.encode.weight.to(F64), padding=1)
+    h = F.conv2d(m, module.encode_weight.to(F64), padding=1)
     h = h * torch.sigmoid(h)
-    return F.conv2d(h, module.project.weight.to(F64), padding=1)
+    return F.conv2d(h, module.project_weight.to(F64), padding=1)
 
 
 @pytest.mark.parametrize("mask_size,size", [(13, 13), (29, 7), (5, 11), (32, 4)])
@@ -60,7 +60,7 @@ def test_branch_matches_float64_reference_with_gradients(mask_size, size, f64_cl
     torch.manual_seed(mask_size)
     module = MaskInput(out_channels=6, hidden=5)
     with torch.no_grad():
-        module.project.weight.normal_(0, 0.5)
+        module.project_weight.normal_(0, 0.5)
     ref = MaskInput(out_channels=6, hidden=5).to(F64)
     ref.load_state_dict({k: v.to(F64) for k, v in module.state_dict().items()})
     mask = (torch.rand(3, 1, mask_size, mask_size) > 0.6).float()
@@ -71,14 +71,14 @@ def test_branch_matches_float64_reference_with_gradients(mask_size, size, f64_cl
     # gradients of both weights, float64 module vs the written-out float64 reference
     w = torch.randn_like(expected)
     (ref(mask.to(F64), (size, size)) * w).sum().backward()
-    enc = ref.encode.weight.detach().clone().requires_grad_(True)
-    proj = ref.project.weight.detach().clone().requires_grad_(True)
+    enc = ref.encode_weight.detach().clone().requires_grad_(True)
+    proj = ref.project_weight.detach().clone().requires_grad_(True)
     m = resize_mask(mask.to(F64), (size, size))
     h = F.conv2d(m, enc, padding=1)
     (F.conv2d(h * torch.sigmoid(h), proj, padding=1) * w).sum().backward()
     terms = 2 * 2 * 9 * 5
-    assert_close(ref.encode.weight.grad, enc.grad, terms=terms, msg="encode grad")
-    assert_close(ref.project.weight.grad, proj.grad, terms=terms, msg="project grad")
+    assert_close(ref.encode_weight.grad, enc.grad, terms=terms, msg="encode grad")
+    assert_close(ref.project_weight.grad, proj.grad, terms=terms, msg="project grad")
 
 
 def test_resize_keeps_a_one_pixel_line_when_pooling_down():

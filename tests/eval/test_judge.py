@@ -89,7 +89,7 @@ def test_kind_sheet_shows_every_generated_source_by_mode(tmp_path, monkeypatch):
     from apo_fast.eval.judging import save_kind_sheet
 
     seen = {}
-    monkeypatch.setattr(images, "save_grid", lambda rows, path: seen.update(rows))
+    monkeypatch.setattr(images, "save_grid", lambda rows, path, **kwargs: seen.update(rows))
     img = torch.zeros(4, 3, 8, 8)
     data = types.SimpleNamespace(test_labels=torch.tensor([1, 1, 0, 0]), test_images=img, test_masks=img[:, :1],
                                  test_paths=["x/hole/0.png", "x/stain/0.png", "g/0.png", "g/1.png"],

@@ -398,7 +398,7 @@ def test_mask_input_run_resumes_exactly_and_samples_into_its_masks(tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
     adapters = straight / "adapters"
     branch = load_file(str(adapters / "mask_input.safetensors"))
-    assert branch["project.weight"].abs().sum() > 0  # zero-init projection was trained
+    assert branch["project_weight"].abs().sum() > 0  # zero-init projection was trained
     bank = load_file(str(adapters / "mask_bank.safetensors"))
     assert sorted(bank) == ["brick/crack", "brick/hole", "brick/stain"]
     run = load_run(straight, device="cpu")

@@ -287,7 +287,7 @@ def test_mask_input_trains_alike_under_zero0_and_zero3(tmp_path):
                        "train.gradient_checkpointing=true", NO_PERSIST))
     assert_same_run(tmp_path / "z3", tmp_path / "z0")
     a, b = (load_file(str(tmp_path / z / "adapters" / "mask_input.safetensors")) for z in ("z3", "z0"))
-    assert a.keys() == b.keys() and b["project.weight"].abs().sum() > 0
+    assert a.keys() == b.keys() and b["project_weight"].abs().sum() > 0
     for key in a:
         err = ((a[key].double() - b[key].double()).norm() / b[key].double().norm().clamp_min(1e-12)).item()
         assert err <= WEIGHT_RTOL, (key, err)
@@ -300,6 +300,7 @@ def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from apo_fast.adapters import gated_layers
+    from apo_fast.adapters.mask_input import get_mask_input
     from apo_fast.training.distributed import export_parameters
     from apo_fast.training.trainer import APOTrainer
 
@@ -332,7 +333,9 @@ def test_zero3_partitions_the_frozen_base_gathers_adapters_and_trains_like_stage
     assert sum(p.ds_numel for p in frozen) > 900_000  # the base UNet, held as partitions between uses
     # Export gathered only what it reads.
     exported = {id(p) for p in export_parameters(model)}
-    assert exported.isdisjoint(id(p) for p in frozen) and len(exported) == 2 * len(layers) + 1
+    mask_params = list(get_mask_input(model.unet).parameters())  # the demo config's mask input
+    assert exported.isdisjoint(id(p) for p in frozen) and len(exported) == 2 * len(layers) + 1 + len(mask_params)
+    assert {id(p) for p in mask_params} <= exported
 
 
 @pytest.mark.slow
