@@ -354,33 +354,33 @@ def _copy_into(layer, name: str, parts: dict, tensors: dict, file, path: str) ->
         param.copy_(value)
 
 
-def _load_gate(model: nn.Module, gate_file: Path) -> None:
-    if not gate_file.is_file():
-        raise FileNotFoundError(f"the adapter metadata names a learned gate file {str(gate_file)!r}, which is missing")
-    gate_module = getattr(model, GATE_MODULE_NAME)
-    with safe_open(str(gate_file), framework="pt") as f:
-        gate_state = {key: f.get_tensor(key) for key in f.keys()}
-    expected = gate_module.state_dict()
-    if set(gate_state) != set(expected) or any(gate_state[k].shape != expected[k].shape for k in expected):
-        saved = {k: tuple(v.shape) for k, v in gate_state.items()}
-        wanted = {k: tuple(v.shape) for k, v in expected.items()}
-        raise ValueError(f"{str(gate_file)!r} does not fit the model's gate: keys/shapes {saved} vs {wanted}")
-    gate_module.load_state_dict(gate_state)
-
-
-def _load_mask_input(model: nn.Module, mask_file: Path) -> None:
-    """The saved mask input, attached to ``model`` when it has none."""
-    if not mask_file.is_file():
-        raise FileNotFoundError(f"the adapter metadata names a mask input file {str(mask_file)!r}, which is missing")
-    with safe_open(str(mask_file), framework="pt") as f:
+def _read_extra(file: Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header info, tensors) of a file the LoRA file's metadata names (a learned gate, the mask input)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"the adapter metadata names a {what} file {str(file)!r}, which is missing")
+    with safe_open(str(file), framework="pt") as f:
         info = json.loads((f.metadata() or {}).get(TACA_METADATA_KEY, "{}"))
-        saved = {key: f.get_tensor(key) for key in f.keys()}
-    module = get_mask_input(model)
-    if module is None:
-        module = attach_mask_input(model, hidden=int(info.get("hidden", 32)))
+        return info, {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _load_state_into(module: nn.Module, saved: dict[str, torch.Tensor], file: Path, what: str) -> None:
     expected = module.state_dict()
     if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in expected):
         got = {k: tuple(v.shape) for k, v in saved.items()}
         wanted = {k: tuple(v.shape) for k, v in expected.items()}
-        raise ValueError(f"{str(mask_file)!r} does not fit the model's mask input: keys/shapes {got} vs {wanted}")
+        raise ValueError(f"{str(file)!r} does not fit the model's {what}: keys/shapes {got} vs {wanted}")
     module.load_state_dict(saved)
+
+
+def _load_gate(model: nn.Module, gate_file: Path) -> None:
+    _, saved = _read_extra(gate_file, "learned gate")
+    _load_state_into(getattr(model, GATE_MODULE_NAME), saved, gate_file, "gate")
+
+
+def _load_mask_input(model: nn.Module, mask_file: Path) -> None:
+    """The saved mask input, attached to ``model`` when it has none."""
+    info, saved = _read_extra(mask_file, "mask input")
+    module = get_mask_input(model)
+    if module is None:
+        module = attach_mask_input(model, hidden=int(info.get("hidden", 32)))
+    _load_state_into(module, saved, mask_file, "mask input")

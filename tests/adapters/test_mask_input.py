@@ -179,3 +179,23 @@ def test_save_and_load_roundtrip_and_stale_file_removed(make_tiny_unet, tmp_path
     inject_adapters(plain, AdapterConfig(r=4))
     save_adapters(plain, tmp_path)  # the same folder, now without a mask input
     assert not (tmp_path / MASK_WEIGHT_NAME).exists()
+
+
+def test_missing_or_mismatched_mask_file_is_named(make_tiny_unet, tmp_path):
+    from safetensors.torch import save_file
+
+    unet = masked_unet(make_tiny_unet)
+    save_adapters(unet, tmp_path)
+    other = make_tiny_unet().eval()
+    inject_adapters(other, AdapterConfig(r=4))
+    from apo_fast.adapters.mask_input import attach_mask_input
+
+    attach_mask_input(other, hidden=8)  # a branch of another width than the saved one (32)
+    with pytest.raises(ValueError, match="does not fit the model's mask input"):
+        load_adapters(other, tmp_path)
+    (tmp_path / MASK_WEIGHT_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="names a mask input file"):
+        load_adapters(make_tiny_unet().eval(), tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / MASK_WEIGHT_NAME))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapters(make_tiny_unet().eval(), tmp_path)
