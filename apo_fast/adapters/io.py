@@ -28,6 +28,7 @@ Writes are atomic (temporary file in ``dir`` + ``os.replace``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -328,7 +329,6 @@ def _layers_for(model, file, ranks: dict, alphas: dict, gate_config: GateConfig,
             adapter_name=adapter_name or taca.get("adapter_name") or "default",
             dropout=saved.get("dropout", 0.0),
             backend=saved.get("backend"),
-            mask_input=bool(taca.get("mask_file")) and get_mask_input(model) is None,
         )
         inject_adapters(model, config)
         return dict(gated_layers(model))
@@ -378,9 +378,13 @@ def _load_gate(model: nn.Module, gate_file: Path) -> None:
 
 
 def _load_mask_input(model: nn.Module, mask_file: Path) -> None:
-    """The saved mask input, attached to ``model`` when it has none."""
+    """The saved mask input, attached to ``model`` (of the saved width) when it has none; the
+    model's adapter config then says so."""
     info, saved = _read_extra(mask_file, "mask input")
     module = get_mask_input(model)
     if module is None:
         module = attach_mask_input(model, hidden=int(info.get("hidden", 32)))
+        state = get_gate_state(model)
+        if state is not None and state.adapter_config is not None:
+            state.adapter_config = dataclasses.replace(state.adapter_config, mask_input=True)
     _load_state_into(module, saved, mask_file, "mask input")

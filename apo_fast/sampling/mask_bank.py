@@ -79,6 +79,8 @@ def save_mask_bank(path: str | Path, masks: torch.Tensor, cond_ids: torch.Tensor
     (atomically; uint8)."""
     from safetensors.torch import save_file
 
+    from apo_fast.io_utils import atomic_save
+
     if masks.dim() != 4 or masks.shape[1] != 1 or cond_ids.shape != (masks.shape[0],):
         raise ValueError(f"masks must be (N, 1, H, W) with cond_ids (N,), got {tuple(masks.shape)} and "
                          f"{tuple(cond_ids.shape)}")
@@ -87,9 +89,8 @@ def save_mask_bank(path: str | Path, masks: torch.Tensor, cond_ids: torch.Tensor
         tensors[names[cid]] = (masks[cond_ids == cid] > 0.5).to(torch.uint8).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"augment": augment, "names": json.dumps(sorted(tensors))})
-    tmp.replace(path)
+    metadata = {"augment": augment, "names": json.dumps(sorted(tensors))}
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

@@ -44,8 +44,8 @@ class APOModel(nn.Module):
         from apo_fast.adapters.mask_input import MASK_KWARG, get_mask_input
 
         cond = self.conditions.unet_kwargs(cond_ids, z.dtype, self.pixel_size, detach=reference)
-        if masks is not None and not reference and get_mask_input(self.unet) is not None:
-            cond[MASK_KWARG] = masks
+        if masks is not None and get_mask_input(self.unet) is not None:
+            cond[MASK_KWARG] = masks  # the reference pass ignores it (adapters_disabled)
         if reference:
             with adapters_disabled(self.unet):
                 return self._unet_forward(z, t, cond)

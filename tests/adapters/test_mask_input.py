@@ -199,3 +199,22 @@ def test_missing_or_mismatched_mask_file_is_named(make_tiny_unet, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / MASK_WEIGHT_NAME))
     with pytest.raises(ValueError, match="does not fit"):
         load_adapters(make_tiny_unet().eval(), tmp_path)
+
+
+def test_a_branch_of_another_width_loads_into_a_fresh_unet(make_tiny_unet, tmp_path):
+    """load_adapters attaches the branch at its saved width (it once attached the default 32
+    first and then refused the file)."""
+    from apo_fast.adapters.mask_input import attach_mask_input
+
+    unet = make_tiny_unet().eval()
+    inject_adapters(unet, AdapterConfig(r=4))
+    with torch.no_grad():
+        for p in attach_mask_input(unet, hidden=8).parameters():
+            p.normal_(0, 0.3)
+    save_adapters(unet, tmp_path)
+    fresh = make_tiny_unet().eval()
+    assert load_adapters(fresh, tmp_path).mask_input and get_mask_input(fresh).hidden == 8
+    z, t, c, m = inputs(2, seed=4)
+    with torch.no_grad():
+        assert torch.equal(unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample,
+                           fresh(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample)
