@@ -64,7 +64,7 @@ from apo_fast.eval.synthetic import (
     split_counts,
 )
 from apo_fast.eval.report import mean_over_generators
-from apo_fast.eval.verdict import compare_sources, margin_lines
+from apo_fast.eval.verdict import compare_sources, margin_lines, paired_lines, paired_margins
 from apo_fast.machine import loadavg
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,7 @@ def _write_eval_report(out_dir: Path, run_dir: Path, ecfg: EvalConfig, res: _Res
     data, synthetic = res.data, res.synthetic
     summary = summarize(res.downstream["results"])
     verdict = compare_sources(summary, "apo")
+    verdict["paired"] = paired_margins(res.downstream["results"], "apo")
     with clock.phase("report_s", quiet=True):
         shown = {"real (train)": (data.train_anomalies, data.train_masks)}
         for source, syn in synthetic.items():
@@ -339,7 +340,8 @@ def _write_eval_report(out_dir: Path, run_dir: Path, ecfg: EvalConfig, res: _Res
     })
     protocol = _protocol_lines(ecfg, data, res.runs, run_dir, timings, machine, clock.load_before)
     markdown = "\n".join([files["markdown"].read_text(), *protocol, "## Verdict", "", verdict["sentence"], "",
-                          *margin_lines(verdict), "", *judge_lines(res.judge),
+                          *margin_lines(verdict), "", *paired_lines(verdict["paired"], "apo"), "",
+                          *judge_lines(res.judge),
                           f"Real anomalies of each kind beside every source's, guided and free: "
                           f"`{Path(files['kinds_sheet']).name}`.", ""])
     atomic_write_bytes(files["markdown"], markdown.encode())

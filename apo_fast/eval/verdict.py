@@ -1,4 +1,12 @@
 """Does APO beat the best other source beyond the seeds' spread? One verdict per detection metric.
+
+Two views of the same runs. The unpaired one (:func:`compare_sources`) sets each source's
+mean against the sum of the two stds over every (generator, detector seed) run: a
+conservative test, since a generator seed that makes a hard synthetic set hurts APO and
+plain LoRA alike (they share the base, the training seed and the detector seed). The paired
+one (:func:`paired_margins`) takes the difference run by run, matched on (generator seed,
+detector seed), so that shared variance cancels; it reports how many matched runs the
+target wins, the differences' mean and std, and a one-sided sign test.
 """
 
 import logging
@@ -71,3 +79,72 @@ def margin_lines(verdict: dict) -> list[str]:
     return lines
 
 
+
+
+# --------------------------------------------------------------------------- paired
+
+
+def _sign_test_p(wins: int, n: int) -> float:
+    """One-sided sign test: P(at least ``wins`` of ``n`` fair coin flips come up heads)."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+
+
+def paired_margins(results: dict, target: str = "apo") -> dict:
+    """The target minus every other source, run by run, matched on (generator seed, detector seed).
+
+    Args:
+        results: ``{source: [{"seed", "generator_seed" (optional, 0), metric: value, ...}]}``
+            as :func:`~apo_fast.eval.downstream.downstream_comparison` writes them.
+
+    Returns:
+        ``{metric: {source: {"n", "wins", "mean", "std", "p_sign"}}}`` over the matched runs
+        whose two values are finite (``std`` is the sample std of the differences, 0 for one
+        pair; ``p_sign`` the one-sided sign-test p-value of ``wins`` of ``n``; a tie counts as
+        a loss). A source with no matched run is left out.
+    """
+    from apo_fast.eval.detection import DETECTION_METRICS
+
+    def key(row):
+        return (int(row.get("generator_seed", 0)), int(row["seed"]))
+
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    mine = {key(r): r for r in results.get(target, [])}
+    out: dict = {}
+    for metric in DETECTION_METRICS:
+        for source, runs in results.items():
+            if source == target:
+                continue
+            diffs = [mine[key(r)][metric] - r[metric] for r in runs
+                     if key(r) in mine and finite(r.get(metric)) and finite(mine[key(r)].get(metric))]
+            if not diffs:
+                continue
+            n = len(diffs)
+            mean = sum(diffs) / n
+            std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+            wins = sum(d > 0 for d in diffs)
+            out.setdefault(metric, {})[source] = {"n": n, "wins": wins, "mean": mean, "std": std,
+                                                  "p_sign": _sign_test_p(wins, n)}
+    return out
+
+
+def paired_lines(paired: dict, target: str = "apo") -> list[str]:
+    """A markdown table of :func:`paired_margins`: one row per metric, one column per other source."""
+    from apo_fast.eval.report import METRIC_LABELS
+
+    sources = sorted({s for by_source in paired.values() for s in by_source})
+    if not sources:
+        return []
+    lines = [f"Paired: {target} minus each source, run by run (same generator seed and detector seed); "
+             "mean ± std of the differences, matched runs won, one-sided sign-test p:", "",
+             "| Metric | " + " | ".join(f"vs {s}" for s in sources) + " |",
+             "|---|" + "---:|" * len(sources)]
+    for metric, by_source in paired.items():
+        cells = []
+        for s in sources:
+            c = by_source.get(s)
+            cells.append("n/a" if c is None else
+                         f"{c['mean']:+.3f} ± {c['std']:.3f} ({c['wins']}/{c['n']}, p={c['p_sign']:.3f})")
+        lines.append(f"| {METRIC_LABELS.get(metric, metric)} | " + " | ".join(cells) + " |")
+    return lines

@@ -333,6 +333,41 @@ def test_compare_sources_counts_wins_and_spread():
     assert compare_sources({"none": summary["none"]})["of"] == 0
 
 
+def test_paired_margins_match_runs_and_cancel_shared_variance():
+    import itertools
+
+    import numpy as np
+
+    from apo_fast.eval.verdict import paired_lines, paired_margins
+
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    gens, seeds = 1 + int(rng.integers(1, 4)), [int(s) for s in rng.choice(50, 3, replace=False)]
+    shift = {(g, s): float(rng.uniform(-0.3, 0.3)) for g in range(gens) for s in seeds}  # shared by both sources
+    gain = {k: float(rng.uniform(0.01, 0.05)) for k in shift}
+    gain[(0, seeds[0])] = -0.01  # one run lost
+    lora = [{"seed": s, "generator_seed": g, "pixel_ap": 0.5 + shift[(g, s)]} for (g, s) in shift]
+    apo = [{"seed": s, "generator_seed": g, "pixel_ap": 0.5 + shift[(g, s)] + gain[(g, s)]} for (g, s) in shift]
+    apo = apo[::-1] + [{"seed": 999, "generator_seed": 0, "pixel_ap": 5.0}]  # order-free; an unmatched run is ignored
+    lora.append({"seed": seeds[1], "generator_seed": 99, "pixel_ap": float("nan")})
+    lora[1]["pixel_pro"] = float("nan")
+    apo_pro = {(r["generator_seed"], r["seed"]): r for r in apo}
+    apo_pro[(lora[1]["generator_seed"], lora[1]["seed"])]["pixel_pro"] = 0.9
+    out = paired_margins({"apo": apo, "lora": lora}, "apo")
+
+    diffs = np.array([gain[k] for k in shift], dtype=np.float64)
+    got = out["pixel_ap"]["lora"]
+    assert got["n"] == len(shift) and got["wins"] == len(shift) - 1
+    assert got["mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+    assert got["std"] == pytest.approx(diffs.std(ddof=1), abs=1e-12)
+    heads = sum(sum(f) >= got["wins"] for f in itertools.product([0, 1], repeat=got["n"]))
+    assert got["p_sign"] == pytest.approx(heads / 2 ** got["n"])
+    assert math.isclose(got["std"], diffs.std(ddof=1)) and got["std"] < 0.05  # the shared shift cancels
+    assert "pixel_pro" not in out  # its one pair has a NaN side
+    table = "\n".join(paired_lines(out))
+    assert "| Pixel AP |" in table and f"({got['wins']}/{got['n']}," in table
+    assert paired_margins({"apo": apo}, "apo") == {} and paired_lines({}) == []
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
