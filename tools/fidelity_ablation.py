@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if "=" not in text:
         return text, []
     name, rest = text.split("=", 1)
-    return name, [kv for kv in rest.split(",") if kv]
+    return name, [kv for kv in re.split(r",(?![^\[]*\])", rest) if kv]  # a [list]'s commas stay
 
 
 def base_product_rate(cfg, base: Path, data, judge, num: int = 32) -> float:

@@ -123,6 +123,10 @@ def test_every_source_gets_detection_metrics_and_the_report_is_written(evaluated
     assert all(f"| {s} |" in md for s in SOURCES) and "## Verdict" in md and result["verdict"]["sentence"] in md
     details = json.loads(files["details"].read_text())
     assert details["verdict"]["of"] == len(DETECTION_METRICS)
+    # the paired view: APO against the two other generated sources on both generators' runs
+    paired = details["verdict"]["paired"]["pixel_ap"]
+    assert paired["lora"]["n"] == paired["cutpaste"]["n"] == 2 and paired["none"]["n"] == 1
+    assert "Paired: apo minus each source" in md and "| Pixel AP |" in md
     # the fidelity judge: its classes, its own accuracy, and its metrics for every source and mode
     judge = details["judge"]
     assert judge["classes"] == ["other", "good", *DEFECTS] and 0.0 <= judge["val_accuracy"]["mean"] <= 1.0
