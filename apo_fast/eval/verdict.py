@@ -6,7 +6,9 @@ conservative test, since a generator seed that makes a hard synthetic set hurts 
 plain LoRA alike (they share the base, the training seed and the detector seed). The paired
 one (:func:`paired_margins`) takes the difference run by run, matched on (generator seed,
 detector seed), so that shared variance cancels; it reports how many matched runs the
-target wins, the differences' mean and std, and a one-sided sign test.
+target wins, the differences' mean and std, and a one-sided sign test (which takes the runs
+as independent: the detector seeds of one generator share its synthetic set, so the test is
+optimistic when there are few generators).
 """
 
 import logging
@@ -137,7 +139,9 @@ def paired_lines(paired: dict, target: str = "apo") -> list[str]:
     if not sources:
         return []
     lines = [f"Paired: {target} minus each source, run by run (same generator seed and detector seed); "
-             "mean ± std of the differences, matched runs won, one-sided sign-test p:", "",
+             "mean ± std of the differences, matched runs won, one-sided sign-test p (it takes the runs "
+             "as independent; detector seeds of one generator share its synthetic set, so read p as a "
+             "lower bound):", "",
              "| Metric | " + " | ".join(f"vs {s}" for s in sources) + " |",
              "|---|" + "---:|" * len(sources)]
     for metric, by_source in paired.items():
