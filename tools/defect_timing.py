@@ -1,0 +1,98 @@
+"""When in the denoising does a mask-input policy draw the defect? (docs/fidelity.md, session 9)
+
+Two views of one trained run (``adapter.mask_input``):
+
+- a grid: the run's free and mask-guided samples with the mask input switched off for every
+  step below ``t`` (``--cut``, repeatable; 0 = the run as it samples), same seeds, so a
+  defect that vanishes when the mask is off below ``t`` was drawn below ``t``;
+- a table: the mean colour inside the mask of the x0 the policy and the reference predict
+  from a normal image noised to ``t`` (what the policy would draw there, and how far it is
+  from the product's colour).
+
+    python tools/defect_timing.py RUN --out timing.png --cut 0 --cut 200 --cut 400
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a trained run folder with adapter.mask_input")
+    p.add_argument("--out", required=True, help="the grid (PNG)")
+    p.add_argument("--cut", type=int, action="append", help="mask input off below this timestep (repeatable)")
+    p.add_argument("--defect", action="append", help="defect kinds (default: every kind of the run)")
+    p.add_argument("--num", type=int, default=6)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from apo_fast.adapters import adapters_disabled
+    from apo_fast.adapters.mask_input import MASK_KWARG
+    from apo_fast.data import AnomalyDataset, resolve_data_root, scan_mvtec
+    from apo_fast.models import build_scheduler
+    from apo_fast.sampling.images import save_grid
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
+
+    run = load_run(args.run, device="cpu")
+    if run.mask_bank is None:
+        raise SystemExit(f"{args.run} was not trained with adapter.mask_input")
+    category = run.cfg.data.category
+    defects = args.defect or [n.split("/", 1)[1] for n in run.condition_names if not n.endswith("/good")]
+    rows, outlines = {}, {}
+    for cut in args.cut or [0, 200, 400]:
+        def call(sample, timestep, kwargs, cut=cut):
+            if int(torch.as_tensor(timestep).reshape(-1)[0]) < cut:
+                kwargs = {k: v for k, v in kwargs.items() if k != MASK_KWARG}
+            return run.unet(sample, timestep, **kwargs).sample
+        run.unet_call = call
+        for d in defects:
+            ki, km = heldout_guides(run.cfg, d, args.num)
+            for mode, guide in (("free", {}), ("guided", {"known_images": ki, "known_masks": km})):
+                im, m, _ = generate_for_defect(run, d, args.num, seed=args.seed, **guide)
+                rows[f"{d} {mode} off<{cut}"] = im
+                outlines[f"{d} {mode} off<{cut}"] = m
+    save_grid(rows, Path(args.out), scale=4, outlines=outlines)
+    print(f"grid: {args.out}")
+
+    alphas = build_scheduler(run.cfg.model, "ddpm").alphas_cumprod
+    g = torch.Generator().manual_seed(args.seed)
+    cfg = run.cfg
+    index = scan_mvtec(resolve_data_root(cfg.data.root), category, cfg.data.defect_types, cfg.data.shots)
+    held = AnomalyDataset(index, cfg.data.image_size, split="heldout")
+    print("| defect | t | real held-out defects | product under the mask | policy x0 | reference x0 |")
+    print("|---|---:|---|---|---|---|")
+    for d in defects:
+        real = [held[i] for i in range(len(held)) if held[i]["defect"] == d]
+        real_img = torch.stack([r["image"] for r in real])
+        real_mask = torch.stack([r["mask"] for r in real]).float()
+        real_rgb = ((real_img * real_mask).sum((0, 2, 3)) / real_mask.sum()).tolist()
+        real_rgb = "(" + ", ".join(f"{v:+.2f}" for v in real_rgb) + ")"
+        ki, km = heldout_guides(run.cfg, d, args.num)
+        ids = torch.full((args.num,), run.condition_names.index(f"{category}/{d}"))
+        kw = run.conditions.unet_kwargs(ids, torch.float32, run.cfg.data.image_size)
+
+        def rgb(x):
+            return "(" + ", ".join(f"{v:+.2f}" for v in ((x * km).sum((0, 2, 3)) / km.sum()).tolist()) + ")"
+
+        for t in (50, 150, 300, 500, 700, 900):
+            a = alphas[t]
+            z = a.sqrt() * ki + (1 - a).sqrt() * torch.randn(ki.shape, generator=g)
+            tb = torch.full((args.num,), t)
+            with torch.no_grad():
+                out = {"policy": run.unet(z, tb, **kw, **{MASK_KWARG: km}).sample}
+                with adapters_disabled(run.unet):
+                    out["reference"] = run.unet(z, tb, **kw).sample
+            if run.cfg.model.prediction_type == "v_prediction":
+                x0 = {k: a.sqrt() * z - (1 - a).sqrt() * v for k, v in out.items()}
+            else:
+                x0 = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in out.items()}
+            print(f"| {d} | {t} | {real_rgb} | {rgb(ki)} | {rgb(x0['policy'])} | {rgb(x0['reference'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
