@@ -18,6 +18,34 @@ import sys
 from pathlib import Path
 
 
+def timing_rows(run, defects, cuts, num: int, seed: int) -> tuple[dict, dict]:
+    """``{"<defect> <free|guided> off<<cut>": images}`` and their masks: the run's samples with
+    the mask input left out of every UNet call below timestep ``cut`` (0: the run as it samples)."""
+    import torch
+
+    from apo_fast.adapters.mask_input import MASK_KWARG
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides
+
+    rows, outlines = {}, {}
+    unet_call = run.unet_call
+    try:
+        for cut in cuts:
+            def call(sample, timestep, kwargs, cut=cut):
+                if int(torch.as_tensor(timestep).reshape(-1)[0]) < cut:
+                    kwargs = {k: v for k, v in kwargs.items() if k != MASK_KWARG}
+                return run.unet(sample, timestep, **kwargs).sample
+            run.unet_call = call
+            for d in defects:
+                ki, km = heldout_guides(run.cfg, d, num)
+                for mode, guide in (("free", {}), ("guided", {"known_images": ki, "known_masks": km})):
+                    im, m, _ = generate_for_defect(run, d, num, seed=seed, **guide)
+                    rows[f"{d} {mode} off<{cut}"] = im
+                    outlines[f"{d} {mode} off<{cut}"] = m
+    finally:
+        run.unet_call = unet_call
+    return rows, outlines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a trained run folder with adapter.mask_input")
@@ -35,26 +63,14 @@ def main(argv=None) -> int:
     from apo_fast.data import AnomalyDataset, resolve_data_root, scan_mvtec
     from apo_fast.models import build_scheduler
     from apo_fast.sampling.images import save_grid
-    from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
+    from apo_fast.sampling.runs import heldout_guides, load_run
 
     run = load_run(args.run, device="cpu")
     if run.mask_bank is None:
         raise SystemExit(f"{args.run} was not trained with adapter.mask_input")
     category = run.cfg.data.category
     defects = args.defect or [n.split("/", 1)[1] for n in run.condition_names if not n.endswith("/good")]
-    rows, outlines = {}, {}
-    for cut in args.cut or [0, 200, 400]:
-        def call(sample, timestep, kwargs, cut=cut):
-            if int(torch.as_tensor(timestep).reshape(-1)[0]) < cut:
-                kwargs = {k: v for k, v in kwargs.items() if k != MASK_KWARG}
-            return run.unet(sample, timestep, **kwargs).sample
-        run.unet_call = call
-        for d in defects:
-            ki, km = heldout_guides(run.cfg, d, args.num)
-            for mode, guide in (("free", {}), ("guided", {"known_images": ki, "known_masks": km})):
-                im, m, _ = generate_for_defect(run, d, args.num, seed=args.seed, **guide)
-                rows[f"{d} {mode} off<{cut}"] = im
-                outlines[f"{d} {mode} off<{cut}"] = m
+    rows, outlines = timing_rows(run, defects, args.cut or [0, 200, 400], args.num, args.seed)
     save_grid(rows, Path(args.out), scale=4, outlines=outlines)
     print(f"grid: {args.out}")
 

@@ -416,3 +416,17 @@ def test_mask_input_run_resumes_exactly_and_samples_into_its_masks(tmp_path):
         b = generate_for_defect(compiled, "crack", 2, seed=3, **kwargs)
         for x, y in zip(a, b):
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    # tools/defect_timing.py: cut 0 is the run as it samples; the mask left out of every step
+    # (cut above every timestep) changes the samples, since the branch was trained
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tools_defect_timing", REPO / "tools" / "defect_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    rows, outlines = timing.timing_rows(run, ["hole"], [0, 10_000], 2, seed=5)
+    assert run.unet_call is None  # put back
+    for mode, kwargs in (("free", {}), ("guided", dict(zip(("known_images", "known_masks"),
+                                                           heldout_guides(run.cfg, "hole", 2))))):
+        a, m, _ = generate_for_defect(run, "hole", 2, seed=5, **kwargs)
+        assert torch.equal(rows[f"hole {mode} off<0"], a) and torch.equal(outlines[f"hole {mode} off<0"], m)
+        assert not torch.allclose(rows[f"hole {mode} off<10000"], a, atol=1e-4)
