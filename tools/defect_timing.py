@@ -28,12 +28,13 @@ def timing_rows(run, defects, cuts, num: int, seed: int) -> tuple[dict, dict]:
 
     rows, outlines = {}, {}
     unet_call = run.unet_call
+    inner = unet_call or (lambda sample, timestep, kwargs: run.unet(sample, timestep, **kwargs).sample)
     try:
         for cut in cuts:
             def call(sample, timestep, kwargs, cut=cut):
                 if int(torch.as_tensor(timestep).reshape(-1)[0]) < cut:
                     kwargs = {k: v for k, v in kwargs.items() if k != MASK_KWARG}
-                return run.unet(sample, timestep, **kwargs).sample
+                return inner(sample, timestep, kwargs)
             run.unet_call = call
             for d in defects:
                 ki, km = heldout_guides(run.cfg, d, num)
@@ -74,26 +75,29 @@ def main(argv=None) -> int:
     save_grid(rows, Path(args.out), scale=4, outlines=outlines)
     print(f"grid: {args.out}")
 
+    if run.vae is not None:
+        print("the x0 colour table reads pixel-space runs; this run samples in a VAE's latent space")
+        return 0
+
+    def rgb(images, masks):
+        """Mean colour inside the masks, as text."""
+        masks = masks.float()
+        return "(" + ", ".join(f"{v:+.2f}" for v in ((images * masks).sum((0, 2, 3)) / masks.sum()).tolist()) + ")"
+
     alphas = build_scheduler(run.cfg.model, "ddpm").alphas_cumprod
     g = torch.Generator().manual_seed(args.seed)
     cfg = run.cfg
     index = scan_mvtec(resolve_data_root(cfg.data.root), category, cfg.data.defect_types, cfg.data.shots)
     held = AnomalyDataset(index, cfg.data.image_size, split="heldout")
+    held = [held[i] for i in range(len(held))]
     print("| defect | t | real held-out defects | product under the mask | policy x0 | reference x0 |")
     print("|---|---:|---|---|---|---|")
     for d in defects:
-        real = [held[i] for i in range(len(held)) if held[i]["defect"] == d]
-        real_img = torch.stack([r["image"] for r in real])
-        real_mask = torch.stack([r["mask"] for r in real]).float()
-        real_rgb = ((real_img * real_mask).sum((0, 2, 3)) / real_mask.sum()).tolist()
-        real_rgb = "(" + ", ".join(f"{v:+.2f}" for v in real_rgb) + ")"
+        real = [r for r in held if r["defect"] == d]
+        real_rgb = rgb(torch.stack([r["image"] for r in real]), torch.stack([r["mask"] for r in real]))
         ki, km = heldout_guides(run.cfg, d, args.num)
         ids = torch.full((args.num,), run.condition_names.index(f"{category}/{d}"))
         kw = run.conditions.unet_kwargs(ids, torch.float32, run.cfg.data.image_size)
-
-        def rgb(x):
-            return "(" + ", ".join(f"{v:+.2f}" for v in ((x * km).sum((0, 2, 3)) / km.sum()).tolist()) + ")"
-
         for t in (50, 150, 300, 500, 700, 900):
             a = alphas[t]
             z = a.sqrt() * ki + (1 - a).sqrt() * torch.randn(ki.shape, generator=g)
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
                 x0 = {k: a.sqrt() * z - (1 - a).sqrt() * v for k, v in out.items()}
             else:
                 x0 = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in out.items()}
-            print(f"| {d} | {t} | {real_rgb} | {rgb(ki)} | {rgb(x0['policy'])} | {rgb(x0['reference'])} |")
+            print(f"| {d} | {t} | {real_rgb} | {rgb(ki, km)} | {rgb(x0['policy'], km)} | {rgb(x0['reference'], km)} |")
     return 0
 
 

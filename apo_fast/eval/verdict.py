@@ -81,8 +81,6 @@ def margin_lines(verdict: dict) -> list[str]:
     return lines
 
 
-
-
 # --------------------------------------------------------------------------- paired
 
 
