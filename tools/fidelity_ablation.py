@@ -9,7 +9,7 @@ kind (half mask-guided on normal images, half free, as ``apo-fast eval`` does), 
 scores them with the fidelity judge (:mod:`apo_fast.eval.judge`, trained once on the
 held-out real anomalies). Writes ``<out>/ablation.md`` (one row per variant: right-kind
 rate guided/free, looks-like-the-product rate, judge KID, the last-20 training loss,
-wall time) and ``<out>/<variant>/kinds.png`` (real and generated anomalies per kind).
+wall time, right-kind counts per kind) and ``<out>/<variant>/kinds.png`` (real and generated anomalies per kind).
 
 ``sample.*`` overrides change sampling only: a variant whose other overrides equal an
 earlier variant's (same seed) samples that variant's trained run instead of training
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if "=" not in text:
         return text, []
     name, rest = text.split("=", 1)
-    return name, [kv for kv in re.split(r",(?![^\[]*\])", rest) if kv]  # a [list]'s commas stay
+    parts, depth, cur = [], 0, ""
+    for ch in rest:  # split on the commas outside brackets: a [list]'s (or [[a, b], ...]'s) stay
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return name, [kv for kv in [*parts, cur] if kv]
 
 
 def base_product_rate(cfg, base: Path, data, judge, num: int = 32) -> float:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from apo_fast.demo import _tail_mean, demo_config
     from apo_fast.eval.eval_data import held_out_defects, load_eval_data
-    from apo_fast.eval.judge import judge_metrics, mask_crops, train_judge
+    from apo_fast.eval.judge import judge_metrics, mask_crops, right_kind_by_kind, train_judge
     from apo_fast.eval.judging import save_kind_sheet
     from apo_fast.eval.synthetic import generate_synthetic
     from apo_fast.training.trainer import APOTrainer
@@ -116,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 m = judge_metrics(judge, syn.images[sel], syn.masks[sel], [syn.defects[i] for i in sel], real,
                                   kid_subsets=20)
                 row.update({f"{k}_{mode}": v for k, v in m.items()})
+                per = right_kind_by_kind(judge, syn.images[sel], syn.masks[sel], [syn.defects[i] for i in sel])
+                row[f"per_kind_{mode}"] = per
+                row[f"right_of_{mode}"] = ", ".join(f"{k} {round(v['rate'] * v['n'])}/{v['n']}" for k, v in per.items())
             sheet = out / f"{name}-seed{seed}" / "kinds.png"
             sheet.parent.mkdir(parents=True, exist_ok=True)
             save_kind_sheet(sheet, data, {name: syn})
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "ablation.json").write_text(json.dumps({"judge_val_accuracy": judge.val_accuracy,
                                                    "base_product_rate": base_rate, "rows": rows}, indent=2))
     cols = ["judge_right_kind_guided", "judge_right_kind_free", "judge_product_free", "judge_kid_guided",
-            "loss_last20", "acc_last20", "train_s"]
+            "loss_last20", "acc_last20", "train_s", "right_of_guided", "right_of_free"]
     lines = ["| variant | seed | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in rows:
         cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols]

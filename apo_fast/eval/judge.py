@@ -33,7 +33,7 @@ from .fidelity import kid
 
 OTHER, GOOD = "other", "good"
 
-__all__ = ["Judge", "JudgeNet", "five_crops", "judge_metrics", "mask_crops", "train_judge"]
+__all__ = ["Judge", "JudgeNet", "five_crops", "judge_metrics", "mask_crops", "right_kind_by_kind", "train_judge"]
 
 
 class JudgeNet(nn.Module):
@@ -216,6 +216,29 @@ def _validate(judge, defect_images, defect_masks, per_class, good_images, good_v
     return acc
 
 
+def _right_kind_hits(judge: Judge, predicted: torch.Tensor, defects: list[str]) -> dict[int, bool]:
+    """Row -> whether the judge called it the kind it was made for, for the rows of a kind the
+    judge knows (CutPaste's rows carry no defect kind)."""
+    return {i: int(predicted[i]) == judge.classes.index(d) for i, d in enumerate(defects) if d in judge.classes[2:]}
+
+
+def right_kind_by_kind(judge: Judge, images: torch.Tensor, masks: torch.Tensor, defects: list[str]) -> dict:
+    """Per defect kind: ``{"rate": right-kind share, "n": rows, "called": {class: count}}`` (what
+    the judge called that kind's mask crops), for the kinds the judge knows."""
+    if images.shape[0] != len(defects) or masks.shape[0] != images.shape[0]:
+        raise ValueError("images, masks and defects must have one entry per image")
+    predicted = judge.probs(mask_crops(images, masks, judge.crop)).argmax(1)
+    hits = _right_kind_hits(judge, predicted, defects)
+    out: dict[str, dict] = {}
+    for kind in judge.classes[2:]:
+        rows = [i for i in hits if defects[i] == kind]
+        if rows:
+            called = [judge.classes[int(predicted[i])] for i in rows]
+            out[kind] = {"rate": sum(hits[i] for i in rows) / len(rows), "n": len(rows),
+                         "called": {c: called.count(c) for c in sorted(set(called))}}
+    return out
+
+
 def judge_metrics(judge: Judge, images: torch.Tensor, masks: torch.Tensor, defects: list[str],
                   real_defect_crops: torch.Tensor | None = None, *, kid_subsets: int = 100,
                   seed: int = 0) -> dict[str, float]:
@@ -226,10 +249,8 @@ def judge_metrics(judge: Judge, images: torch.Tensor, masks: torch.Tensor, defec
         raise ValueError("images, masks and defects must have one entry per image")
     crops = mask_crops(images, masks, judge.crop)
     predicted = judge.probs(crops).argmax(1)
-    # rows of a kind the judge knows (CutPaste's rows carry no defect kind: only judge_defect)
-    known = [i for i, d in enumerate(defects) if d in judge.classes[2:]]
-    want = torch.tensor([judge.classes.index(defects[i]) for i in known], dtype=torch.long)
-    right = (predicted[known] == want).float().mean().item() if known else float("nan")
+    hits = _right_kind_hits(judge, predicted, defects)
+    right = torch.tensor(list(hits.values())).float().mean().item() if hits else float("nan")
     p_other = judge.probs(five_crops(images, judge.crop))[:, 0].view(-1, 5).mean(1)
     out = {"judge_right_kind": right, "judge_defect": (predicted >= 2).float().mean().item(),
            "judge_product": (p_other < 0.5).float().mean().item()}

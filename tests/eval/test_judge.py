@@ -10,6 +10,7 @@ from apo_fast.eval.judge import (
     judge_metrics,
     mask_crops,
     not_the_product,
+    right_kind_by_kind,
     train_judge,
 )
 
@@ -64,6 +65,26 @@ def test_the_judge_tells_real_anomalies_from_noise_and_from_normals(brick):
     assert bad["judge_kid"] > ok["judge_kid"]
     normals = judge_metrics(judge, data.normal_train[:n], data.train_masks, data.train_defects, real, kid_subsets=5)
     assert normals["judge_defect"] <= 0.3 and normals["judge_product"] >= 0.9, normals
+
+
+def test_right_kind_by_kind_splits_the_overall_rate(brick):
+    """Per kind: the rows' share the judge calls that kind, with what it called them; weighted by
+    rows, the rates give judge_right_kind back, and a kind's rows called otherwise show up."""
+    data, judge, real = brick
+    n = len(data.train_defects)
+    # half the training anomalies, half normal images under the same masks: the normals' rows miss
+    images = torch.cat([data.train_anomalies[: n // 2], data.normal_train[n // 2 : n]])
+    per = right_kind_by_kind(judge, images, data.train_masks, data.train_defects)
+    overall = judge_metrics(judge, images, data.train_masks, data.train_defects)["judge_right_kind"]
+    assert set(per) == set(data.train_defects)
+    assert sum(v["n"] for v in per.values()) == n
+    for kind, v in per.items():
+        assert sum(v["called"].values()) == v["n"] == data.train_defects.count(kind)
+        assert v["rate"] == pytest.approx(v["called"].get(kind, 0) / v["n"])
+    assert sum(v["rate"] * v["n"] for v in per.values()) / n == pytest.approx(overall)
+    assert any(set(v["called"]) - {k} for k, v in per.items())  # some rows were called something else
+    with pytest.raises(ValueError, match="one entry per image"):
+        right_kind_by_kind(judge, images, data.train_masks, data.train_defects[:-1])
 
 
 def test_judge_input_errors_are_named():
