@@ -92,3 +92,19 @@ def test_build_demo_base_writes_a_base_the_demo_accepts(tmp_path):
         if shipped.is_file():
             found, why = shipped_base(demo_config(None, [f"data.category={category}"]))
             assert found is not None, why
+
+
+def test_ablation_variants_split_on_commas_outside_brackets():
+    """tools/fidelity_ablation.py: a variant's overrides split at top-level commas only, so a
+    list and a [[fraction, value], ...] schedule reach the config whole."""
+    tool = _tool("fidelity_ablation")
+    assert tool.parse_variant("default") == ("default", [])
+    name, sets = tool.parse_variant(
+        "v=sample.s_align=[[0,2.0],[0.6,1.0]],optim.lr=2e-3,adapter.target_modules=[to_q,to_k],loss.beta=5")
+    assert name == "v"
+    assert sets == ["sample.s_align=[[0,2.0],[0.6,1.0]]", "optim.lr=2e-3", "adapter.target_modules=[to_q,to_k]",
+                    "loss.beta=5"]
+    from apo_fast.demo import demo_config
+
+    cfg = demo_config("unused", sets)
+    assert cfg.sample.s_align == [[0, 2.0], [0.6, 1.0]] and list(cfg.adapter.target_modules) == ["to_q", "to_k"]
