@@ -237,6 +237,7 @@ def _check_sample(s) -> None:
     _choice("sample.scheduler", s.scheduler, C.SAMPLE_SCHEDULERS)
     _schedule_ok("sample.s_text", s.s_text)
     _schedule_ok("sample.s_align", s.s_align)
+    _positive("sample.resample", s.resample)
     _positive("sample.num_per_defect", s.num_per_defect)
     _positive("sample.batch_size", s.batch_size)
     if not 0.0 < s.mask_threshold < 1.0:

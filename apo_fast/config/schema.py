@@ -173,6 +173,7 @@ class SampleConfig:
     scheduler: str = "ddim"  # ddim | ddpm
     s_text: float | list = 3.0  # constant, or [[fraction_of_steps, value], ...] piecewise schedule
     s_align: float | list = 2.0
+    resample: int = 1  # RePaint resampling: each step but the last taken this many times (1: off)
     num_per_defect: int = 8
     mask_guided: bool = True  # also generate on held-out normal images with a user/real mask
     mask_threshold: float = 0.5  # fraction of the map's maximum

@@ -93,6 +93,7 @@ def hierarchical_sample(
     desc: str = "sampling",
     unet_call=None,
     cond_mask: torch.Tensor | None = None,
+    resample: int = 1,
 ) -> SampleOutput:
     """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
 
@@ -114,6 +115,10 @@ def hierarchical_sample(
         cond_mask: (B, 1, H, W) {0,1}, any resolution: where the defect goes, given to the
             policy's mask input (``adapter.mask_input``; the reference passes never see it).
             Without ``known`` it is also the returned mask (a free sample drawn into it).
+        resample: RePaint's resampling (Lugmayr et al. 2022, jump length 1): every step but the
+            last is taken ``resample`` times, the result re-noised to the step's level in between,
+            so the generated region and its surroundings (the noised normal image when
+            mask-guided) agree before moving on. 1: off. Costs ``resample`` x the UNet calls.
     """
     from tqdm.auto import tqdm
 
@@ -124,6 +129,8 @@ def hierarchical_sample(
     # the compute dtype: the first floating-point parameter (a quantized base's first layers hold
     # uint8 bytes, e.g. an fp8 conv_in), as diffusers' ModelMixin.dtype reads it
     dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
+    if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
+        raise ValueError(f"resample must be an int >= 1 (1 = off), got {resample!r}")
     known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
     b = cond_ids.shape[0]
     cond_ids = cond_ids.to(device)
@@ -147,19 +154,24 @@ def hierarchical_sample(
             return unet(sample, timestep, **kwargs).sample
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
-        zin = scheduler.scale_model_input(z, t).to(dtype)
-        with adapters_disabled(unet):
-            e_ref = unet_call(torch.cat([zin, zin]), torch.cat([tb, tb]), kw_ref).float()
-        e_u, e_c = e_ref.chunk(2)
-        e_p = unet_call(zin, tb, kw_c).float()
         st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
-        eps = e_u + st * (e_c - e_u) + sa * (e_p - e_c)
-        w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0
-        acc += w * (e_p - e_c).pow(2).sum(1).sqrt()
-        z = scheduler.step(eps, t, z).prev_sample
-        if known is not None:
-            t_prev = int(timesteps[i + 1]) if i + 1 < n else -1
-            z = known_mask * z + (1 - known_mask) * _noised_background(known, alphas, t_prev, generator, device)
+        t_prev = int(timesteps[i + 1]) if i + 1 < n else -1
+        rounds = resample if t_prev >= 0 else 1  # the last step (to the clean image) is not repeated
+        for r in range(rounds):
+            if r:  # RePaint resampling: back to this step's noise level, then the step again
+                z = _renoise(z, alphas[int(t)] / alphas[t_prev], generator, device)
+            zin = scheduler.scale_model_input(z, t).to(dtype)
+            with adapters_disabled(unet):
+                e_ref = unet_call(torch.cat([zin, zin]), torch.cat([tb, tb]), kw_ref).float()
+            e_u, e_c = e_ref.chunk(2)
+            e_p = unet_call(zin, tb, kw_c).float()
+            eps = e_u + st * (e_c - e_u) + sa * (e_p - e_c)
+            if r == rounds - 1:  # the map follows the trajectory that is kept
+                w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0
+                acc += w * (e_p - e_c).pow(2).sum(1).sqrt()
+            z = scheduler.step(eps, t, z).prev_sample
+            if known is not None:
+                z = known_mask * z + (1 - known_mask) * _noised_background(known, alphas, t_prev, generator, device)
     given = known_mask if known_mask is not None else (cond_mask.to(device).float() if cond_mask is not None else None)
     return _finish(z, acc, vae, image_size, given, mask_sigma, mask_threshold, device)
 
@@ -178,6 +190,13 @@ def _check_guides(cond_ids, shape, known, known_mask, device):
     if known_mask.shape != (b, 1, *shape[1:]):
         raise ValueError(f"known_mask must have shape {(b, 1, *shape[1:])}, got {tuple(known_mask.shape)}")
     return known.to(device, torch.float32), known_mask.to(device, torch.float32)
+
+
+def _renoise(z, ratio: torch.Tensor, generator, device) -> torch.Tensor:
+    """``z`` at a level ``abar_prev`` taken back to ``abar_t = ratio * abar_prev`` (one forward
+    diffusion jump, ``ratio`` = abar_t / abar_prev in (0, 1])."""
+    noise = torch.randn(z.shape, generator=generator).to(device)
+    return ratio.sqrt() * z + (1 - ratio).sqrt() * noise
 
 
 def _noised_background(known, alphas, t_prev: int, generator, device) -> torch.Tensor:

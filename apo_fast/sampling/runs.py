@@ -155,6 +155,7 @@ def generate_for_defect(
             progress=progress,
             unet_call=run.unet_call,
             cond_mask=cond_mask,
+            resample=s.resample,
             desc=f"{desc} {start // s.batch_size + 1}/{-(-num // s.batch_size)}" if num > s.batch_size else desc,
         )
         imgs.append(out.images)

@@ -199,6 +199,61 @@ def test_sampling_free_and_mask_guided(tmp_path):
         generate_for_defect(run, "scratch", 1)
 
 
+def test_renoise_takes_a_sample_back_to_the_earlier_noise_level():
+    """RePaint's jump: z at level abar_prev, re-noised with ratio abar_t / abar_prev, is x0 at
+    level abar_t: mean sqrt(abar_t) x0 and variance 1 - abar_t (float64; the bound is 6 standard
+    errors of a variance estimated from n samples, sqrt(2 / n) relative)."""
+    from apo_fast.sampling.hierarchical import _renoise
+
+    n = 200_000
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.full((n,), 0.7, dtype=torch.float64)
+    a_prev, a_t = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.35, dtype=torch.float64)
+    z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+    back = _renoise(z, a_t / a_prev, g, "cpu").double()
+    se = 6 * (2 / n) ** 0.5
+    assert back.mean().item() == pytest.approx(a_t.sqrt().item() * 0.7, abs=6 * (1 / n) ** 0.5)
+    assert back.var().item() == pytest.approx(1 - a_t.item(), rel=se)
+    assert torch.equal(_renoise(z, torch.tensor(1.0, dtype=torch.float64), g, "cpu"), z)
+
+
+@pytest.mark.slow
+def test_resampled_guided_generation_keeps_the_outside_and_repeats_the_steps(tmp_path):
+    """sample.resample = r: every step but the last runs r times (3 UNet batches each: the two
+    reference ones in one call, the policy's), the outside of the mask is still the normal image
+    exactly, the inside differs from r = 1, and r = 1 is the plain sampler."""
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
+
+    out = tmp_path / "run"
+    run_train(tiny_cfg(out, "train.steps=1"))
+    run = load_run(out, device="cpu")
+    known, kmask = heldout_guides(run.cfg, "hole", 2)
+    calls = []
+
+    def counting(sample, timestep, kwargs):
+        calls.append(int(timestep[0]))
+        return run.unet(sample, timestep, **kwargs).sample
+
+    run.unet_call = counting
+    plain = generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)
+    steps = len(set(calls))
+    assert len(calls) == 2 * steps
+    run.cfg.sample.resample = 3
+    calls.clear()
+    imgs, masks, _ = generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)
+    assert len(calls) == 2 * (3 * (steps - 1) + 1)
+    outside = (1 - kmask).bool().expand_as(imgs)
+    assert torch.allclose(imgs[outside], known.clamp(-1, 1)[outside], atol=1e-6)
+    assert torch.equal(masks, kmask)
+    assert not torch.allclose(imgs[~outside], plain[0][~outside], atol=1e-3)
+    run.cfg.sample.resample = 1
+    again = generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)
+    assert torch.equal(again[0], plain[0])
+    run.cfg.sample.resample = 0
+    with pytest.raises(ValueError, match="resample must be an int >= 1"):
+        generate_for_defect(run, "hole", 1)
+
+
 def test_compiled_sampling_gives_the_eager_samples(tmp_path):
     """sample.compile (Dynamo-traced, eager backend: the traced code, not Inductor's CPU codegen):
     free and mask-guided samples equal the uncompiled ones; the reference pass (adapters off as
