@@ -20,7 +20,7 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
     classes, crop size and validation accuracy."""
     from apo_fast.data import category_augment
     from apo_fast.eval.report import mean_over_generators
-    from apo_fast.eval.judge import judge_metrics, mask_crops, train_judge
+    from apo_fast.eval.judge import judge_metrics, mask_crops, right_kind_by_kind, train_judge
 
     held = data.test_labels == 1
     good = data.test_images[~held]
@@ -31,6 +31,7 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
                         texture=category_augment(data.category, data.normal_train) == "dihedral")
     real = mask_crops(data.test_images[held], data.test_masks[held], judge.crop)
     scored = []
+    by_kind: dict[str, dict[str, list[int]]] = {}  # "apo (guided)" -> kind -> [right, made], all generators
     for synthetic in synthetic_by_generator:
         scores: dict[str, dict] = {}
         for source, syn in synthetic.items():
@@ -46,6 +47,12 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
                 metrics = judge_metrics(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows],
                                         real, kid_subsets=ecfg.kid_subsets, seed=ecfg.sample_seed)
                 scores[name] = {"metrics": metrics}
+                if name.endswith(("(guided)", "(free)")):
+                    per = right_kind_by_kind(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows])
+                    for kind, v in per.items():
+                        cell = by_kind.setdefault(name, {}).setdefault(kind, [0, 0])
+                        cell[0] += round(v["rate"] * v["n"])
+                        cell[1] += v["n"]
         scored.append(scores)
     for name, merged in mean_over_generators(scored).items():
         entry = generation.setdefault(name, {"metrics": {}, "skipped": {}})
@@ -54,7 +61,7 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
             entry["judge_per_generator"] = merged["per_generator"]
     return {"classes": judge.classes, "crop": judge.crop, "val_accuracy": judge.val_accuracy,
             "trained_on": {"anomalies": int(held.sum()), "good": int(good.shape[0])},
-            "generators": len(synthetic_by_generator)}
+            "generators": len(synthetic_by_generator), "right_kind_by_kind": by_kind}
 
 
 def judge_lines(record: dict | None) -> list[str]:
@@ -70,7 +77,22 @@ def judge_lines(record: dict | None) -> list[str]:
          "calls the product rather than `other`; `judge_kid`: KID of its features, generated vs real "
          "held-out defect crops (lower is closer)."),
         f"Its accuracy on a held-back quarter of its real crops: {acc}.", "",
+        *_by_kind_lines(record.get("right_kind_by_kind") or {}),
     ]
+
+
+def _by_kind_lines(by_kind: dict) -> list[str]:
+    """Right kind per defect kind: which kinds a source draws and which it misses."""
+    kinds = sorted({k for per in by_kind.values() for k in per})
+    if not kinds:
+        return []
+    lines = ["Right kind per defect kind (generated anomalies the judge calls the kind they were made for, "
+             "all generators together):", "",
+             "| Source | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for name, per in by_kind.items():
+        cells = [f"{per[k][0]}/{per[k][1]}" if k in per else "-" for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def save_kind_sheet(path: Path, data: EvalData, synthetic: dict, per_row: int = 6) -> Path:

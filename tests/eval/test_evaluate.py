@@ -138,6 +138,15 @@ def test_every_source_gets_detection_metrics_and_the_report_is_written(evaluated
             assert 0.0 <= metrics["judge_right_kind"] <= 1.0, name
     assert math.isnan(result["generation"]["cutpaste"]["metrics"]["judge_right_kind"])  # no kind to be right about
     assert "## Fidelity judge" in md and "judge_right_kind" in md
+    # per defect kind: every generated source and mode, counts over all generators that give
+    # back each mode's judge_right_kind (the generators make equally many of each kind)
+    by_kind = judge["right_kind_by_kind"]
+    assert set(by_kind) == {f"{s} ({m})" for s in ("apo", "lora") for m in ("guided", "free")}
+    for name, per in by_kind.items():
+        assert set(per) <= set(DEFECTS) and all(0 <= r <= n for r, n in per.values()), name
+        right, made = sum(r for r, _ in per.values()), sum(n for _, n in per.values())
+        assert right / made == pytest.approx(result["generation"][name]["metrics"]["judge_right_kind"]), name
+    assert "Right kind per defect kind" in md and "| apo (guided) |" in md
     assert details["timings_s"]["total_s"] > 0 and details["machine"]["torch_threads"] == 1
     assert not list(out.glob(".*tmp"))  # no half-written file left
 
