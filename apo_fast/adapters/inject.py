@@ -145,7 +145,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None) -> li
         )
         setattr(parent, child, layer)
     if config.mask_input:
-        attach_mask_input(model)
+        attach_mask_input(model, time=config.mask_time)
     return targets
 
 

@@ -186,7 +186,8 @@ def save_adapters(
     mask_path = directory / MASK_WEIGHT_NAME
     if mask_module is not None:
         mask_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in mask_module.state_dict().items()}
-        mask_info = {"hidden": mask_module.hidden, "out_channels": mask_module.out_channels}
+        mask_info = {"hidden": mask_module.hidden, "out_channels": mask_module.out_channels,
+                     "time": bool(mask_module.time_dim)}
         _atomic_save(mask_tensors, mask_path, {"format": "pt", TACA_METADATA_KEY: json.dumps(mask_info)})
     lora_path = directory / LORA_WEIGHT_NAME
     _atomic_save(tensors, lora_path, header)
@@ -383,8 +384,9 @@ def _load_mask_input(model: nn.Module, mask_file: Path) -> None:
     info, saved = _read_extra(mask_file, "mask input")
     module = get_mask_input(model)
     if module is None:
-        module = attach_mask_input(model, hidden=int(info.get("hidden", 32)))
+        time = bool(info.get("time", False))
+        module = attach_mask_input(model, hidden=int(info.get("hidden", 32)), time=time)
         state = get_gate_state(model)
         if state is not None and state.adapter_config is not None:
-            state.adapter_config = dataclasses.replace(state.adapter_config, mask_input=True)
+            state.adapter_config = dataclasses.replace(state.adapter_config, mask_input=True, mask_time=time)
     _load_state_into(module, saved, mask_file, "mask input")

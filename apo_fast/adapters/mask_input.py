@@ -49,14 +49,17 @@ class MaskInput(nn.Module):
         enabled: False inside ``adapters_disabled`` (the reference pass adds nothing).
     """
 
-    def __init__(self, out_channels: int, hidden: int = 32) -> None:
+    def __init__(self, out_channels: int, hidden: int = 32, time_dim: int = 0) -> None:
         super().__init__()
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
         if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
+        if not isinstance(time_dim, int) or isinstance(time_dim, bool) or time_dim < 0:
+            raise ValueError(f"time_dim must be an int >= 0 (0: no time input), got {time_dim!r}")
         self.hidden = hidden
         self.out_channels = out_channels
+        self.time_dim = time_dim
         # plain parameters of this module (no child convolutions): its forward reads only its own
         # weights, so ZeRO-3 gathers them with the module and never has to discover them
         self.encode_weight = nn.Parameter(torch.empty(hidden, 1, 3, 3))
@@ -64,12 +67,24 @@ class MaskInput(nn.Module):
         for weight in (self.encode_weight, self.project_weight):  # nn.Conv2d's init, same random draws
             nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
         nn.init.zeros_(self.project_weight)  # the policy starts as the reference
+        if time_dim:
+            # hidden features scaled per channel by 1 + W emb(t): zero W starts time-independent
+            self.time_weight = nn.Parameter(torch.zeros(hidden, time_dim))
         self.enabled = True
         self._pending: list[torch.Tensor | None] = []
+        self._emb: list[torch.Tensor] = []  # the UNet's time embedding of the call (time_dim > 0)
 
-    def forward(self, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, mask: torch.Tensor, size: tuple[int, int], emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The branch for masks (B, 1, H, W) at conv_in's ``size``; with a time input, ``emb`` is
+        the UNet's time embedding (B, time_dim) of the same call."""
         mask = resize_mask(mask.to(self.encode_weight.dtype), size)
         hidden = F.silu(F.conv2d(mask, self.encode_weight, padding=1))
+        if self.time_dim:
+            if emb is None or emb.dim() != 2 or emb.shape != (mask.shape[0], self.time_dim):
+                got = None if emb is None else tuple(emb.shape)
+                raise ValueError(f"the mask input's time embedding must be ({mask.shape[0]}, {self.time_dim}), got {got}")
+            scale = 1 + emb.to(self.time_weight.dtype) @ self.time_weight.t()
+            hidden = hidden * scale[:, :, None, None]
         return F.conv2d(hidden, self.project_weight, padding=1)
 
     # -- hooks ---------------------------------------------------------------
@@ -92,11 +107,18 @@ class MaskInput(nn.Module):
         mask = self._pending[-1] if self._pending else None
         if mask is None or not self.enabled:
             return output
-        return output + self(mask, tuple(output.shape[-2:])).to(output.dtype)
+        emb = self._emb[-1] if (self.time_dim and self._emb) else None
+        return output + self(mask, tuple(output.shape[-2:]), emb).to(output.dtype)
+
+    def take_emb(self, emb: torch.Tensor) -> None:
+        """The time embedding's forward hook (time input only): keep this call's embedding."""
+        self._emb.append(emb)
 
     def release(self) -> None:
         if self._pending:
             self._pending.pop()
+        if self._emb:
+            self._emb.pop()
 
 
 class _TakeMask:
@@ -122,6 +144,15 @@ class _Release:
         return None
 
 
+class _TakeEmb:
+    def __init__(self, module: MaskInput) -> None:
+        self.module = module
+
+    def __call__(self, time_embedding, args, output):
+        self.module.take_emb(output)
+        return None
+
+
 class _AddBranch:
     def __init__(self, module: MaskInput) -> None:
         self.module = module
@@ -136,11 +167,14 @@ def get_mask_input(model: nn.Module) -> MaskInput | None:
     return module if isinstance(module, MaskInput) else None
 
 
-def attach_mask_input(model: nn.Module, hidden: int = 32) -> MaskInput:
+def attach_mask_input(model: nn.Module, hidden: int = 32, time: bool = False) -> MaskInput:
     """Register a :class:`MaskInput` as ``model.apo_mask_input`` and its hooks.
 
     ``model`` must have a ``conv_in`` convolution (diffusers' UNets do); the branch is
-    created on its device and dtype.
+    created on its device and dtype. ``time``: the branch's hidden features are scaled by
+    ``1 + W emb(t)`` (``W`` zero-initialised), ``emb`` the output of the model's
+    ``time_embedding`` (diffusers' UNets compute it before ``conv_in``), so the branch's
+    strength can depend on the noise level (``adapter.mask_time``).
     """
     if get_mask_input(model) is not None:
         raise ValueError(f"{type(model).__name__} already has a mask input")
@@ -150,7 +184,13 @@ def attach_mask_input(model: nn.Module, hidden: int = 32) -> MaskInput:
             f"{type(model).__name__} has no `conv_in` convolution to add the mask input to "
             "(adapter.mask_input needs a diffusers UNet)"
         )
-    module = MaskInput(conv_in.out_channels, hidden)
+    time_dim = 0
+    if time:
+        linear = getattr(getattr(model, "time_embedding", None), "linear_2", None)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{type(model).__name__} has no `time_embedding.linear_2` to give the mask input the time")
+        time_dim = linear.out_features
+    module = MaskInput(conv_in.out_channels, hidden, time_dim)
     weight = next((p for p in conv_in.parameters() if p.is_floating_point()), None)
     if weight is not None:
         module.to(device=weight.device, dtype=weight.dtype)
@@ -158,4 +198,6 @@ def attach_mask_input(model: nn.Module, hidden: int = 32) -> MaskInput:
     model.register_forward_pre_hook(_TakeMask(module), with_kwargs=True)
     model.register_forward_hook(_Release(module), always_call=True)
     conv_in.register_forward_hook(_AddBranch(module))
+    if time_dim:
+        model.time_embedding.register_forward_hook(_TakeEmb(module))
     return module

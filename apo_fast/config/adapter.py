@@ -147,6 +147,9 @@ class AdapterConfig:
         mask_input: give the policy the defect mask as a spatial input (a zero-initialised
             branch added to ``conv_in``'s output, :mod:`apo_fast.adapters.mask_input`), so it
             knows where the defect goes; off in the reference pass.
+        mask_time: the mask input also sees the timestep: its hidden features are scaled by
+            ``1 + W emb(t)`` (the UNet's time embedding, ``W`` zero-initialised), so its
+            strength can differ between high and low noise. Needs ``mask_input``.
     """
 
     r: int = 4
@@ -157,6 +160,7 @@ class AdapterConfig:
     dropout: float = 0.0
     backend: str | None = None
     mask_input: bool = False
+    mask_time: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -191,6 +195,10 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.backend must be one of {BACKENDS} or None, got {self.backend!r}")
         if not isinstance(self.mask_input, bool):
             raise ValueError(f"AdapterConfig.mask_input must be true or false, got {self.mask_input!r}")
+        if not isinstance(self.mask_time, bool):
+            raise ValueError(f"AdapterConfig.mask_time must be true or false, got {self.mask_time!r}")
+        if self.mask_time and not self.mask_input:
+            raise ValueError("AdapterConfig.mask_time needs mask_input: true (it times the mask input)")
 
     @property
     def alpha(self) -> float:

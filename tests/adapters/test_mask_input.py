@@ -218,3 +218,82 @@ def test_a_branch_of_another_width_loads_into_a_fresh_unet(make_tiny_unet, tmp_p
     with torch.no_grad():
         assert torch.equal(unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample,
                            fresh(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample)
+
+
+def timed_unet(make_tiny_unet, dtype=torch.float32, std=0.3, seed=6):
+    unet = make_tiny_unet().to(dtype).eval()
+    inject_adapters(unet, AdapterConfig(r=4, mask_input=True, mask_time=True))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in get_mask_input(unet).parameters():
+            p.normal_(0, std)
+    return unet
+
+
+def test_timed_branch_scales_its_features_by_the_time_embedding_in_float64(make_tiny_unet, f64_close):
+    """adapter.mask_time: the UNet equals the same UNet whose conv_in output gets the written-out
+    branch with the hidden features scaled by 1 + W emb(t), emb the UNet's own time embedding;
+    the branch now differs between timesteps, and W = 0 is the time-free branch."""
+    unet = timed_unet(make_tiny_unet, F64)
+    module = get_mask_input(unet)
+    assert module.time_dim == unet.time_embedding.linear_2.out_features
+    z, t, c, m = inputs(3, dtype=F64)
+
+    def written_out(emb, mask, size):
+        r = resize_mask(mask.to(F64), size)
+        h = F.conv2d(r, module.encode_weight, padding=1)
+        h = h * torch.sigmoid(h) * (1 + emb @ module.time_weight.t())[:, :, None, None]
+        return F.conv2d(h, module.project_weight, padding=1)
+
+    with torch.no_grad():
+        out = unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample
+        embs = []
+        with adapters_disabled(unet):
+            hooks = [unet.time_embedding.register_forward_hook(lambda mod, a, o: embs.append(o)),
+                     unet.conv_in.register_forward_hook(lambda mod, a, o: o + written_out(embs[-1], m, o.shape[-2:]))]
+            try:
+                expected = unet(z, t, encoder_hidden_states=c).sample
+            finally:
+                for h in hooks:
+                    h.remove()
+        assert_close, terms = f64_close
+        assert_close(out, expected, terms=terms(unet), msg="unet with a timed mask input")
+        assert not module._emb and not module._pending  # every call released its embedding and mask
+        same_mask = m[:1].expand(2, -1, -1, -1)
+        other_t = torch.tensor([int(t[0]), (int(t[0]) + 500) % 1000])
+        by_t = unet(z[:1].expand(2, -1, -1, -1), other_t, encoder_hidden_states=c[:1].expand(2, -1, -1),
+                    **{MASK_KWARG: same_mask}).sample
+        with adapters_disabled(unet):
+            plain = unet(z[:1].expand(2, -1, -1, -1), other_t, encoder_hidden_states=c[:1].expand(2, -1, -1)).sample
+        # the branch's effect differs between the two timesteps beyond what the base's own
+        # time dependence gives: zeroing W changes the output
+        module.time_weight.zero_()
+        untimed = unet(z[:1].expand(2, -1, -1, -1), other_t, encoder_hidden_states=c[:1].expand(2, -1, -1),
+                       **{MASK_KWARG: same_mask}).sample
+        assert not torch.allclose(by_t - plain, untimed - plain, atol=1e-6)
+        flat = MaskInput(module.out_channels, module.hidden).to(F64)
+        flat.load_state_dict({k: v for k, v in module.state_dict().items() if k != "time_weight"})
+        assert torch.equal(module(m, (16, 16), torch.randn(3, module.time_dim, dtype=F64)), flat(m, (16, 16)))
+
+
+def test_timed_branch_saves_loads_trains_and_is_refused_without_a_mask_input(make_tiny_unet, tmp_path):
+    unet = timed_unet(make_tiny_unet)
+    save_adapters(unet, tmp_path)
+    fresh = make_tiny_unet().eval()
+    config = load_adapters(fresh, tmp_path)
+    assert config.mask_input and config.mask_time and get_mask_input(fresh).time_dim > 0
+    z, t, c, m = inputs(2, seed=7)
+    with torch.no_grad():
+        assert torch.equal(unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample,
+                           fresh(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample)
+    freeze_base(unet)
+    module = get_mask_input(unet)
+    assert any(p is module.time_weight for p in adapter_parameters(unet))
+    unet(z, t, encoder_hidden_states=c, **{MASK_KWARG: m}).sample.pow(2).mean().backward()
+    assert module.time_weight.grad is not None and module.time_weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mask_time needs mask_input"):
+        AdapterConfig(mask_time=True)
+    with pytest.raises(ValueError, match="mask_time must be true or false"):
+        AdapterConfig(mask_input=True, mask_time=1)
+    with pytest.raises(ValueError, match="time embedding must be"):
+        module(m, (16, 16))
