@@ -18,7 +18,6 @@ BACKENDS = ("auto", "triton", "torch")
 # losses (apo_fast.losses)
 LOSS_MODES = ("unpaired", "paired", "diffusion")  # diffusion: the plain LoRA baseline, no preference
 BETA_SCHEDULES = ("dlogsnr", "constant", "snr")
-MASK_WEIGHTS = ("pixel", "area")  # loss.mask_weight
 # the preference form (apo_fast.ops.apo_loss.naive.PreferenceForm); diffusers calls it --loss_type
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto", "margin")
 DPO_CONVENTIONS = ("diffusers", "diffusers_sdxl", "salesforce")  # the public scripts diffusion_dpo_loss reproduces

@@ -87,9 +87,6 @@ class LossConfig:
     beta: float = 5000.0
     beta_schedule: str = "dlogsnr"  # dlogsnr | constant | snr
     lambda_mask: float = 2.0
-    # pixel: w = 1 + (lambda_mask - 1) * m; area: m divided by its mean over the image first, so a
-    # defect's region weighs (lambda_mask - 1) times the whole image whatever its size (thin ones too)
-    mask_weight: str = "pixel"
     lambda_sft: float = 0.0
     # the preference form (config/choices.LOSS_TYPES; the functional API's loss_type): sigmoid (APO),
     # hinge, ipo, kto (unpaired; every real anomaly desirable), margin (reference-free, paired)

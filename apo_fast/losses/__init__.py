@@ -6,7 +6,6 @@
 | :func:`diffusion_dpo_loss` | :mod:`.dpo` | the public Diffusion-DPO scripts' numbers, convention by convention (diffusers SD with its ``--loss_type``, diffusers SDXL, Salesforce) |
 | :func:`diffusion_loss` | :mod:`.diffusion` | plain mask-weighted diffusion loss (the LoRA baseline) |
 | :func:`beta_schedule` | :mod:`.schedules` | the per-sample temperature ``beta_t`` |
-| :func:`mask_weights` | :mod:`.masks` | how the defect mask weighs the error (``pixel`` / ``area``) |
 
 Every form returns ``loss``, per-sample ``e_theta`` / ``e_ref`` and the metrics vector laid
 out by :data:`METRIC_SLOTS`; a new form adds a module here and fills the same contract.
@@ -14,7 +13,6 @@ out by :data:`METRIC_SLOTS`; a new form adds a module here and fills the same co
 from apo_fast.config.choices import LOSS_TYPES
 from apo_fast.losses.diffusion import diffusion_loss
 from apo_fast.losses.dpo import DPO_CONVENTIONS, diffusion_dpo_loss
-from apo_fast.losses.masks import mask_weights
 from apo_fast.losses.schedules import BETA_SCHEDULES, beta_schedule
 from apo_fast.ops.apo_loss import apo_loss
 from apo_fast.ops.apo_loss.naive import (
@@ -37,6 +35,5 @@ __all__ = [
     "beta_schedule",
     "diffusion_dpo_loss",
     "diffusion_loss",
-    "mask_weights",
     "metric_names_for",
 ]
