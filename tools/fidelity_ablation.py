@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update({f"{k}_{mode}": v for k, v in m.items()})
                 per = right_kind_by_kind(judge, syn.images[sel], syn.masks[sel], [syn.defects[i] for i in sel])
                 row[f"per_kind_{mode}"] = per
-                row[f"right_of_{mode}"] = ", ".join(f"{k} {round(v['rate'] * v['n'])}/{v['n']}" for k, v in per.items())
+                row[f"right_of_{mode}"] = ", ".join(f"{k} {v['right']}/{v['n']}" for k, v in per.items())
             sheet = out / f"{name}-seed{seed}" / "kinds.png"
             sheet.parent.mkdir(parents=True, exist_ok=True)
             save_kind_sheet(sheet, data, {name: syn})

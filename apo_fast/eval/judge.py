@@ -223,8 +223,9 @@ def _right_kind_hits(judge: Judge, predicted: torch.Tensor, defects: list[str]) 
 
 
 def right_kind_by_kind(judge: Judge, images: torch.Tensor, masks: torch.Tensor, defects: list[str]) -> dict:
-    """Per defect kind: ``{"rate": right-kind share, "n": rows, "called": {class: count}}`` (what
-    the judge called that kind's mask crops), for the kinds the judge knows."""
+    """Per defect kind: ``{"right": rows called that kind, "n": rows, "rate": right / n,
+    "called": {class: count}}`` (what the judge called that kind's mask crops), for the kinds
+    the judge knows."""
     if images.shape[0] != len(defects) or masks.shape[0] != images.shape[0]:
         raise ValueError("images, masks and defects must have one entry per image")
     predicted = judge.probs(mask_crops(images, masks, judge.crop)).argmax(1)
@@ -234,7 +235,8 @@ def right_kind_by_kind(judge: Judge, images: torch.Tensor, masks: torch.Tensor, 
         rows = [i for i in hits if defects[i] == kind]
         if rows:
             called = [judge.classes[int(predicted[i])] for i in rows]
-            out[kind] = {"rate": sum(hits[i] for i in rows) / len(rows), "n": len(rows),
+            right = sum(hits[i] for i in rows)
+            out[kind] = {"right": right, "n": len(rows), "rate": right / len(rows),
                          "called": {c: called.count(c) for c in sorted(set(called))}}
     return out
 

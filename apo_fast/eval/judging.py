@@ -51,7 +51,7 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
                     per = right_kind_by_kind(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows])
                     for kind, v in per.items():
                         cell = by_kind.setdefault(name, {}).setdefault(kind, [0, 0])
-                        cell[0] += round(v["rate"] * v["n"])
+                        cell[0] += v["right"]
                         cell[1] += v["n"]
         scored.append(scores)
     for name, merged in mean_over_generators(scored).items():

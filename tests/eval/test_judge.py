@@ -80,7 +80,7 @@ def test_right_kind_by_kind_splits_the_overall_rate(brick):
     assert sum(v["n"] for v in per.values()) == n
     for kind, v in per.items():
         assert sum(v["called"].values()) == v["n"] == data.train_defects.count(kind)
-        assert v["rate"] == pytest.approx(v["called"].get(kind, 0) / v["n"])
+        assert v["right"] == v["called"].get(kind, 0) and v["rate"] == v["right"] / v["n"]
     assert sum(v["rate"] * v["n"] for v in per.values()) / n == pytest.approx(overall)
     assert any(set(v["called"]) - {k} for k, v in per.items())  # some rows were called something else
     with pytest.raises(ValueError, match="one entry per image"):
