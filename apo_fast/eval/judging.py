@@ -12,6 +12,10 @@ from apo_fast.eval.synthetic import GENERATED_SOURCES
 
 log = logging.getLogger(__name__)
 
+#: the per-kind table's row of real anomalies: the few-shot training third, which the judge never saw
+REAL_ROW = "real (training anomalies)"
+
+
 def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, generation: dict) -> dict:
     """Train the fidelity judge (:mod:`apo_fast.eval.judge`) once, on the held-out real anomalies
     and test/good images, score every generator's anomalies (per source, and per mode for the
@@ -31,7 +35,10 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
                         texture=category_augment(data.category, data.normal_train) == "dihedral")
     real = mask_crops(data.test_images[held], data.test_masks[held], judge.crop)
     scored = []
-    by_kind: dict[str, dict[str, list[int]]] = {}  # "apo (guided)" -> kind -> [right, made], all generators
+    # "apo (guided)" -> kind -> [right, made], all generators; first the real training anomalies
+    # (APO trained on them, the judge never saw them): how often the judge knows a real one
+    real_train = right_kind_by_kind(judge, data.train_anomalies, data.train_masks, data.train_defects)
+    by_kind: dict[str, dict[str, list[int]]] = {REAL_ROW: {k: [v["right"], v["n"]] for k, v in real_train.items()}}
     for synthetic in synthetic_by_generator:
         scores: dict[str, dict] = {}
         for source, syn in synthetic.items():
@@ -87,7 +94,8 @@ def _by_kind_lines(by_kind: dict) -> list[str]:
     if not kinds:
         return []
     lines = ["Right kind per defect kind (generated anomalies the judge calls the kind they were made for, "
-             "all generators together):", "",
+             f"all generators together; `{REAL_ROW}`: the real few-shot anomalies the generators trained on and "
+             "the judge never saw, the most a generator can expect from this judge):", "",
              "| Source | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for name, per in by_kind.items():
         cells = [f"{per[k][0]}/{per[k][1]}" if k in per else "-" for k in kinds]

@@ -140,7 +140,10 @@ def test_every_source_gets_detection_metrics_and_the_report_is_written(evaluated
     assert "## Fidelity judge" in md and "judge_right_kind" in md
     # per defect kind: every generated source and mode, counts over all generators that give
     # back each mode's judge_right_kind (the generators make equally many of each kind)
-    by_kind = judge["right_kind_by_kind"]
+    by_kind = dict(judge["right_kind_by_kind"])
+    real = by_kind.pop("real (training anomalies)")  # the judge never trained on them
+    assert set(real) == set(DEFECTS) and all(0 <= r <= n for r, n in real.values())
+    assert sum(n for _, n in real.values()) == details["data"]["train_anomalies"]
     assert set(by_kind) == {f"{s} ({m})" for s in ("apo", "lora") for m in ("guided", "free")}
     for name, per in by_kind.items():
         assert set(per) <= set(DEFECTS) and all(0 <= r <= n for r, n in per.values()), name
