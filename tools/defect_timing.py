@@ -7,7 +7,9 @@ Two views of one trained run (``adapter.mask_input``):
   defect that vanishes when the mask is off below ``t`` was drawn below ``t``;
 - a table: the mean colour inside the mask of the x0 the policy and the reference predict
   from a normal image noised to ``t`` (what the policy would draw there, and how far it is
-  from the product's colour).
+  from the product's colour);
+- a table of the run's own mask-guided sampling, step by step: the mean colour inside the
+  mask of the sample and of the policy's x0 (when the defect's colour arrives).
 
     python tools/defect_timing.py RUN --out timing.png --cut 0 --cut 200 --cut 400
 """
@@ -45,6 +47,44 @@ def timing_rows(run, defects, cuts, num: int, seed: int) -> tuple[dict, dict]:
     finally:
         run.unet_call = unet_call
     return rows, outlines
+
+
+def trajectory(run, defect: str, num: int, seed: int) -> list[tuple[int, list[float], list[float]]]:
+    """Mask-guided sampling of ``defect`` as the run samples, step by step: ``(t, mean colour
+    inside the mask of the sample z_t, of the x0 the policy predicts from it)`` for each policy
+    call (pixel-space runs)."""
+    import torch
+
+    from apo_fast.adapters.mask_input import MASK_KWARG
+    from apo_fast.models import build_scheduler
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides
+
+    alphas = build_scheduler(run.cfg.model, "ddpm").alphas_cumprod
+    ki, km = heldout_guides(run.cfg, defect, num)
+    steps = []
+    unet_call = run.unet_call
+    inner = unet_call or (lambda sample, timestep, kwargs: run.unet(sample, timestep, **kwargs).sample)
+
+    def mean_in(x):
+        m = km.to(x.dtype)
+        return ((x * m).sum((0, 2, 3)) / m.sum()).tolist()
+
+    def call(sample, timestep, kwargs):
+        out = inner(sample, timestep, kwargs)
+        if MASK_KWARG in kwargs:  # the policy's call (the reference's never carries the mask)
+            t = int(torch.as_tensor(timestep).reshape(-1)[0])
+            a = alphas[t]
+            x0 = (a.sqrt() * sample - (1 - a).sqrt() * out if run.cfg.model.prediction_type == "v_prediction"
+                  else (sample - (1 - a).sqrt() * out) / a.sqrt())
+            steps.append((t, mean_in(sample.float()), mean_in(x0.float())))
+        return out
+
+    run.unet_call = call
+    try:
+        generate_for_defect(run, defect, num, seed=seed, known_images=ki, known_masks=km)
+    finally:
+        run.unet_call = unet_call
+    return steps
 
 
 def main(argv=None) -> int:
@@ -111,6 +151,14 @@ def main(argv=None) -> int:
             else:
                 x0 = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in out.items()}
             print(f"| {d} | {t} | {real_rgb} | {rgb(ki, km)} | {rgb(x0['policy'], km)} | {rgb(x0['reference'], km)} |")
+    print()
+    print("Guided sampling as the run samples: mean colour inside the mask, step by step")
+    print("| defect | t | sample z_t | policy x0 |")
+    print("|---|---:|---|---|")
+    for d in defects:
+        for t, z_rgb, x0_rgb in trajectory(run, d, args.num, args.seed):
+            fmt = lambda v: "(" + ", ".join(f"{x:+.2f}" for x in v) + ")"  # noqa: E731
+            print(f"| {d} | {t} | {fmt(z_rgb)} | {fmt(x0_rgb)} |")
     return 0
 
 

@@ -237,6 +237,8 @@ def _check_sample(s) -> None:
     _schedule_ok("sample.s_text", s.s_text)
     _schedule_ok("sample.s_align", s.s_align)
     _positive("sample.resample", s.resample)
+    if s.stop_t < -1:
+        raise ConfigError(f"sample.stop_t must be >= -1 (-1: every step); got {s.stop_t}")
     _positive("sample.num_per_defect", s.num_per_defect)
     _positive("sample.batch_size", s.batch_size)
     if not 0.0 < s.mask_threshold < 1.0:

@@ -94,6 +94,7 @@ def hierarchical_sample(
     unet_call=None,
     cond_mask: torch.Tensor | None = None,
     resample: int = 1,
+    stop_t: int = -1,
 ) -> SampleOutput:
     """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
 
@@ -119,6 +120,9 @@ def hierarchical_sample(
             last is taken ``resample`` times, the result re-noised to the step's level in between,
             so the generated region and its surroundings (the noised normal image when
             mask-guided) agree before moving on. 1: off. Costs ``resample`` x the UNet calls.
+        stop_t: end at the first step whose timestep is <= ``stop_t``: the image is that step's
+            predicted clean sample (``pred_original_sample``; outside a guide mask the normal
+            image), the steps below are skipped. -1: run every step.
     """
     from tqdm.auto import tqdm
 
@@ -131,6 +135,8 @@ def hierarchical_sample(
     dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
     if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
         raise ValueError(f"resample must be an int >= 1 (1 = off), got {resample!r}")
+    if not isinstance(stop_t, int) or isinstance(stop_t, bool) or stop_t < -1:
+        raise ValueError(f"stop_t must be an int >= -1 (-1 = every step), got {stop_t!r}")
     known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
     b = cond_ids.shape[0]
     cond_ids = cond_ids.to(device)
@@ -156,6 +162,9 @@ def hierarchical_sample(
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
         st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
         t_prev = int(timesteps[i + 1]) if i + 1 < n else -1
+        stop = t_prev >= 0 and int(t) <= stop_t  # end on this step's predicted clean image
+        if stop:
+            t_prev = -1
         rounds = resample if t_prev >= 0 else 1  # the last step (to the clean image) is not repeated
         for r in range(rounds):
             if r:  # RePaint resampling: back to this step's noise level, then the step again
@@ -169,9 +178,12 @@ def hierarchical_sample(
             if r == rounds - 1:  # the map follows the trajectory that is kept
                 w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0
                 acc += w * (e_p - e_c).pow(2).sum(1).sqrt()
-            z = scheduler.step(eps, t, z).prev_sample
+            stepped = scheduler.step(eps, t, z)
+            z = stepped.pred_original_sample if stop else stepped.prev_sample
             if known is not None:
                 z = known_mask * z + (1 - known_mask) * _noised_background(known, alphas, t_prev, generator, device)
+        if stop:
+            break
     given = known_mask if known_mask is not None else (cond_mask.to(device).float() if cond_mask is not None else None)
     return _finish(z, acc, vae, image_size, given, mask_sigma, mask_threshold, device)
 

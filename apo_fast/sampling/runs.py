@@ -156,6 +156,7 @@ def generate_for_defect(
             unet_call=run.unet_call,
             cond_mask=cond_mask,
             resample=s.resample,
+            stop_t=s.stop_t,
             desc=f"{desc} {start // s.batch_size + 1}/{-(-num // s.batch_size)}" if num > s.batch_size else desc,
         )
         imgs.append(out.images)

@@ -69,6 +69,9 @@ def test_sd15_config_loads():
         ("sample.s_text=[[0.5, 1.0], [0.2, 2.0]]", "sample.s_text"),
         ("adapter.gate.r_min=9", "r_min"),
         ("optim.name=sgd", "optim.name"),
+        ("sample.resample=0", "sample.resample"),
+        ("sample.stop_t=-2", "sample.stop_t"),
+        ("adapter.mask_time=maybe", "adapter.mask_time"),
     ],
 )
 def test_bad_config_values_name_the_key(override, words):
@@ -252,6 +255,51 @@ def test_resampled_guided_generation_keeps_the_outside_and_repeats_the_steps(tmp
     run.cfg.sample.resample = 0
     with pytest.raises(ValueError, match="resample must be an int >= 1"):
         generate_for_defect(run, "hole", 1)
+
+
+@pytest.mark.slow
+def test_stop_t_ends_on_the_predicted_clean_image(tmp_path):
+    """sample.stop_t: sampling ends at the first step with t <= stop_t; the image is that step's
+    predicted x0 (DDIM's pred_original_sample, recomputed here from the policy and reference
+    calls of that step), the normal image outside a guide mask; -1 runs every step."""
+    from apo_fast.models import build_scheduler
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
+
+    out = tmp_path / "run"
+    run_train(tiny_cfg(out, "train.steps=1", "sample.num_inference_steps=5"))
+    run = load_run(out, device="cpu")
+    known, kmask = heldout_guides(run.cfg, "hole", 2)
+    calls = []
+
+    def recording(sample, timestep, kwargs):
+        res = run.unet(sample, timestep, **kwargs).sample
+        calls.append((int(timestep[0]), sample.clone(), res.clone()))
+        return res
+
+    run.unet_call = recording
+    full = generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)
+    ts = sorted({t for t, _, _ in calls}, reverse=True)
+    assert len(ts) == 5
+    stop_at = ts[2]  # the third step
+    run.cfg.sample.stop_t = stop_at + 1  # any value in [stop_at, previous step) stops there
+    calls.clear()
+    imgs, masks, _ = generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)
+    assert sorted({t for t, _, _ in calls}, reverse=True) == ts[:3]
+    # the last step's three predictions (reference unconditional and conditional in one call, policy)
+    (t_ref, z, e_ref), (t_pol, _, e_pol) = calls[-2], calls[-1]
+    assert t_ref == t_pol == stop_at
+    e_u, e_c = e_ref.chunk(2)
+    s = run.cfg.sample
+    v = e_u + s.s_text * (e_c - e_u) + s.s_align * (e_pol - e_c)
+    a = build_scheduler(run.cfg.model, "ddim").alphas_cumprod[stop_at]
+    z = z[: v.shape[0]]
+    x0 = a.sqrt() * z - (1 - a).sqrt() * v if run.cfg.model.prediction_type == "v_prediction" else None
+    x0 = x0 if x0 is not None else (z - (1 - a).sqrt() * v) / a.sqrt()
+    want = (kmask * x0 + (1 - kmask) * known).clamp(-1, 1)
+    torch.testing.assert_close(imgs, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(masks, kmask) and not torch.allclose(imgs, full[0], atol=1e-3)
+    run.cfg.sample.stop_t = -1
+    assert torch.equal(generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)[0], full[0])
 
 
 def test_compiled_sampling_gives_the_eager_samples(tmp_path):
