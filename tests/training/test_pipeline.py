@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -533,3 +534,10 @@ def test_mask_input_run_resumes_exactly_and_samples_into_its_masks(tmp_path):
         a, m, _ = generate_for_defect(run, "hole", 2, seed=5, **kwargs)
         assert torch.equal(rows[f"hole {mode} off<0"], a) and torch.equal(outlines[f"hole {mode} off<0"], m)
         assert not torch.allclose(rows[f"hole {mode} off<10000"], a, atol=1e-4)
+    # the step-by-step table: one row per policy call (the reference's carry no mask), from the
+    # noisiest step down, mean RGB of z_t and of the policy's x0 inside the mask
+    steps = timing.trajectory(run, "hole", 2, seed=5)
+    assert run.unet_call is None and len(steps) == run.cfg.sample.num_inference_steps
+    ts = [t for t, _, _ in steps]
+    assert ts == sorted(ts, reverse=True) and ts[0] > 900
+    assert all(len(z) == len(x0) == 3 and all(map(math.isfinite, z + x0)) for _, z, x0 in steps)
