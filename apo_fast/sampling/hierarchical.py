@@ -126,17 +126,14 @@ def hierarchical_sample(
     """
     from tqdm.auto import tqdm
 
-    from apo_fast.adapters import adapters_disabled
     from apo_fast.models import cat_unet_kwargs, vae_scale_factor
 
     device = next(unet.parameters()).device
     # the compute dtype: the first floating-point parameter (a quantized base's first layers hold
     # uint8 bytes, e.g. an fp8 conv_in), as diffusers' ModelMixin.dtype reads it
     dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
-    if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
-        raise ValueError(f"resample must be an int >= 1 (1 = off), got {resample!r}")
-    if not isinstance(stop_t, int) or isinstance(stop_t, bool) or stop_t < -1:
-        raise ValueError(f"stop_t must be an int >= -1 (-1 = every step), got {stop_t!r}")
+    _check_int("resample", resample, 1, "1 = off")
+    _check_int("stop_t", stop_t, -1, "-1 = every step")
     known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
     b = cond_ids.shape[0]
     cond_ids = cond_ids.to(device)
@@ -169,15 +166,11 @@ def hierarchical_sample(
         for r in range(rounds):
             if r:  # RePaint resampling: back to this step's noise level, then the step again
                 z = _renoise(z, alphas[int(t)] / alphas[t_prev], generator, device)
-            zin = scheduler.scale_model_input(z, t).to(dtype)
-            with adapters_disabled(unet):
-                e_ref = unet_call(torch.cat([zin, zin]), torch.cat([tb, tb]), kw_ref).float()
-            e_u, e_c = e_ref.chunk(2)
-            e_p = unet_call(zin, tb, kw_c).float()
-            eps = e_u + st * (e_c - e_u) + sa * (e_p - e_c)
+            eps, deviation = _guided_prediction(unet, unet_call, scheduler.scale_model_input(z, t).to(dtype), tb,
+                                                kw_ref, kw_c, st, sa)
             if r == rounds - 1:  # the map follows the trajectory that is kept
                 w = gate_weight(tb).float().view(b, 1, 1) if gate_weight is not None else 1.0
-                acc += w * (e_p - e_c).pow(2).sum(1).sqrt()
+                acc += w * deviation.pow(2).sum(1).sqrt()
             stepped = scheduler.step(eps, t, z)
             z = stepped.pred_original_sample if stop else stepped.prev_sample
             if known is not None:
@@ -186,6 +179,24 @@ def hierarchical_sample(
             break
     given = known_mask if known_mask is not None else (cond_mask.to(device).float() if cond_mask is not None else None)
     return _finish(z, acc, vae, image_size, given, mask_sigma, mask_threshold, device)
+
+
+def _guided_prediction(unet, unet_call, zin, tb, kw_ref, kw_c, s_text: float, s_align: float):
+    """One step's three predictions (the reference's unconditional and conditional ones in one
+    batched call with the adapters off, the policy's) -> (the guided prediction, the policy's
+    deviation from the conditional reference, which the localization map accumulates)."""
+    from apo_fast.adapters import adapters_disabled
+
+    with adapters_disabled(unet):
+        e_ref = unet_call(torch.cat([zin, zin]), torch.cat([tb, tb]), kw_ref).float()
+    e_u, e_c = e_ref.chunk(2)
+    deviation = unet_call(zin, tb, kw_c).float() - e_c
+    return e_u + s_text * (e_c - e_u) + s_align * deviation, deviation
+
+
+def _check_int(name: str, value, low: int, meaning: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low} ({meaning}), got {value!r}")
 
 
 def _check_guides(cond_ids, shape, known, known_mask, device):
