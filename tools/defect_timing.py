@@ -49,6 +49,23 @@ def timing_rows(run, defects, cuts, num: int, seed: int) -> tuple[dict, dict]:
     return rows, outlines
 
 
+def mean_rgb(images, masks) -> list[float]:
+    """Mean colour inside the masks over a batch."""
+    masks = masks.to(images.dtype)
+    return ((images * masks).sum((0, 2, 3)) / masks.sum()).tolist()
+
+
+def fmt(rgb: list[float]) -> str:
+    return "(" + ", ".join(f"{v:+.2f}" for v in rgb) + ")"
+
+
+def predicted_x0(out, z, abar, prediction_type: str):
+    """The clean image a model output ``out`` at noise level ``abar`` implies for the sample ``z``."""
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * z - (1 - abar).sqrt() * out
+    return (z - (1 - abar).sqrt() * out) / abar.sqrt()
+
+
 def trajectory(run, defect: str, num: int, seed: int) -> list[tuple[int, list[float], list[float]]]:
     """Mask-guided sampling of ``defect`` as the run samples, step by step: ``(t, mean colour
     inside the mask of the sample z_t, of the x0 the policy predicts from it)`` for each policy
@@ -65,18 +82,12 @@ def trajectory(run, defect: str, num: int, seed: int) -> list[tuple[int, list[fl
     unet_call = run.unet_call
     inner = unet_call or (lambda sample, timestep, kwargs: run.unet(sample, timestep, **kwargs).sample)
 
-    def mean_in(x):
-        m = km.to(x.dtype)
-        return ((x * m).sum((0, 2, 3)) / m.sum()).tolist()
-
     def call(sample, timestep, kwargs):
         out = inner(sample, timestep, kwargs)
         if MASK_KWARG in kwargs:  # the policy's call (the reference's never carries the mask)
             t = int(torch.as_tensor(timestep).reshape(-1)[0])
-            a = alphas[t]
-            x0 = (a.sqrt() * sample - (1 - a).sqrt() * out if run.cfg.model.prediction_type == "v_prediction"
-                  else (sample - (1 - a).sqrt() * out) / a.sqrt())
-            steps.append((t, mean_in(sample.float()), mean_in(x0.float())))
+            x0 = predicted_x0(out, sample, alphas[t], run.cfg.model.prediction_type)
+            steps.append((t, mean_rgb(sample.float(), km), mean_rgb(x0.float(), km)))
         return out
 
     run.unet_call = call
@@ -119,11 +130,6 @@ def main(argv=None) -> int:
         print("the x0 colour table reads pixel-space runs; this run samples in a VAE's latent space")
         return 0
 
-    def rgb(images, masks):
-        """Mean colour inside the masks, as text."""
-        masks = masks.float()
-        return "(" + ", ".join(f"{v:+.2f}" for v in ((images * masks).sum((0, 2, 3)) / masks.sum()).tolist()) + ")"
-
     alphas = build_scheduler(run.cfg.model, "ddpm").alphas_cumprod
     g = torch.Generator().manual_seed(args.seed)
     cfg = run.cfg
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
     print("|---|---:|---|---|---|---|")
     for d in defects:
         real = [r for r in held if r["defect"] == d]
-        real_rgb = rgb(torch.stack([r["image"] for r in real]), torch.stack([r["mask"] for r in real]))
+        real_rgb = fmt(mean_rgb(torch.stack([r["image"] for r in real]), torch.stack([r["mask"] for r in real])))
         ki, km = heldout_guides(run.cfg, d, args.num)
         ids = torch.full((args.num,), run.condition_names.index(f"{category}/{d}"))
         kw = run.conditions.unet_kwargs(ids, torch.float32, run.cfg.data.image_size)
@@ -146,18 +152,14 @@ def main(argv=None) -> int:
                 out = {"policy": run.unet(z, tb, **kw, **{MASK_KWARG: km}).sample}
                 with adapters_disabled(run.unet):
                     out["reference"] = run.unet(z, tb, **kw).sample
-            if run.cfg.model.prediction_type == "v_prediction":
-                x0 = {k: a.sqrt() * z - (1 - a).sqrt() * v for k, v in out.items()}
-            else:
-                x0 = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in out.items()}
-            print(f"| {d} | {t} | {real_rgb} | {rgb(ki, km)} | {rgb(x0['policy'], km)} | {rgb(x0['reference'], km)} |")
+            x0 = {k: fmt(mean_rgb(predicted_x0(v, z, a, run.cfg.model.prediction_type), km)) for k, v in out.items()}
+            print(f"| {d} | {t} | {real_rgb} | {fmt(mean_rgb(ki, km))} | {x0['policy']} | {x0['reference']} |")
     print()
     print("Guided sampling as the run samples: mean colour inside the mask, step by step")
     print("| defect | t | sample z_t | policy x0 |")
     print("|---|---:|---|---|")
     for d in defects:
         for t, z_rgb, x0_rgb in trajectory(run, d, args.num, args.seed):
-            fmt = lambda v: "(" + ", ".join(f"{x:+.2f}" for x in v) + ")"  # noqa: E731
             print(f"| {d} | {t} | {fmt(z_rgb)} | {fmt(x0_rgb)} |")
     return 0
 

@@ -120,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                    "acc_last20": _tail_mean(run / "train_log.jsonl", "implicit_acc", 20)}
             for mode in ("guided", "free"):
                 sel = [i for i, m in enumerate(syn.modes) if m == mode]
-                m = judge_metrics(judge, syn.images[sel], syn.masks[sel], [syn.defects[i] for i in sel], real,
-                                  kid_subsets=20)
+                defects = [syn.defects[i] for i in sel]
+                predicted = judge.kinds(syn.images[sel], syn.masks[sel])
+                m = judge_metrics(judge, syn.images[sel], syn.masks[sel], defects, real, kid_subsets=20,
+                                  predicted=predicted)
                 row.update({f"{k}_{mode}": v for k, v in m.items()})
-                per = right_kind_by_kind(judge, syn.images[sel], syn.masks[sel], [syn.defects[i] for i in sel])
+                per = right_kind_by_kind(judge, predicted, defects)
                 row[f"per_kind_{mode}"] = per
                 row[f"right_of_{mode}"] = ", ".join(f"{k} {v['right']}/{v['n']}" for k, v in per.items())
             sheet = out / f"{name}-seed{seed}" / "kinds.png"

@@ -80,7 +80,7 @@ class MaskInput(nn.Module):
         mask = resize_mask(mask.to(self.encode_weight.dtype), size)
         hidden = F.silu(F.conv2d(mask, self.encode_weight, padding=1))
         if self.time_dim:
-            if emb is None or emb.dim() != 2 or emb.shape != (mask.shape[0], self.time_dim):
+            if emb is None or tuple(emb.shape) != (mask.shape[0], self.time_dim):
                 got = None if emb is None else tuple(emb.shape)
                 raise ValueError(f"the mask input's time embedding must be ({mask.shape[0]}, {self.time_dim}), got {got}")
             scale = 1 + emb.to(self.time_weight.dtype) @ self.time_weight.t()

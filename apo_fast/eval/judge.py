@@ -134,6 +134,10 @@ class Judge:
         return torch.cat([F.softmax(self.net(c), dim=1) for c in crops.split(256)]) if len(crops) else \
             crops.new_zeros(0, len(self.classes))
 
+    def kinds(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(N,) the class index it gives the crop around each image's mask."""
+        return self.probs(mask_crops(images, masks, self.crop)).argmax(1)
+
     @torch.no_grad()
     def features(self, crops: torch.Tensor) -> torch.Tensor:
         self.net.eval()
@@ -222,13 +226,12 @@ def _right_kind_hits(judge: Judge, predicted: torch.Tensor, defects: list[str]) 
     return {i: int(predicted[i]) == judge.classes.index(d) for i, d in enumerate(defects) if d in judge.classes[2:]}
 
 
-def right_kind_by_kind(judge: Judge, images: torch.Tensor, masks: torch.Tensor, defects: list[str]) -> dict:
-    """Per defect kind: ``{"right": rows called that kind, "n": rows, "rate": right / n,
-    "called": {class: count}}`` (what the judge called that kind's mask crops), for the kinds
-    the judge knows."""
-    if images.shape[0] != len(defects) or masks.shape[0] != images.shape[0]:
-        raise ValueError("images, masks and defects must have one entry per image")
-    predicted = judge.probs(mask_crops(images, masks, judge.crop)).argmax(1)
+def right_kind_by_kind(judge: Judge, predicted: torch.Tensor, defects: list[str]) -> dict:
+    """Per defect kind, from the judge's classes for the rows (``judge.kinds(images, masks)``) and
+    the kind each was made for: ``{"right": rows called that kind, "n": rows, "rate": right / n,
+    "called": {class: count}}``, for the kinds the judge knows."""
+    if predicted.shape != (len(defects),):
+        raise ValueError("predicted and defects must have one entry per image")
     hits = _right_kind_hits(judge, predicted, defects)
     out: dict[str, dict] = {}
     for kind in judge.classes[2:]:
@@ -243,14 +246,15 @@ def right_kind_by_kind(judge: Judge, images: torch.Tensor, masks: torch.Tensor, 
 
 def judge_metrics(judge: Judge, images: torch.Tensor, masks: torch.Tensor, defects: list[str],
                   real_defect_crops: torch.Tensor | None = None, *, kid_subsets: int = 100,
-                  seed: int = 0) -> dict[str, float]:
+                  seed: int = 0, predicted: torch.Tensor | None = None) -> dict[str, float]:
     """The judge's verdict on generated anomalies (images (N,3,H,W), masks (N,1,H,W), the defect
     kind each was generated for): ``judge_right_kind``, ``judge_product``, and with
     ``real_defect_crops`` ``judge_kid`` (and ``judge_kid_std``)."""
     if images.shape[0] != len(defects) or masks.shape[0] != images.shape[0]:
         raise ValueError("images, masks and defects must have one entry per image")
     crops = mask_crops(images, masks, judge.crop)
-    predicted = judge.probs(crops).argmax(1)
+    if predicted is None:  # given: judge.kinds(images, masks), computed once for several uses
+        predicted = judge.probs(crops).argmax(1)
     hits = _right_kind_hits(judge, predicted, defects)
     right = torch.tensor(list(hits.values())).float().mean().item() if hits else float("nan")
     p_other = judge.probs(five_crops(images, judge.crop))[:, 0].view(-1, 5).mean(1)

@@ -37,7 +37,7 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
     scored = []
     # "apo (guided)" -> kind -> [right, made], all generators; first the real training anomalies
     # (APO trained on them, the judge never saw them): how often the judge knows a real one
-    real_train = right_kind_by_kind(judge, data.train_anomalies, data.train_masks, data.train_defects)
+    real_train = right_kind_by_kind(judge, judge.kinds(data.train_anomalies, data.train_masks), data.train_defects)
     by_kind: dict[str, dict[str, list[int]]] = {REAL_ROW: {k: [v["right"], v["n"]] for k, v in real_train.items()}}
     for synthetic in synthetic_by_generator:
         scores: dict[str, dict] = {}
@@ -51,11 +51,13 @@ def judge_sources(data: EvalData, synthetic_by_generator: list[dict], ecfg, gene
             for name, rows in parts.items():
                 if len(rows) < 2:
                     continue
-                metrics = judge_metrics(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows],
-                                        real, kid_subsets=ecfg.kid_subsets, seed=ecfg.sample_seed)
+                defects = [syn.defects[i] for i in rows]
+                predicted = judge.kinds(syn.images[rows], syn.masks[rows])
+                metrics = judge_metrics(judge, syn.images[rows], syn.masks[rows], defects, real,
+                                        kid_subsets=ecfg.kid_subsets, seed=ecfg.sample_seed, predicted=predicted)
                 scores[name] = {"metrics": metrics}
                 if name.endswith(("(guided)", "(free)")):
-                    per = right_kind_by_kind(judge, syn.images[rows], syn.masks[rows], [syn.defects[i] for i in rows])
+                    per = right_kind_by_kind(judge, predicted, defects)
                     for kind, v in per.items():
                         cell = by_kind.setdefault(name, {}).setdefault(kind, [0, 0])
                         cell[0] += v["right"]

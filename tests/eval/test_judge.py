@@ -74,8 +74,12 @@ def test_right_kind_by_kind_splits_the_overall_rate(brick):
     n = len(data.train_defects)
     # half the training anomalies, half normal images under the same masks: the normals' rows miss
     images = torch.cat([data.train_anomalies[: n // 2], data.normal_train[n // 2 : n]])
-    per = right_kind_by_kind(judge, images, data.train_masks, data.train_defects)
+    predicted = judge.kinds(images, data.train_masks)
+    per = right_kind_by_kind(judge, predicted, data.train_defects)
     overall = judge_metrics(judge, images, data.train_masks, data.train_defects)["judge_right_kind"]
+    # the predictions given once give the same metrics as computed inside
+    assert judge_metrics(judge, images, data.train_masks, data.train_defects, predicted=predicted) == \
+        judge_metrics(judge, images, data.train_masks, data.train_defects)
     assert set(per) == set(data.train_defects)
     assert sum(v["n"] for v in per.values()) == n
     for kind, v in per.items():
@@ -84,7 +88,7 @@ def test_right_kind_by_kind_splits_the_overall_rate(brick):
     assert sum(v["rate"] * v["n"] for v in per.values()) / n == pytest.approx(overall)
     assert any(set(v["called"]) - {k} for k, v in per.items())  # some rows were called something else
     with pytest.raises(ValueError, match="one entry per image"):
-        right_kind_by_kind(judge, images, data.train_masks, data.train_defects[:-1])
+        right_kind_by_kind(judge, predicted, data.train_defects[:-1])
 
 
 def test_judge_input_errors_are_named():
