@@ -239,6 +239,8 @@ def _check_sample(s) -> None:
     _positive("sample.resample", s.resample)
     if s.stop_t < -1:
         raise ConfigError(f"sample.stop_t must be >= -1 (-1: every step); got {s.stop_t}")
+    if not isinstance(s.guide_dilate, int) or isinstance(s.guide_dilate, bool) or s.guide_dilate < 0:
+        raise ConfigError(f"sample.guide_dilate must be an int >= 0 (pixels; 0: off); got {s.guide_dilate!r}")
     _positive("sample.num_per_defect", s.num_per_defect)
     _positive("sample.batch_size", s.batch_size)
     if not 0.0 < s.mask_threshold < 1.0:

@@ -172,6 +172,7 @@ class SampleConfig:
     s_align: float | list = 2.0
     resample: int = 1  # RePaint resampling: each step but the last taken this many times (1: off)
     stop_t: int = -1  # end at the first step with t <= stop_t, on its predicted clean image (-1: every step)
+    guide_dilate: int = 0  # mask-guided: the region that may change is the mask grown by this many pixels (0: off)
     num_per_defect: int = 8
     mask_guided: bool = True  # also generate on held-out normal images with a user/real mask
     mask_threshold: float = 0.5  # fraction of the map's maximum

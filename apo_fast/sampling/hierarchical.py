@@ -95,6 +95,7 @@ def hierarchical_sample(
     cond_mask: torch.Tensor | None = None,
     resample: int = 1,
     stop_t: int = -1,
+    guide_dilate: int = 0,
 ) -> SampleOutput:
     """Generate anomalies for ``cond_ids`` (B,) with APO's hierarchical guidance.
 
@@ -134,7 +135,9 @@ def hierarchical_sample(
     dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
     _check_int("resample", resample, 1, "1 = off")
     _check_int("stop_t", stop_t, -1, "-1 = every step")
+    _check_int("guide_dilate", guide_dilate, 0, "0 = off")
     known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
+    blend = grow_mask(known_mask, guide_dilate) if known is not None else None
     b = cond_ids.shape[0]
     cond_ids = cond_ids.to(device)
     pixel_size = image_size or shape[-1] * (vae_scale_factor(vae) if vae is not None else 1)
@@ -174,7 +177,7 @@ def hierarchical_sample(
             stepped = scheduler.step(eps, t, z)
             z = stepped.pred_original_sample if stop else stepped.prev_sample
             if known is not None:
-                z = known_mask * z + (1 - known_mask) * _noised_background(known, alphas, t_prev, generator, device)
+                z = blend * z + (1 - blend) * _noised_background(known, alphas, t_prev, generator, device)
         if stop:
             break
     given = known_mask if known_mask is not None else (cond_mask.to(device).float() if cond_mask is not None else None)
@@ -192,6 +195,13 @@ def _guided_prediction(unet, unet_call, zin, tb, kw_ref, kw_c, s_text: float, s_
     e_u, e_c = e_ref.chunk(2)
     deviation = unet_call(zin, tb, kw_c).float() - e_c
     return e_u + s_text * (e_c - e_u) + s_align * deviation, deviation
+
+
+def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """(B, 1, H, W) {0,1} masks grown by ``pixels`` (a (2p+1)^2 max filter; 0: unchanged)."""
+    if pixels == 0:
+        return mask
+    return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels)
 
 
 def _check_int(name: str, value, low: int, meaning: str) -> None:

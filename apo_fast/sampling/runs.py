@@ -157,6 +157,7 @@ def generate_for_defect(
             cond_mask=cond_mask,
             resample=s.resample,
             stop_t=s.stop_t,
+            guide_dilate=s.guide_dilate,
             desc=f"{desc} {start // s.batch_size + 1}/{-(-num // s.batch_size)}" if num > s.batch_size else desc,
         )
         imgs.append(out.images)

@@ -72,6 +72,8 @@ def test_sd15_config_loads():
         ("optim.name=sgd", "optim.name"),
         ("sample.resample=0", "sample.resample"),
         ("sample.stop_t=-2", "sample.stop_t"),
+        ("sample.guide_dilate=-1", "sample.guide_dilate"),
+        ("sample.guide_dilate=1.5", "sample.guide_dilate"),
         ("adapter.mask_time=maybe", "adapter.mask_time"),
     ],
 )
@@ -256,6 +258,47 @@ def test_resampled_guided_generation_keeps_the_outside_and_repeats_the_steps(tmp
     run.cfg.sample.resample = 0
     with pytest.raises(ValueError, match="resample must be an int >= 1"):
         generate_for_defect(run, "hole", 1)
+
+
+def test_grow_mask_is_a_square_max_filter():
+    """grow_mask(m, p): a pixel is in the grown mask iff some mask pixel lies within p in both
+    axes (written out with loops on random masks of odd sizes); p = 0 returns the mask."""
+    from apo_fast.sampling.hierarchical import grow_mask
+
+    g = torch.Generator().manual_seed(11)
+    for h, w, p in ((7, 5, 1), (9, 13, 2), (3, 3, 4)):
+        m = (torch.rand(2, 1, h, w, generator=g) > 0.85).double()
+        want = torch.zeros_like(m)
+        for b, i, j in ((b, i, j) for b in range(2) for i in range(h) for j in range(w)):
+            want[b, 0, i, j] = m[b, 0, max(0, i - p) : i + p + 1, max(0, j - p) : j + p + 1].max()
+        assert torch.equal(grow_mask(m, p), want)
+    assert grow_mask(m, 0) is m
+
+
+@pytest.mark.slow
+def test_guide_dilate_changes_a_ring_around_the_mask_and_keeps_the_rest(tmp_path):
+    """sample.guide_dilate = p: outside the mask grown by p the normal image is kept exactly, the
+    ring between the mask and the grown mask is generated (differs from the normal image), the
+    returned mask is the given one, and p = 0 is the plain sampler."""
+    from apo_fast.sampling.hierarchical import grow_mask
+    from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
+
+    out = tmp_path / "run"
+    run_train(tiny_cfg(out, "train.steps=1", "sample.num_inference_steps=5"))
+    run = load_run(out, device="cpu")
+    known, kmask = heldout_guides(run.cfg, "crack", 2)
+    plain = generate_for_defect(run, "crack", 2, seed=4, known_images=known, known_masks=kmask)
+    run.cfg.sample.guide_dilate = 2
+    imgs, masks, _ = generate_for_defect(run, "crack", 2, seed=4, known_images=known, known_masks=kmask)
+    grown = grow_mask(kmask, 2)
+    outside = (1 - grown).bool().expand_as(imgs)
+    ring = (grown - kmask).bool().expand_as(imgs)
+    assert ring.any() and outside.any()
+    assert torch.allclose(imgs[outside], known.clamp(-1, 1)[outside], atol=1e-6)
+    assert (imgs[ring] - known.clamp(-1, 1)[ring]).abs().mean() > 1e-2
+    assert torch.equal(masks, kmask)
+    run.cfg.sample.guide_dilate = 0
+    assert torch.equal(generate_for_defect(run, "crack", 2, seed=4, known_images=known, known_masks=kmask)[0], plain[0])
 
 
 @pytest.mark.slow
