@@ -29,7 +29,8 @@ DEMO_CONFIG: dict = {
     "train": {"steps": 400, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},
     "pretrain": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
                  "sample_every": 1000},
-    "sample": {"num_inference_steps": 25, "s_text": 3.0, "s_align": 1.0, "num_per_defect": 8, "batch_size": 8},
+    "sample": {"num_inference_steps": 25, "s_text": 3.0, "s_align": 1.0, "guide_dilate": 2, "num_per_defect": 8,
+               "batch_size": 8},
 }
 
 
