@@ -24,7 +24,7 @@ DEMO_CONFIG: dict = {
               "prediction_type": "v_prediction"},
     "data": {"root": "builtin:demo", "category": "brick", "shots": "third", "image_size": 32, "augment": True},
     "adapter": {"r": 8, "lora_alpha": 8.0, "gate": {"kind": "rank_prefix"}, "mask_input": True},
-    "loss": {"mode": "unpaired", "beta": 5000.0, "beta_schedule": "dlogsnr", "lambda_mask": 2.0, "lambda_sft": 0.0},
+    "loss": {"mode": "unpaired", "beta": 5000.0, "beta_schedule": "dlogsnr", "lambda_mask": 2.0, "lambda_sft": 0.25},
     "optim": {"name": "adamw", "lr": 2e-3, "cond_lr": 1e-2},
     "train": {"steps": 400, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 100, "device": "auto"},
     "pretrain": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
