@@ -133,11 +133,9 @@ def hierarchical_sample(
     # the compute dtype: the first floating-point parameter (a quantized base's first layers hold
     # uint8 bytes, e.g. an fp8 conv_in), as diffusers' ModelMixin.dtype reads it
     dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
-    _check_int("resample", resample, 1, "1 = off")
-    _check_int("stop_t", stop_t, -1, "-1 = every step")
-    _check_int("guide_dilate", guide_dilate, 0, "0 = off")
+    _check_options(resample, stop_t, guide_dilate)
     known, known_mask = _check_guides(cond_ids, shape, known, known_mask, device)
-    blend = grow_mask(known_mask, guide_dilate) if known is not None else None
+    blend = grow_mask(known_mask, guide_dilate) if known is not None else None  # the region that may change
     b = cond_ids.shape[0]
     cond_ids = cond_ids.to(device)
     pixel_size = image_size or shape[-1] * (vae_scale_factor(vae) if vae is not None else 1)
@@ -155,9 +153,7 @@ def hierarchical_sample(
     acc = torch.zeros((b, *shape[1:]), device=device)
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     n = len(timesteps)
-    if unet_call is None:
-        def unet_call(sample, timestep, kwargs):
-            return unet(sample, timestep, **kwargs).sample
+    unet_call = unet_call or _plain_call(unet)
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
         st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
@@ -184,6 +180,13 @@ def hierarchical_sample(
     return _finish(z, acc, vae, image_size, given, mask_sigma, mask_threshold, device)
 
 
+def _plain_call(unet):
+    """``(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``."""
+    def call(sample, timestep, kwargs):
+        return unet(sample, timestep, **kwargs).sample
+    return call
+
+
 def _guided_prediction(unet, unet_call, zin, tb, kw_ref, kw_c, s_text: float, s_align: float):
     """One step's three predictions (the reference's unconditional and conditional ones in one
     batched call with the adapters off, the policy's) -> (the guided prediction, the policy's
@@ -202,6 +205,12 @@ def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     if pixels == 0:
         return mask
     return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels)
+
+
+def _check_options(resample, stop_t, guide_dilate) -> None:
+    _check_int("resample", resample, 1, "1 = off")
+    _check_int("stop_t", stop_t, -1, "-1 = every step")
+    _check_int("guide_dilate", guide_dilate, 0, "0 = off")
 
 
 def _check_int(name: str, value, low: int, meaning: str) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from apo_fast.config import ConfigError, config_from_dict, load_config
 from apo_fast.demo import DEMO_CONFIG, demo_config
+from apo_fast.sampling.hierarchical import grow_mask
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -193,11 +194,12 @@ def test_sampling_free_and_mask_guided(tmp_path):
             folder = out / "samples" / defect / kind
             assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0000_mask.png", "0001.png", "0001_mask.png"]
     assert (out / "samples" / "grid.png").stat().st_size > 0 and res["defects"]["hole"]["guided"] == 2
-    # Mask-guided: outside the mask the normal image is kept exactly (pixel space).
+    # Mask-guided: outside the mask (grown by sample.guide_dilate) the normal image is kept
+    # exactly (pixel space).
     run = load_run(out, device="cpu")
     known, kmask = heldout_guides(run.cfg, "hole", 2)
     imgs, masks, _ = generate_for_defect(run, "hole", 2, known_images=known, known_masks=kmask)
-    outside = (1 - kmask).bool().expand_as(imgs)
+    outside = (1 - grow_mask(kmask, run.cfg.sample.guide_dilate)).bool().expand_as(imgs)
     assert torch.allclose(imgs[outside], known.clamp(-1, 1)[outside], atol=1e-6)
     assert torch.equal(masks, kmask)
     assert not torch.allclose(imgs[~outside], known[~outside], atol=1e-3)
@@ -248,7 +250,7 @@ def test_resampled_guided_generation_keeps_the_outside_and_repeats_the_steps(tmp
     calls.clear()
     imgs, masks, _ = generate_for_defect(run, "hole", 2, seed=4, known_images=known, known_masks=kmask)
     assert len(calls) == 2 * (3 * (steps - 1) + 1)
-    outside = (1 - kmask).bool().expand_as(imgs)
+    outside = (1 - grow_mask(kmask, run.cfg.sample.guide_dilate)).bool().expand_as(imgs)
     assert torch.allclose(imgs[outside], known.clamp(-1, 1)[outside], atol=1e-6)
     assert torch.equal(masks, kmask)
     assert not torch.allclose(imgs[~outside], plain[0][~outside], atol=1e-3)
@@ -263,8 +265,6 @@ def test_resampled_guided_generation_keeps_the_outside_and_repeats_the_steps(tmp
 def test_grow_mask_is_a_square_max_filter():
     """grow_mask(m, p): a pixel is in the grown mask iff some mask pixel lies within p in both
     axes (written out with loops on random masks of odd sizes); p = 0 returns the mask."""
-    from apo_fast.sampling.hierarchical import grow_mask
-
     g = torch.Generator().manual_seed(11)
     for h, w, p in ((7, 5, 1), (9, 13, 2), (3, 3, 4)):
         m = (torch.rand(2, 1, h, w, generator=g) > 0.85).double()
@@ -279,14 +279,14 @@ def test_grow_mask_is_a_square_max_filter():
 def test_guide_dilate_changes_a_ring_around_the_mask_and_keeps_the_rest(tmp_path):
     """sample.guide_dilate = p: outside the mask grown by p the normal image is kept exactly, the
     ring between the mask and the grown mask is generated (differs from the normal image), the
-    returned mask is the given one, and p = 0 is the plain sampler."""
-    from apo_fast.sampling.hierarchical import grow_mask
+    returned mask is the given one; with p = 0 only the mask itself changes."""
     from apo_fast.sampling.runs import generate_for_defect, heldout_guides, load_run
 
     out = tmp_path / "run"
     run_train(tiny_cfg(out, "train.steps=1", "sample.num_inference_steps=5"))
     run = load_run(out, device="cpu")
     known, kmask = heldout_guides(run.cfg, "crack", 2)
+    run.cfg.sample.guide_dilate = 0
     plain = generate_for_defect(run, "crack", 2, seed=4, known_images=known, known_masks=kmask)
     run.cfg.sample.guide_dilate = 2
     imgs, masks, _ = generate_for_defect(run, "crack", 2, seed=4, known_images=known, known_masks=kmask)
@@ -297,8 +297,10 @@ def test_guide_dilate_changes_a_ring_around_the_mask_and_keeps_the_rest(tmp_path
     assert torch.allclose(imgs[outside], known.clamp(-1, 1)[outside], atol=1e-6)
     assert (imgs[ring] - known.clamp(-1, 1)[ring]).abs().mean() > 1e-2
     assert torch.equal(masks, kmask)
-    run.cfg.sample.guide_dilate = 0
-    assert torch.equal(generate_for_defect(run, "crack", 2, seed=4, known_images=known, known_masks=kmask)[0], plain[0])
+    # p = 0: only the mask itself changes
+    outside0 = (1 - kmask).bool().expand_as(imgs)
+    assert torch.allclose(plain[0][outside0], known.clamp(-1, 1)[outside0], atol=1e-6)
+    assert not torch.equal(plain[0], imgs)
 
 
 @pytest.mark.slow
@@ -339,7 +341,8 @@ def test_stop_t_ends_on_the_predicted_clean_image(tmp_path):
     z = z[: v.shape[0]]
     x0 = a.sqrt() * z - (1 - a).sqrt() * v if run.cfg.model.prediction_type == "v_prediction" else None
     x0 = x0 if x0 is not None else (z - (1 - a).sqrt() * v) / a.sqrt()
-    want = (kmask * x0 + (1 - kmask) * known).clamp(-1, 1)
+    grown = grow_mask(kmask, s.guide_dilate)
+    want = (grown * x0 + (1 - grown) * known).clamp(-1, 1)
     torch.testing.assert_close(imgs, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(masks, kmask) and not torch.allclose(imgs, full[0], atol=1e-3)
     run.cfg.sample.stop_t = -1
@@ -555,7 +558,7 @@ def test_mask_input_run_resumes_exactly_and_samples_into_its_masks(tmp_path):
     assert imgs.shape == (3, 3, 16, 16) and all(int(m.sum()) in sizes for m in masks)
     known, kmask = heldout_guides(run.cfg, "crack", 2)
     gi, gm, _ = generate_for_defect(run, "crack", 2, known_images=known, known_masks=kmask)
-    outside = (1 - kmask).bool().expand_as(gi)
+    outside = (1 - grow_mask(kmask, run.cfg.sample.guide_dilate)).bool().expand_as(gi)
     assert torch.equal(gm, kmask) and torch.allclose(gi[outside], known.clamp(-1, 1)[outside], atol=1e-6)
     compiled = load_run(straight, device="cpu", compile=True)
     for kwargs in ({}, {"known_images": known, "known_masks": kmask}):
