@@ -9,8 +9,9 @@ call with the adapters off, the policy one with them on::
 The localization map accumulates ``|| eps_theta - eps_ref(c) ||`` over channels,
 weighted by the gate's mean opening ``mean_j k_j(t)``; it is upsampled, smoothed
 and thresholded into the generated anomaly's mask. Mask-guided generation
-replaces, after every step, the region outside the mask by the normal image
-noised to that step (RePaint-style), so only the masked region changes.
+replaces, after every step, the region outside the mask (grown by ``guide_dilate``
+pixels) by the normal image noised to that step (RePaint-style), so only that
+region changes.
 """
 from __future__ import annotations
 
