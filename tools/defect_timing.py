@@ -16,36 +16,53 @@ Two views of one trained run (``adapter.mask_input``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def intercepted(run, wrap):
+    """Inside the block the run samples through ``wrap(its own UNet call)``."""
+    from apo_fast.models.compile import plain_unet_call
+
+    own = run.unet_call
+    run.unet_call = wrap(own or plain_unet_call(run.unet))
+    try:
+        yield
+    finally:
+        run.unet_call = own
+
+
+def step_t(timestep) -> int:
+    """The timestep of a UNet call (one per batch)."""
+    import torch
+
+    return int(torch.as_tensor(timestep).reshape(-1)[0])
 
 
 def timing_rows(run, defects, cuts, num: int, seed: int) -> tuple[dict, dict]:
     """``{"<defect> <free|guided> off<<cut>": images}`` and their masks: the run's samples with
     the mask input left out of every UNet call below timestep ``cut`` (0: the run as it samples)."""
-    import torch
-
     from apo_fast.adapters.mask_input import MASK_KWARG
     from apo_fast.sampling.runs import generate_for_defect, heldout_guides
 
     rows, outlines = {}, {}
-    unet_call = run.unet_call
-    inner = unet_call or (lambda sample, timestep, kwargs: run.unet(sample, timestep, **kwargs).sample)
-    try:
-        for cut in cuts:
-            def call(sample, timestep, kwargs, cut=cut):
-                if int(torch.as_tensor(timestep).reshape(-1)[0]) < cut:
+    for cut in cuts:
+        def mask_off_below(inner, cut=cut):
+            def call(sample, timestep, kwargs):
+                if step_t(timestep) < cut:
                     kwargs = {k: v for k, v in kwargs.items() if k != MASK_KWARG}
                 return inner(sample, timestep, kwargs)
-            run.unet_call = call
+            return call
+
+        with intercepted(run, mask_off_below):
             for d in defects:
                 ki, km = heldout_guides(run.cfg, d, num)
                 for mode, guide in (("free", {}), ("guided", {"known_images": ki, "known_masks": km})):
                     im, m, _ = generate_for_defect(run, d, num, seed=seed, **guide)
                     rows[f"{d} {mode} off<{cut}"] = im
                     outlines[f"{d} {mode} off<{cut}"] = m
-    finally:
-        run.unet_call = unet_call
     return rows, outlines
 
 
@@ -70,8 +87,6 @@ def trajectory(run, defect: str, num: int, seed: int) -> list[tuple[int, list[fl
     """Mask-guided sampling of ``defect`` as the run samples, step by step: ``(t, mean colour
     inside the mask of the sample z_t, of the x0 the policy predicts from it)`` for each policy
     call (pixel-space runs)."""
-    import torch
-
     from apo_fast.adapters.mask_input import MASK_KWARG
     from apo_fast.models import build_scheduler
     from apo_fast.sampling.runs import generate_for_defect, heldout_guides
@@ -79,22 +94,19 @@ def trajectory(run, defect: str, num: int, seed: int) -> list[tuple[int, list[fl
     alphas = build_scheduler(run.cfg.model, "ddpm").alphas_cumprod
     ki, km = heldout_guides(run.cfg, defect, num)
     steps = []
-    unet_call = run.unet_call
-    inner = unet_call or (lambda sample, timestep, kwargs: run.unet(sample, timestep, **kwargs).sample)
 
-    def call(sample, timestep, kwargs):
-        out = inner(sample, timestep, kwargs)
-        if MASK_KWARG in kwargs:  # the policy's call (the reference's never carries the mask)
-            t = int(torch.as_tensor(timestep).reshape(-1)[0])
-            x0 = predicted_x0(out, sample, alphas[t], run.cfg.model.prediction_type)
-            steps.append((t, mean_rgb(sample.float(), km), mean_rgb(x0.float(), km)))
-        return out
+    def recording(inner):
+        def call(sample, timestep, kwargs):
+            out = inner(sample, timestep, kwargs)
+            if MASK_KWARG in kwargs:  # the policy's call (the reference's never carries the mask)
+                t = step_t(timestep)
+                x0 = predicted_x0(out, sample, alphas[t], run.cfg.model.prediction_type)
+                steps.append((t, mean_rgb(sample.float(), km), mean_rgb(x0.float(), km)))
+            return out
+        return call
 
-    run.unet_call = call
-    try:
+    with intercepted(run, recording):
         generate_for_defect(run, defect, num, seed=seed, known_images=ki, known_masks=km)
-    finally:
-        run.unet_call = unet_call
     return steps
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["compile_kwargs", "compiled_unet_call", "compile_seconds", "mark_step"]
+__all__ = ["compile_kwargs", "compiled_unet_call", "compile_seconds", "mark_step", "plain_unet_call"]
 
 
 def compile_kwargs(cfg, device: torch.device) -> dict:
@@ -44,8 +44,9 @@ def compile_kwargs(cfg, device: torch.device) -> dict:
     return kwargs
 
 
-def _unet_call(unet: torch.nn.Module) -> Callable:
-    """A new function object with a code object of its own around ``unet``'s call.
+def plain_unet_call(unet: torch.nn.Module) -> Callable:
+    """``call(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``, uncompiled:
+    a new function object with a code object of its own around ``unet``'s call.
 
     Dynamo keeps one cache of compiled entries per code object, with a limit (8) after which
     a ``fullgraph`` compile fails; every new UNet (another run in the same process: the
@@ -61,7 +62,7 @@ def _unet_call(unet: torch.nn.Module) -> Callable:
 def compiled_unet_call(unet: torch.nn.Module, cfg, device: torch.device) -> Callable:
     """``call(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``, compiled
     as ``cfg`` says (``cfg.enabled`` false: the plain call)."""
-    call = _unet_call(unet)
+    call = plain_unet_call(unet)
     if not cfg.enabled:
         return call
     return torch.compile(call, **compile_kwargs(cfg, device))

@@ -129,6 +129,7 @@ def hierarchical_sample(
     from tqdm.auto import tqdm
 
     from apo_fast.models import cat_unet_kwargs, vae_scale_factor
+    from apo_fast.models.compile import plain_unet_call
 
     device = next(unet.parameters()).device
     # the compute dtype: the first floating-point parameter (a quantized base's first layers hold
@@ -154,7 +155,7 @@ def hierarchical_sample(
     acc = torch.zeros((b, *shape[1:]), device=device)
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     n = len(timesteps)
-    unet_call = unet_call or _plain_call(unet)
+    unet_call = unet_call or plain_unet_call(unet)
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         tb = torch.full((b,), int(t), device=device, dtype=torch.long)
         st, sa = schedule_value(s_text, i, n), schedule_value(s_align, i, n)
@@ -179,13 +180,6 @@ def hierarchical_sample(
             break
     given = known_mask if known_mask is not None else (cond_mask.to(device).float() if cond_mask is not None else None)
     return _finish(z, acc, vae, image_size, given, mask_sigma, mask_threshold, device)
-
-
-def _plain_call(unet):
-    """``(sample, timestep, kwargs) -> unet(sample, timestep, **kwargs).sample``."""
-    def call(sample, timestep, kwargs):
-        return unet(sample, timestep, **kwargs).sample
-    return call
 
 
 def _guided_prediction(unet, unet_call, zin, tb, kw_ref, kw_c, s_text: float, s_align: float):

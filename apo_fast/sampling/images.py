@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from apo_fast.sampling.hierarchical import grow_mask
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
@@ -32,7 +34,7 @@ def save_images(images: torch.Tensor, masks: torch.Tensor, folder: Path, prefix:
 def overlay(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Images with the mask's outline drawn in red (for grids)."""
     m = masks.float()
-    edge = (F.max_pool2d(m, 3, 1, 1) - m).clamp(0, 1)
+    edge = (grow_mask(m, 1) - m).clamp(0, 1)
     out = images.clone()
     if out.shape[1] == 1:
         out = out.repeat(1, 3, 1, 1)
