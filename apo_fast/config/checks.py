@@ -166,6 +166,7 @@ def _check_adapter(cfg: APOConfig) -> None:
 
 def _check_loss(lo) -> None:
     _choice("loss.mode", lo.mode, C.LOSS_MODES)
+    _choice("loss.negative", lo.negative, C.LOSS_NEGATIVES)
     _choice("loss.beta_schedule", lo.beta_schedule, C.BETA_SCHEDULES)
     _choice("loss.backend", lo.backend, C.BACKENDS)
     _choice("loss.kind", lo.kind, C.LOSS_TYPES)
@@ -186,6 +187,7 @@ def _check_optim(o, t) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.max_grad_norm", o.max_grad_norm, allow_zero=True)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _choice("optim.lr_schedule", o.lr_schedule, C.LR_SCHEDULES)
     for i, b in enumerate(o.betas):
         if not 0.0 <= b < 1.0:
             raise ConfigError(f"optim.betas[{i}] must be in [0, 1); got {b}")

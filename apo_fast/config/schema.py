@@ -84,6 +84,9 @@ class DataConfig:
 @dataclass
 class LossConfig:
     mode: str = "unpaired"  # unpaired | paired | diffusion (plain LoRA fine-tuning baseline, no preference)
+    # paired mode's losers: "normal" (a normal image, no mask) | "defect_removed" (the winner with
+    # its masked region taken from a normal image, the winner's mask kept: the defect not drawn)
+    negative: str = "normal"
     beta: float = 5000.0
     beta_schedule: str = "dlogsnr"  # dlogsnr | constant | snr
     lambda_mask: float = 2.0
@@ -103,6 +106,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after the warmup: constant | cosine (to 0 at train.steps)
     max_grad_norm: float = 1.0
 
 

@@ -63,6 +63,7 @@ from apo_fast.training.distributed import (
     register_adapter_params_for_zero3,
 )
 from apo_fast.training.model import APOModel
+from apo_fast.training.pretrain import lr_factor
 from apo_fast.training.streaming import (
     augment,
     load_train_data,
@@ -180,8 +181,10 @@ class APOTrainer:
 
             prebuild_deepspeed_cpu_ops(("ShareMemCommBuilder",) + (("CPUAdamBuilder",) if cfg.optim.name == "ds_cpu_adam" else ()))
         optimizer = build_optimizer(cfg, model)
-        warm = cfg.optim.warmup_steps
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        o = cfg.optim
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.train.steps, o.warmup_steps, o.lr_schedule)
+        )
         self._own_dist = ensure_distributed_env()
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model,  # the whole model: ZeRO-3 partitions the frozen base too
@@ -249,8 +252,11 @@ class APOTrainer:
         noise = torch.randn((gb, *x0.shape[1:]), generator=g)
         x0, masks, conds, t, noise = (rank_slice(v, rank, world) for v in (x0, masks, conds, t, noise))
         if xn is not None:
-            x0 = torch.cat([x0, rank_slice(xn, rank, world)])
-            masks = torch.cat([masks, torch.zeros_like(masks)])
+            xn = rank_slice(xn, rank, world)
+            if cfg.loss.negative == "defect_removed":  # the winner, its defect replaced by product
+                xn = torch.lerp(x0, xn, masks)
+            x0 = torch.cat([x0, xn])
+            masks = torch.cat([masks, masks if cfg.loss.negative == "defect_removed" else torch.zeros_like(masks)])
             conds = torch.cat([conds, conds])  # a pair shares the condition
             t, noise = torch.cat([t, t]), torch.cat([noise, noise])
         return x0, masks, conds, t, noise

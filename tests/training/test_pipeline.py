@@ -121,6 +121,46 @@ def test_training_resumes_exactly_and_writes_a_loadable_run(tmp_path):
     assert not list((straight / "checkpoints").glob(".*tmp"))  # no half-written checkpoint left
 
 
+def test_cosine_lr_schedule_follows_its_formula_and_resumes_exactly(tmp_path, monkeypatch):
+    """optim.lr_schedule=cosine: the logged learning rate is the warmup ramp times half a cosine
+    to 0 at train.steps (written out here, not taken from the code), and a run killed after its
+    step-3 checkpoint and resumed logs the same rates and losses as the uninterrupted one."""
+    from apo_fast.training.trainer import APOTrainer
+
+    cfg = ("train.steps=6", "optim.lr_schedule=cosine", "optim.warmup_steps=3", "optim.lr=0.003", "train.checkpoint_every=3")
+    straight = tmp_path / "straight"
+    run_train(tiny_cfg(straight, *cfg))
+    interrupted = tmp_path / "interrupted"
+    own = APOTrainer.micro_step
+
+    def killed_at_step_3(self, step, micro):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return own(self, step, micro)
+
+    with monkeypatch.context() as m:
+        m.setattr(APOTrainer, "micro_step", killed_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tiny_cfg(interrupted, *cfg))
+    assert [r["step"] for r in read_log(interrupted)] == [1, 2, 3]
+    run_train(tiny_cfg(interrupted, *cfg))
+    a, b = read_log(straight), read_log(interrupted)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for r in a:  # the rate the next step will use (the scheduler has stepped past step r["step"])
+        s = r["step"]
+        assert r["lr"] == pytest.approx(0.003 * min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * s / 6)), rel=1e-12, abs=1e-15)
+    assert a[-1]["lr"] == pytest.approx(0.0, abs=1e-15) and a[0]["lr"] < a[1]["lr"]
+    for ra, rb in zip(a, b):
+        assert rb["lr"] == ra["lr"]
+        for key in ("loss", "e_theta", "e_ref"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
+
+def test_lr_schedule_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr_schedule must be one of constant, cosine; got 'linear'"):
+        tiny_cfg(tmp_path, "optim.lr_schedule=linear")
+
+
 @pytest.mark.slow
 def test_paired_mode_trains_with_normals_as_losers(tmp_path):
     out = tmp_path / "paired"
@@ -142,6 +182,36 @@ def test_paired_batches_share_noise_and_timestep(tmp_path):
     assert torch.equal(conds[:3], conds[3:]) and masks[3:].sum() == 0 and masks[:3].sum() > 0
     again = trainer.batch_for_step(5, 0)
     assert all(torch.equal(u, v) for u, v in zip((x0, masks, conds, t, noise), again))
+
+
+def test_defect_removed_losers_are_the_winners_with_product_under_the_mask(tmp_path):
+    """``loss.negative=defect_removed``: a loser is its winner outside the mask and the normal
+    image (the one ``negative=normal`` pairs it with) under it, and carries the winner's mask."""
+    from apo_fast.training.streaming import load_train_data
+    from apo_fast.training.trainer import APOTrainer
+
+    batches = {}
+    for negative in ("normal", "defect_removed"):
+        cfg = tiny_cfg(tmp_path / negative, "loss.mode=paired", "train.batch_size=3", f"loss.negative={negative}")
+        trainer = APOTrainer(cfg)
+        trainer.data = load_train_data(cfg)
+        trainer.world, trainer.rank, trainer.augment_mode = 1, 0, "dihedral"
+        batches[negative] = trainer.batch_for_step(4, 0)
+    (x_n, m_n, *rest_n), (x_d, m_d, *rest_d) = batches["normal"], batches["defect_removed"]
+    assert all(torch.equal(u, v) for u, v in zip(rest_n, rest_d))  # same conditions, t and noise
+    assert torch.equal(x_d[:3], x_n[:3]) and torch.equal(m_d[:3], m_n[:3]) and torch.equal(m_d[3:], m_d[:3])
+    m = m_d[:3].double()
+    assert 0 < m.mean() < 1
+    expected = x_n[:3].double() * (1 - m) + x_n[3:].double() * m
+    torch.testing.assert_close(x_d[3:].double(), expected, rtol=0, atol=1e-6)
+    outside = (m == 0).expand_as(expected)
+    assert torch.equal(x_d[3:][outside], x_d[:3][outside])  # outside the mask: the winner, exactly
+    assert not torch.equal(x_d[3:], x_d[:3])
+
+
+def test_loss_negative_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="loss.negative must be one of normal, defect_removed; got 'inpaint'"):
+        tiny_cfg(tmp_path, "loss.mode=paired", "loss.negative=inpaint")
 
 
 def test_stream_indices_cover_each_epoch_once():
