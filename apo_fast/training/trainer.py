@@ -63,7 +63,7 @@ from apo_fast.training.distributed import (
     register_adapter_params_for_zero3,
 )
 from apo_fast.training.model import APOModel
-from apo_fast.training.pretrain import lr_factor
+from apo_fast.training.pretrain import lr_at
 from apo_fast.training.streaming import (
     augment,
     load_train_data,
@@ -183,7 +183,7 @@ class APOTrainer:
         optimizer = build_optimizer(cfg, model)
         o = cfg.optim
         lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.train.steps, o.warmup_steps, o.lr_schedule)
+            optimizer, lambda s: lr_at(s, cfg.train.steps, o.warmup_steps, o.lr_schedule)
         )
         self._own_dist = ensure_distributed_env()
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
