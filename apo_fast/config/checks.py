@@ -27,9 +27,10 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
 
 
-def _int_at_least(key: str, value: Any, low: int, meaning: str) -> None:
+def int_at_least(key: str, value: Any, low: int, meaning: str) -> None:
+    """ConfigError (a ValueError) unless ``value`` is an int (not a bool) >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key} must be an integer >= {low} ({meaning}); got {value!r}")
+        raise ConfigError(f"{key} must be an int >= {low} ({meaning}); got {value!r}")
 
 
 def _schedule_ok(key: str, value: Any) -> None:
@@ -244,8 +245,8 @@ def _check_sample(s) -> None:
     _schedule_ok("sample.s_text", s.s_text)
     _schedule_ok("sample.s_align", s.s_align)
     _positive("sample.resample", s.resample)
-    _int_at_least("sample.stop_t", s.stop_t, -1, "-1: every step")
-    _int_at_least("sample.guide_dilate", s.guide_dilate, 0, "pixels; 0: off")
+    int_at_least("sample.stop_t", s.stop_t, -1, "-1: every step")
+    int_at_least("sample.guide_dilate", s.guide_dilate, 0, "pixels; 0: off")
     _positive("sample.num_per_defect", s.num_per_defect)
     _positive("sample.batch_size", s.batch_size)
     if not 0.0 < s.mask_threshold < 1.0:
@@ -269,7 +270,7 @@ def _check_eval(e: EvalConfig) -> None:
     for key in ("segmenter_steps", "segmenter_batch_size", "segmenter_channels", "segmenter_depth",
                 "kid_subsets", "segmenter_lr", "judge_steps"):
         _positive(f"eval.{key}", getattr(e, key))
-    _int_at_least("eval.generator_seeds", e.generator_seeds, 1, "generators trained per source")
+    int_at_least("eval.generator_seeds", e.generator_seeds, 1, "generators trained per source")
     if e.kid_subset_size < 2:
         raise ConfigError(f"eval.kid_subset_size must be >= 2; got {e.kid_subset_size}")
     _choice("eval.lpips_net", e.lpips_net, C.LPIPS_NETS)

@@ -203,14 +203,11 @@ def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 def _check_options(resample, stop_t, guide_dilate) -> None:
-    _check_int("resample", resample, 1, "1 = off")
-    _check_int("stop_t", stop_t, -1, "-1 = every step")
-    _check_int("guide_dilate", guide_dilate, 0, "0 = off")
+    from apo_fast.config.checks import int_at_least
 
-
-def _check_int(name: str, value, low: int, meaning: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low} ({meaning}), got {value!r}")
+    int_at_least("resample", resample, 1, "1 = off")
+    int_at_least("stop_t", stop_t, -1, "-1 = every step")
+    int_at_least("guide_dilate", guide_dilate, 0, "0 = off")
 
 
 def _check_guides(cond_ids, shape, known, known_mask, device):

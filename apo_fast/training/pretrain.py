@@ -36,7 +36,7 @@ __all__ = ["pretrain_base", "sample_product"]
 STATE_FILE = "pretrain_state.pt"
 
 
-def lr_at(step: int, total: int, warmup: int, schedule: str = "cosine", lr: float = 1.0) -> float:
+def lr_at(step: int, total: int, warmup: int, schedule: str, lr: float = 1.0) -> float:
     """The learning rate of step ``step`` (from 0) for a peak ``lr`` (1: the factor): a linear
     warmup over ``warmup`` steps, then ``constant`` or ``cosine`` (half a cosine to 0 at ``total``)."""
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -171,7 +171,7 @@ def _base_step(base: _Base, cfg: APOConfig, data, step: int, mode: str, ac: torc
     params = base.params
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     for group in base.opt.param_groups:
-        group["lr"] = lr_at(step, p.steps, p.warmup_steps, lr=p.lr)
+        group["lr"] = lr_at(step, p.steps, p.warmup_steps, "cosine", lr=p.lr)
     base.opt.step()
     if p.ema_decay > 0:
         _ema_update(base.ema_params, params, step, p.ema_decay)

@@ -252,11 +252,10 @@ class APOTrainer:
         noise = torch.randn((gb, *x0.shape[1:]), generator=g)
         x0, masks, conds, t, noise = (rank_slice(v, rank, world) for v in (x0, masks, conds, t, noise))
         if xn is not None:
-            xn = rank_slice(xn, rank, world)
+            xn, mn = rank_slice(xn, rank, world), torch.zeros_like(masks)
             if cfg.loss.negative == "defect_removed":  # the winner, its defect replaced by product
-                xn = torch.lerp(x0, xn, masks)
-            x0 = torch.cat([x0, xn])
-            masks = torch.cat([masks, masks if cfg.loss.negative == "defect_removed" else torch.zeros_like(masks)])
+                xn, mn = torch.lerp(x0, xn, masks), masks
+            x0, masks = torch.cat([x0, xn]), torch.cat([masks, mn])
             conds = torch.cat([conds, conds])  # a pair shares the condition
             t, noise = torch.cat([t, t]), torch.cat([noise, noise])
         return x0, masks, conds, t, noise
