@@ -11,12 +11,14 @@ import contextlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available_cores", "choose_threads", "deepspeed_cpu_ops_built", "loadavg", "shm_op_lock"]
+__all__ = ["available_cores", "busy_cores", "choose_threads", "deepspeed_cpu_ops_built", "loadavg", "machine_load",
+           "shm_op_lock"]
 
 
 def available_cores() -> int:
@@ -35,11 +37,50 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from ``/proc/stat`` (None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return idle, sum(ticks[:8])  # guest time is already inside user/nice
+
+
+def busy_cores(window: float = 0.3) -> float | None:
+    """How many of the machine's CPUs were busy over the next ``window`` seconds (Linux;
+    None elsewhere). Unlike the load average, it does not remember jobs that just ended."""
+    first = _cpu_times()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = _cpu_times()
+    if second is None:
+        return None
+    idle, total = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    return round((1.0 - idle / total) * (os.cpu_count() or 1), 2)
+
+
+def machine_load(avg_1min: float | None, busy_now: float | None) -> float:
+    """The load the thread choice subtracts: the smaller of the 1-minute load average
+    and the cores busy right now, so load left by jobs that already finished (an install,
+    a test run) does not cost this run its threads; 0 where neither is known."""
+    known = [v for v in (avg_1min, busy_now) if v is not None]
+    return min(known) if known else 0.0
+
+
 def choose_threads(setting: int | str = "auto", cores: int | None = None, load: float | None = None) -> tuple[int, str]:
     """The torch intra-op thread count for ``setting`` and why.
 
-    ``auto``: the cores this process may use minus the machine's 1-minute load
-    (rounded to the nearest core), at least 1 and at most the cores. A number:
+    ``auto``: the cores this process may use minus the machine's load (rounded to the
+    nearest core), at least 1 and at most the cores; the load is :func:`machine_load` of
+    the 1-minute load average and :func:`busy_cores` unless ``load`` is given. A number:
     that many threads. Returns ``(threads, reason)``; the reason goes in the log.
     """
     if setting != "auto":
@@ -47,12 +88,15 @@ def choose_threads(setting: int | str = "auto", cores: int | None = None, load: 
             raise ValueError(f"threads must be 'auto' or an integer >= 1; got {setting!r}")
         return setting, "set"
     cores = available_cores() if cores is None else cores
+    detail = ""
     if load is None:
         avg = loadavg()
-        load = avg[0] if avg else 0.0
+        avg1, now = (avg[0] if avg else None), busy_cores()
+        load = machine_load(avg1, now)
+        detail = f" (1-minute average {avg1}, busy now {now})"
     free = cores - load
     threads = min(cores, max(1, int(math.floor(free + 0.5))))
-    return threads, f"auto: {cores} core(s) available, load {load:.2f}"
+    return threads, f"auto: {cores} core(s) available, load {load:.2f}{detail}"
 
 
 def apply_threads(setting: int | str = "auto") -> int:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from apo_fast.config import ConfigError, config_from_dict
 from apo_fast.demo import DEMO_CONFIG
-from apo_fast.machine import choose_threads, shm_op_lock
+from apo_fast.machine import busy_cores, choose_threads, machine_load, shm_op_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,29 @@ def test_auto_threads_leave_the_busy_cores_alone(cores, load, want):
     threads, why = choose_threads("auto", cores=cores, load=load)
     assert threads == want
     assert f"{cores} core" in why and f"{load:.2f}" in why
+
+
+@pytest.mark.parametrize("avg, now, want", [(1.09, 0.05, 0.05), (0.3, 1.8, 0.3), (None, 0.7, 0.7), (1.2, None, 1.2),
+                                             (None, None, 0.0)])
+def test_load_left_by_finished_jobs_does_not_count(avg, now, want):
+    """The 1-minute average remembers jobs that already ended (an install, a test run);
+    the cores busy now do not: the smaller of the two is the load."""
+    assert machine_load(avg, now) == want
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="busy_cores reads Linux's /proc/stat")
+def test_busy_cores_sees_a_process_spinning_now():
+    """A spinning child keeps one CPU busy for the whole window (on a busier machine all
+    CPUs are busy), so at least half a core is busy whatever else runs; never more than
+    the machine has."""
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 5\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.3)  # the child is past its start-up
+        busy = busy_cores(window=0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and 0.5 <= busy <= (os.cpu_count() or 1) + 1e-6
 
 
 def test_set_threads_are_taken_and_bad_ones_refused():

@@ -168,6 +168,7 @@ def _check_adapter(cfg: APOConfig) -> None:
 def _check_loss(lo) -> None:
     _choice("loss.mode", lo.mode, C.LOSS_MODES)
     _choice("loss.negative", lo.negative, C.LOSS_NEGATIVES)
+    _choice("loss.mask_weight", lo.mask_weight, C.MASK_WEIGHTS)
     _choice("loss.beta_schedule", lo.beta_schedule, C.BETA_SCHEDULES)
     _choice("loss.backend", lo.backend, C.BACKENDS)
     _choice("loss.kind", lo.kind, C.LOSS_TYPES)

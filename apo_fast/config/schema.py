@@ -90,6 +90,9 @@ class LossConfig:
     beta: float = 5000.0
     beta_schedule: str = "dlogsnr"  # dlogsnr | constant | snr
     lambda_mask: float = 2.0
+    # "pixel": w = 1 + (lambda_mask - 1) * m; "area": m divided by its area fraction first, so a
+    # thin crack's region weighs as much as a large hole's (losses.area_normalized_mask)
+    mask_weight: str = "pixel"
     lambda_sft: float = 0.0
     # the preference form (config/choices.LOSS_TYPES; the functional API's loss_type): sigmoid (APO),
     # hinge, ipo, kto (unpaired; every real anomaly desirable), margin (reference-free, paired)
@@ -149,7 +152,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     # torch CPU threads: "auto" picks from the cores this process may use and the
-    # machine's load (apo_fast.threads.choose_threads), or a number >= 1.
+    # machine's load now (apo_fast.machine.choose_threads), or a number >= 1.
     threads: int | str = "auto"
     compile: CompileConfig = field(default_factory=CompileConfig)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from apo_fast.config import APOConfig, save_config
 from apo_fast.io_utils import atomic_write_json, atomic_write_text
-from apo_fast.losses import diffusion_loss
+from apo_fast.losses import diffusion_loss, loss_mask
 from apo_fast.models import (
     build_scheduler,
     build_unet,
@@ -277,6 +277,7 @@ class APOTrainer:
         pred = self.engine(z, t, conds, masks=masks.to(z.dtype))
         if pred.shape[-2:] != masks.shape[-2:]:
             masks = F.adaptive_max_pool2d(masks, pred.shape[-2:])  # keep thin defects at latent size
+        masks = loss_mask(masks, cfg.loss.mask_weight)
         if cfg.loss.mode == "diffusion":
             out = diffusion_loss(pred, target.to(pred.dtype), masks.to(pred.dtype), cfg.loss.lambda_mask)
         else:

@@ -398,3 +398,51 @@ def test_reference_traces_under_torch_compile():
     want = apo_loss_reference(p, r, t, beta, None, 1.0, False, 0.0)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- loss.mask_weight
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 7, 5), (4, 3, 9, 11), (2, 1, 1, 1)])
+def test_area_normalized_mask_gives_every_defect_the_same_total_weight(shape):
+    """``area``: each sample's mask divided by its mean (float64 formula written out here), so a
+    thin defect's region weighs as much as a large one's; a normal image's empty mask stays 0."""
+    from apo_fast.losses import area_normalized_mask, loss_mask
+
+    g = torch.Generator().manual_seed(sum(shape))
+    m = torch.rand(shape, generator=g, dtype=torch.float64) * (torch.rand(shape, generator=g) > 0.6)
+    m[0] = 0.0  # a normal image
+    m.view(shape[0], -1)[-1, 0] = 0.5  # at least one masked pixel in the last sample
+    out = area_normalized_mask(m)
+    assert out.dtype == m.dtype and out.shape == m.shape and torch.isfinite(out).all()
+    flat = m.reshape(shape[0], -1)
+    for i in range(shape[0]):
+        area = flat[i].sum() / flat[i].numel()
+        want = flat[i] / area if area > 0 else torch.zeros_like(flat[i])
+        torch.testing.assert_close(out.reshape(shape[0], -1)[i], want, rtol=1e-12, atol=0)
+    means = out.reshape(shape[0], -1).mean(dim=1)
+    assert means[0] == 0 and torch.allclose(means[-1], torch.ones((), dtype=torch.float64))
+    assert area_normalized_mask(m.float()).dtype == torch.float32
+    assert loss_mask(m, "pixel") is m and torch.equal(loss_mask(m, "area"), out)
+    with pytest.raises(ValueError, match="mask_weight must be one of pixel, area; got 'volume'"):
+        loss_mask(m, "volume")
+
+
+def test_area_weight_makes_a_thin_defect_count_as_much_as_a_large_one():
+    """With ``pixel`` weights the mask's extra term (``e`` at ``lambda_mask`` 2 minus ``e``
+    unweighted) for the same per-pixel error is 4x smaller inside a 1-row defect than inside
+    a half-image one; with ``area`` weights it is the same for both."""
+    from apo_fast.losses import diffusion_loss, loss_mask
+
+    h = w = 8
+    thin, large = torch.zeros(1, 1, h, w), torch.zeros(1, 1, h, w)
+    thin[..., 3, :] = 1
+    large[..., : h // 2, :] = 1
+    masks = torch.cat([thin, large]).double()
+    err = masks.clone()  # error 1 inside each defect, 0 outside
+    for kind, equal in (("pixel", False), ("area", True)):
+        e2, e1 = (diffusion_loss(err, torch.zeros_like(err), loss_mask(masks, kind), lambda_mask=lam).e_theta
+                  for lam in (2.0, 1.0))
+        extra = e2 - e1
+        assert torch.isclose(extra[0], extra[1]) == equal, (kind, extra)
+        assert kind == "area" or torch.isclose(extra[1], 4 * extra[0])

@@ -214,6 +214,45 @@ def test_loss_negative_is_checked(tmp_path):
         tiny_cfg(tmp_path, "loss.mode=paired", "loss.negative=inpaint")
 
 
+@pytest.mark.parametrize("mode", ["unpaired", "diffusion"])
+def test_area_mask_weight_reaches_the_loss(tmp_path, monkeypatch, mode):
+    """``loss.mask_weight=area``: the loss (APO and the plain-LoRA baseline alike) gets each
+    training mask divided by its area (per-sample mean 1); ``pixel`` passes the binary mask."""
+    import apo_fast.losses as losses
+    import apo_fast.training.trainer as trainer_mod
+
+    seen = []
+    apo, diff = losses.apo_loss, trainer_mod.diffusion_loss
+
+    def spy_apo(*args, mask=None, **kwargs):
+        seen.append(mask.detach().clone())
+        return apo(*args, mask=mask, **kwargs)
+
+    def spy_diff(pred, target, mask, lambda_mask):
+        seen.append(mask.detach().clone())
+        return diff(pred, target, mask, lambda_mask)
+
+    monkeypatch.setattr(losses, "apo_loss", spy_apo)
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", spy_diff)
+    for kind in ("pixel", "area"):
+        seen.clear()
+        run_train(tiny_cfg(tmp_path / kind, "train.steps=2", f"loss.mode={mode}", f"loss.mask_weight={kind}"))
+        assert len(seen) == 2
+        for m in seen:
+            means = m.flatten(1).mean(dim=1)
+            assert (means > 0).all()  # every training sample is a real anomaly with a mask
+            if kind == "area":
+                torch.testing.assert_close(means, torch.ones_like(means))
+                assert m.max() > 1
+            else:
+                assert set(m.unique().tolist()) <= {0.0, 1.0} and (means < 1).all()
+
+
+def test_loss_mask_weight_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="loss.mask_weight must be one of pixel, area; got 'volume'"):
+        tiny_cfg(tmp_path, "loss.mask_weight=volume")
+
+
 def test_stream_indices_cover_each_epoch_once():
     from apo_fast.training.streaming import stream_indices
 

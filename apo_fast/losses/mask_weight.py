@@ -1,0 +1,34 @@
+"""How the defect mask weights the residual: ``w = 1 + (lambda_mask - 1) * m``.
+
+``pixel`` passes the mask as it is, so a defect's share of a sample's error is its area
+(a thin crack, ~2% of the image, barely moves the per-sample mean). ``area`` divides each
+sample's mask by its area fraction first: the masked region then adds ``lambda_mask - 1``
+times the whole image's weight, the same for a crack as for a large hole.
+"""
+from __future__ import annotations
+
+import torch
+
+from apo_fast.config.choices import MASK_WEIGHTS
+
+__all__ = ["MASK_WEIGHTS", "area_normalized_mask", "loss_mask"]
+
+
+def area_normalized_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask / mean(mask)`` per sample (mean over every dim but the first); all-zero masks
+    (normal images) stay zero. Shape and dtype are kept."""
+    if mask.dim() < 2:
+        raise ValueError(f"mask must be (B, ...) with at least 2 dims; got shape {tuple(mask.shape)}")
+    m = mask if mask.dtype in (torch.float32, torch.float64) else mask.float()
+    area = m.mean(dim=tuple(range(1, m.dim())), keepdim=True)
+    out = torch.where(area > 0, m / area.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
+    return out.to(mask.dtype)
+
+
+def loss_mask(mask: torch.Tensor, kind: str = "pixel") -> torch.Tensor:
+    """The mask the loss's weight is built from, for ``loss.mask_weight`` = ``kind``."""
+    if kind == "pixel":
+        return mask
+    if kind == "area":
+        return area_normalized_mask(mask)
+    raise ValueError(f"mask_weight must be one of {', '.join(MASK_WEIGHTS)}; got {kind!r}")
