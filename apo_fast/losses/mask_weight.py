@@ -16,13 +16,14 @@ __all__ = ["MASK_WEIGHTS", "area_normalized_mask", "loss_mask"]
 
 def area_normalized_mask(mask: torch.Tensor) -> torch.Tensor:
     """``mask / mean(mask)`` per sample (mean over every dim but the first); all-zero masks
-    (normal images) stay zero. Shape and dtype are kept."""
+    (normal images) stay zero. Float masks keep their dtype (float16 / bfloat16 computed in
+    float32); bool and integer masks come back float32."""
     if mask.dim() < 2:
         raise ValueError(f"mask must be (B, ...) with at least 2 dims; got shape {tuple(mask.shape)}")
-    m = mask if mask.dtype in (torch.float32, torch.float64) else mask.float()
+    m = mask.double() if mask.dtype == torch.float64 else mask.float()
     area = m.mean(dim=tuple(range(1, m.dim())), keepdim=True)
-    out = torch.where(area > 0, m / area.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
-    return out.to(mask.dtype)
+    out = m / area.clamp_min(torch.finfo(m.dtype).tiny)  # an empty mask: 0 / tiny = 0
+    return out.to(mask.dtype) if mask.is_floating_point() else out
 
 
 def loss_mask(mask: torch.Tensor, kind: str = "pixel") -> torch.Tensor:

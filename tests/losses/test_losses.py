@@ -423,6 +423,9 @@ def test_area_normalized_mask_gives_every_defect_the_same_total_weight(shape):
     means = out.reshape(shape[0], -1).mean(dim=1)
     assert means[0] == 0 and torch.allclose(means[-1], torch.ones((), dtype=torch.float64))
     assert area_normalized_mask(m.float()).dtype == torch.float32
+    binary = area_normalized_mask((m > 0).to(torch.uint8))  # an integer mask is not truncated
+    assert binary.dtype == torch.float32
+    torch.testing.assert_close(binary.reshape(shape[0], -1).mean(dim=1)[1:], torch.ones(shape[0] - 1))
     assert loss_mask(m, "pixel") is m and torch.equal(loss_mask(m, "area"), out)
     with pytest.raises(ValueError, match="mask_weight must be one of pixel, area; got 'volume'"):
         loss_mask(m, "volume")
