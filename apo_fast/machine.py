@@ -18,7 +18,7 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 __all__ = ["available_cores", "busy_cores", "choose_threads", "deepspeed_cpu_ops_built", "loadavg", "machine_load",
-           "shm_op_lock"]
+           "omp_threads", "shm_op_lock"]
 
 
 def available_cores() -> int:
@@ -75,10 +75,20 @@ def machine_load(avg_1min: float | None, busy_now: float | None) -> float:
     return min(known) if known else 0.0
 
 
-def choose_threads(setting: int | str = "auto", cores: int | None = None, load: float | None = None) -> tuple[int, str]:
+def omp_threads(environ: dict | None = None) -> int | None:
+    """The thread count ``OMP_NUM_THREADS`` asks for (its first level where it lists
+    several), or None where it is unset or not a positive integer."""
+    value = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    first = value.split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) >= 1 else None
+
+
+def choose_threads(setting: int | str = "auto", cores: int | None = None, load: float | None = None,
+                   environ: dict | None = None) -> tuple[int, str]:
     """The torch intra-op thread count for ``setting`` and why.
 
-    ``auto``: the cores this process may use minus the machine's load (rounded to the
+    ``auto``: ``OMP_NUM_THREADS`` where the environment sets it (as torch itself would);
+    else the cores this process may use minus the machine's load (rounded to the
     nearest core), at least 1 and at most the cores; the load is :func:`machine_load` of
     the 1-minute load average and :func:`busy_cores` unless ``load`` is given. A number:
     that many threads. Returns ``(threads, reason)``; the reason goes in the log.
@@ -87,6 +97,9 @@ def choose_threads(setting: int | str = "auto", cores: int | None = None, load: 
         if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
             raise ValueError(f"threads must be 'auto' or an integer >= 1; got {setting!r}")
         return setting, "set"
+    asked = omp_threads(environ)
+    if asked is not None:
+        return asked, f"auto: OMP_NUM_THREADS={asked} in the environment"
     cores = available_cores() if cores is None else cores
     detail = ""
     if load is None:

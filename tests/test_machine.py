@@ -17,7 +17,7 @@ from PIL import Image
 
 from apo_fast.config import ConfigError, config_from_dict
 from apo_fast.demo import DEMO_CONFIG
-from apo_fast.machine import busy_cores, choose_threads, machine_load, shm_op_lock
+from apo_fast.machine import busy_cores, choose_threads, machine_load, omp_threads, shm_op_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +30,25 @@ REPO = Path(__file__).resolve().parents[1]
     [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.9, 1), (2, 7.5, 1), (1, 0.0, 1), (8, 3.2, 5), (16, 0.0, 16)],
 )
 def test_auto_threads_leave_the_busy_cores_alone(cores, load, want):
-    threads, why = choose_threads("auto", cores=cores, load=load)
+    threads, why = choose_threads("auto", cores=cores, load=load, environ={})
     assert threads == want
     assert f"{cores} core" in why and f"{load:.2f}" in why
+
+
+@pytest.mark.parametrize("value, want", [("1", 1), ("3", 3), (" 2 ", 2), ("4,2", 4), ("0", None), ("-1", None),
+                                         ("", None), ("many", None), ("2.5", None)])
+def test_auto_threads_follow_omp_num_threads_where_it_is_set(value, want):
+    """``OMP_NUM_THREADS`` is the user's (or a test harness's) explicit choice, and torch
+    itself follows it: ``auto`` takes it before any load rule, whatever the load; a value
+    that is no positive integer is ignored (the load rule decides)."""
+    assert omp_threads({"OMP_NUM_THREADS": value}) == want
+    threads, why = choose_threads("auto", cores=2, load=1.9, environ={"OMP_NUM_THREADS": value})
+    if want is None:
+        assert threads == 1 and "load 1.90" in why
+    else:
+        assert threads == want and f"OMP_NUM_THREADS={want}" in why
+    assert choose_threads(3, environ={"OMP_NUM_THREADS": value}) == (3, "set")  # a set number wins
+    assert omp_threads({}) is None
 
 
 @pytest.mark.parametrize("avg, now, want", [(1.09, 0.05, 0.05), (0.3, 1.8, 0.3), (None, 0.7, 0.7), (1.2, None, 1.2),

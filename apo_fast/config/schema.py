@@ -151,8 +151,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
-    # torch CPU threads: "auto" picks from the cores this process may use and the
-    # machine's load now (apo_fast.machine.choose_threads), or a number >= 1.
+    # torch CPU threads: "auto" takes OMP_NUM_THREADS where it is set, else picks from the
+    # cores this process may use and the machine's load now (apo_fast.machine.choose_threads),
+    # or a number >= 1.
     threads: int | str = "auto"
     compile: CompileConfig = field(default_factory=CompileConfig)
 

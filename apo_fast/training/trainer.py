@@ -329,8 +329,14 @@ class APOTrainer:
         # re-created identically (and the trainable weights are checked below by the resume test).
         strict = self.cfg.model.base_quantization == "none"
         self.engine.load_checkpoint(str(ckpt), tag="state", load_module_strict=strict)
-        start = json.loads((ckpt / "client_state.json").read_text())["step"]
+        state = json.loads((ckpt / "client_state.json").read_text())
+        start = state["step"]
         log.info("resumed from %s at step %d", ckpt, start)
+        saved, now = state.get("threads"), torch.get_num_threads()
+        if saved is not None and saved != now:
+            log.warning("the checkpoint was written by a run on %d CPU thread(s) and this one runs on %d: "
+                        "the losses will agree to float rounding, not bit for bit (set train.threads=%d or "
+                        "--threads %d for an exact continuation)", saved, now, saved, saved)
         return start
 
     def train(self) -> dict:
@@ -390,7 +396,7 @@ class APOTrainer:
                 bar.update(1)
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
                     save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints,
-                                    {"telemetry": tel.summary()})
+                                    {"telemetry": tel.summary(), "threads": torch.get_num_threads()})
                 self.step = step + 1
             telemetry = tel.summary()
         bar.close()

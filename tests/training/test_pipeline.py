@@ -121,6 +121,30 @@ def test_training_resumes_exactly_and_writes_a_loadable_run(tmp_path):
     assert not list((straight / "checkpoints").glob(".*tmp"))  # no half-written checkpoint left
 
 
+def test_resume_on_another_thread_count_warns_that_it_is_not_bit_exact(tmp_path, caplog):
+    """Float sums split over a different number of threads round differently, so a
+    checkpoint records its run's thread count and a resume on another one says so."""
+    import logging
+
+    out = tmp_path / "run"
+    before = torch.get_num_threads()
+    run_train(tiny_cfg(out, "train.steps=1", "train.checkpoint_every=1"))
+    state = json.loads((out / "checkpoints" / "step-000001" / "client_state.json").read_text())
+    assert state["threads"] == before
+    other = before + 1
+    try:
+        torch.set_num_threads(other)
+        with caplog.at_level(logging.WARNING, logger="apo_fast.training.trainer"):
+            run_train(tiny_cfg(out, "train.steps=2", "train.checkpoint_every=1"))
+    finally:
+        torch.set_num_threads(before)
+    said = [r.getMessage() for r in caplog.records if "CPU thread" in r.getMessage()]
+    assert len(said) == 1 and f"on {before} CPU thread(s) and this one runs on {other}" in said[0], said
+    assert f"train.threads={before}" in said[0]
+    state = json.loads((out / "checkpoints" / "step-000002" / "client_state.json").read_text())
+    assert state["threads"] == other
+
+
 def test_cosine_lr_schedule_follows_its_formula_and_resumes_exactly(tmp_path, monkeypatch):
     """optim.lr_schedule=cosine: the logged learning rate is the warmup ramp times half a cosine
     to 0 at train.steps (written out here, not taken from the code), and a run killed after its
