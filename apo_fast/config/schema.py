@@ -148,6 +148,9 @@ class TrainConfig:
     deepspeed: dict = field(default_factory=dict)
     log_every: int = 10
     checkpoint_every: int = 100
+    # EMA of the adapters and condition embeddings (0: off); the export (adapters/) holds
+    # the average, checkpoints keep it beside the raw weights (docs/method.md).
+    ema_decay: float = 0.0
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True

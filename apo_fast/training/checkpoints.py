@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,14 +43,16 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) -> Path:
+def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict,
+                    write_rank_files: Callable[[Path], None] | None = None) -> Path:
     """DeepSpeed checkpoint of ``step``, published atomically; call on every rank.
 
     Every rank writes its shards (ZeRO partitions of the optimizer, and of the
     parameters under stage 3) into one temporary folder ``checkpoints/.step-N.tmp``;
     after a barrier rank 0 adds ``client_state.json``, flushes the files and renames
     the folder to ``checkpoints/step-N``, then updates ``latest`` and keeps the last
-    ``keep`` checkpoints. A kill at any moment leaves either no ``step-N`` or a
+    ``keep`` checkpoints. ``write_rank_files(folder)``, where given, runs on every rank
+    beside DeepSpeed's own writes (the adapters' EMA). A kill at any moment leaves either no ``step-N`` or a
     complete one; :func:`list_checkpoints` only lists folders with ``client_state.json``.
     With several nodes ``output_dir`` must be on a filesystem every node sees.
     """
@@ -63,6 +66,8 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict) ->
         tmp.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(tmp), tag="state", client_state={"step": step})
+    if write_rank_files is not None:
+        write_rank_files(tmp)
     _barrier()
     if is_main:
         atomic_write_json(tmp / "client_state.json", {"step": step, **extra})

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from apo_fast.config import APOConfig
+from apo_fast.training.ema import ema_update
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,6 @@ def lr_at(step: int, total: int, warmup: int, schedule: str, lr: float = 1.0) ->
     if schedule != "cosine":
         return lr * ramp
     return lr * ramp * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
-
-
-@torch.no_grad()
-def _ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], step: int, decay: float) -> None:
-    """EMA with the usual warm start: the decay ramps up as (1 + step) / (10 + step)."""
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - d)
 
 
 @torch.no_grad()
@@ -174,7 +168,7 @@ def _base_step(base: _Base, cfg: APOConfig, data, step: int, mode: str, ac: torc
         group["lr"] = lr_at(step, p.steps, p.warmup_steps, "cosine", lr=p.lr)
     base.opt.step()
     if p.ema_decay > 0:
-        _ema_update(base.ema_params, params, step, p.ema_decay)
+        ema_update(base.ema_params, params, step, p.ema_decay)
     return loss.item()
 
 

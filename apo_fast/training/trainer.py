@@ -19,6 +19,7 @@ described in ``docs/distributed.md``; the DeepSpeed plumbing is in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,6 +63,7 @@ from apo_fast.training.distributed import (
     rank_slice,
     register_adapter_params_for_zero3,
 )
+from apo_fast.training.ema import ParameterEMA, ema_file
 from apo_fast.training.model import APOModel
 from apo_fast.training.pretrain import lr_at
 from apo_fast.training.streaming import (
@@ -88,6 +90,7 @@ class APOTrainer:
         self.resume = resume
         self.device = resolve_device(cfg.train.device)
         self._output_keeper = None
+        self.ema = None  # train.ema_decay > 0: the adapters' ParameterEMA (built in setup)
         self.step = 0  # the last finished optimisation step
 
     # ---- setup
@@ -202,6 +205,8 @@ class APOTrainer:
         )
         if cfg.train.zero_stage == 3:
             register_adapter_params_for_zero3(self.engine.module.unet)
+        if cfg.train.ema_decay > 0:  # over what the export reads, each rank over what it holds
+            self.ema = ParameterEMA(export_parameters(self.engine.module), cfg.train.ema_decay)
         # ZeRO-3 replaces module outputs; the time gate must still see its forward pending
         # during a gradient-checkpointing recompute (see UNetOutputKeeper).
         self._output_keeper = UNetOutputKeeper.attach(self.engine.module.unet) if cfg.train.zero_stage == 3 else None
@@ -329,6 +334,13 @@ class APOTrainer:
         # re-created identically (and the trainable weights are checked below by the resume test).
         strict = self.cfg.model.base_quantization == "none"
         self.engine.load_checkpoint(str(ckpt), tag="state", load_module_strict=strict)
+        if self.ema is not None:
+            saved_ema = ema_file(ckpt, self.rank)
+            if not saved_ema.is_file():
+                raise FileNotFoundError(
+                    f"{ckpt} holds no EMA of the adapters ({saved_ema.name}): it was written with train.ema_decay=0; "
+                    f"resume with train.ema_decay=0 or start a new output_dir")
+            self.ema.load(saved_ema)
         state = json.loads((ckpt / "client_state.json").read_text())
         start = state["step"]
         log.info("resumed from %s at step %d", ckpt, start)
@@ -377,6 +389,8 @@ class APOTrainer:
                     out = self.micro_step(step, micro)
                     for k, v in out.metrics.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                if self.ema is not None:
+                    self.ema.update(step)
                 metrics = average_over_ranks(metrics)  # the global batch's values, logged by rank 0
                 samples_since += cfg.train.batch_size * cfg.train.grad_accum * self.world
                 rec = {"step": step + 1, **metrics, "lr": self.lr_scheduler.get_last_lr()[0]}
@@ -396,7 +410,8 @@ class APOTrainer:
                 bar.update(1)
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
                     save_checkpoint(self.engine, self.out, step + 1, cfg.train.keep_checkpoints,
-                                    {"telemetry": tel.summary(), "threads": torch.get_num_threads()})
+                                    {"telemetry": tel.summary(), "threads": torch.get_num_threads()},
+                                    None if self.ema is None else lambda d: self.ema.save(ema_file(d, self.rank)))
                 self.step = step + 1
             telemetry = tel.summary()
         bar.close()
@@ -413,7 +428,8 @@ class APOTrainer:
 
     def export(self, path: Path) -> None:
         """Write the adapters (peft/diffusers file) and condition embeddings from rank 0
-        (and, with ``adapter.mask_input``, the training masks free samples draw from).
+        (and, with ``adapter.mask_input``, the training masks free samples draw from);
+        with ``train.ema_decay`` their moving average, not the last step's weights.
 
         Under ZeRO-3 only what the export reads (adapter weights, a learned gate,
         condition embeddings: :func:`apo_fast.training.distributed.export_parameters`) is
@@ -422,13 +438,17 @@ class APOTrainer:
         from apo_fast.adapters import save_adapters
 
         model = self.engine.module
-        with gathered(export_parameters(model), self.cfg.train.zero_stage):
+        average = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with average, gathered(export_parameters(model), self.cfg.train.zero_stage):
             if self.rank == 0:
                 meta = {"condition_names": json.dumps(self.data.condition_names)}
                 save_adapters(model.unet, path, metadata=meta)
                 save_conditions(model.conditions, self.data.condition_names, Path(path) / "conditions.safetensors")
                 if self.cfg.adapter.mask_input:  # where free samples draw their defects (sampling.mask_bank)
-                    from apo_fast.sampling.mask_bank import MASK_BANK_NAME, save_mask_bank
+                    from apo_fast.sampling.mask_bank import (
+                        MASK_BANK_NAME,
+                        save_mask_bank,
+                    )
 
                     save_mask_bank(Path(path) / MASK_BANK_NAME, self.data.anomaly_masks, self.data.anomaly_conds,
                                    self.data.condition_names, self.augment_mode)
