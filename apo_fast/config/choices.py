@@ -19,7 +19,7 @@ BACKENDS = ("auto", "triton", "torch")
 LOSS_MODES = ("unpaired", "paired", "diffusion")  # diffusion: the plain LoRA baseline, no preference
 LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule, after the warmup
 LOSS_NEGATIVES = ("normal", "defect_removed")  # paired mode's losers (docs/method.md)
-MASK_WEIGHTS = ("pixel", "area")  # loss.mask_weight: how the defect mask weights the residual (docs/method.md)
+MASK_WEIGHTS = ("pixel", "area", "sqrt_area")  # loss.mask_weight: how the defect mask weights the residual (docs/method.md)
 BETA_SCHEDULES = ("dlogsnr", "constant", "snr")
 # the preference form (apo_fast.ops.apo_loss.naive.PreferenceForm); diffusers calls it --loss_type
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto", "margin")

@@ -427,7 +427,12 @@ def test_area_normalized_mask_gives_every_defect_the_same_total_weight(shape):
     assert binary.dtype == torch.float32
     torch.testing.assert_close(binary.reshape(shape[0], -1).mean(dim=1)[1:], torch.ones(shape[0] - 1))
     assert loss_mask(m, "pixel") is m and torch.equal(loss_mask(m, "area"), out)
-    with pytest.raises(ValueError, match="mask_weight must be one of pixel, area; got 'volume'"):
+    half = loss_mask(m, "sqrt_area")  # mask / sqrt(area)
+    for i in range(1, shape[0]):
+        area = flat[i].sum() / flat[i].numel()
+        torch.testing.assert_close(half.reshape(shape[0], -1)[i], flat[i] / area.sqrt(), rtol=1e-12, atol=0)
+    assert torch.equal(half[0], torch.zeros_like(half[0]))
+    with pytest.raises(ValueError, match="mask_weight must be one of pixel, area, sqrt_area; got 'volume'"):
         loss_mask(m, "volume")
 
 
@@ -443,9 +448,10 @@ def test_area_weight_makes_a_thin_defect_count_as_much_as_a_large_one():
     large[..., : h // 2, :] = 1
     masks = torch.cat([thin, large]).double()
     err = masks.clone()  # error 1 inside each defect, 0 outside
-    for kind, equal in (("pixel", False), ("area", True)):
+    # the large defect has 4x the thin one's area: pixel 4x apart, sqrt_area 2x, area 1x
+    for kind, ratio in (("pixel", 4.0), ("sqrt_area", 2.0), ("area", 1.0)):
         e2, e1 = (diffusion_loss(err, torch.zeros_like(err), loss_mask(masks, kind), lambda_mask=lam).e_theta
                   for lam in (2.0, 1.0))
         extra = e2 - e1
-        assert torch.isclose(extra[0], extra[1]) == equal, (kind, extra)
+        assert torch.isclose(extra[1] / extra[0], torch.tensor(ratio, dtype=extra.dtype)), (kind, extra)
         assert kind == "area" or torch.isclose(extra[1], 4 * extra[0])

@@ -241,7 +241,8 @@ def test_loss_negative_is_checked(tmp_path):
 @pytest.mark.parametrize("mode", ["unpaired", "diffusion"])
 def test_area_mask_weight_reaches_the_loss(tmp_path, monkeypatch, mode):
     """``loss.mask_weight=area``: the loss (APO and the plain-LoRA baseline alike) gets each
-    training mask divided by its area (per-sample mean 1); ``pixel`` passes the binary mask."""
+    training mask divided by its area (per-sample mean 1), ``sqrt_area`` by the area's square
+    root; ``pixel`` passes the binary mask."""
     import apo_fast.losses as losses
     import apo_fast.training.trainer as trainer_mod
 
@@ -258,7 +259,7 @@ def test_area_mask_weight_reaches_the_loss(tmp_path, monkeypatch, mode):
 
     monkeypatch.setattr(losses, "apo_loss", spy_apo)
     monkeypatch.setattr(trainer_mod, "diffusion_loss", spy_diff)
-    for kind in ("pixel", "area"):
+    for kind in ("pixel", "area", "sqrt_area"):
         seen.clear()
         run_train(tiny_cfg(tmp_path / kind, "train.steps=2", f"loss.mode={mode}", f"loss.mask_weight={kind}"))
         assert len(seen) == 2
@@ -268,12 +269,15 @@ def test_area_mask_weight_reaches_the_loss(tmp_path, monkeypatch, mode):
             if kind == "area":
                 torch.testing.assert_close(means, torch.ones_like(means))
                 assert m.max() > 1
+            elif kind == "sqrt_area":  # a binary mask / sqrt(area): its value is 1 / sqrt(area) = 1 / its mean
+                torch.testing.assert_close(m.flatten(1).amax(dim=1) * means, torch.ones_like(means))
+                assert (means < 1).all() and m.max() > 1
             else:
                 assert set(m.unique().tolist()) <= {0.0, 1.0} and (means < 1).all()
 
 
 def test_loss_mask_weight_is_checked(tmp_path):
-    with pytest.raises(ConfigError, match="loss.mask_weight must be one of pixel, area; got 'volume'"):
+    with pytest.raises(ConfigError, match="loss.mask_weight must be one of pixel, area, sqrt_area; got 'volume'"):
         tiny_cfg(tmp_path, "loss.mask_weight=volume")
 
 
