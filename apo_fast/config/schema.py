@@ -91,7 +91,8 @@ class LossConfig:
     beta_schedule: str = "dlogsnr"  # dlogsnr | constant | snr
     lambda_mask: float = 2.0
     # "pixel": w = 1 + (lambda_mask - 1) * m; "area": m divided by its area fraction first, so a
-    # thin crack's region weighs as much as a large hole's (losses.area_normalized_mask)
+    # thin crack's region weighs as much as a large hole's; "sqrt_area": by its square root
+    # (losses.area_normalized_mask)
     mask_weight: str = "pixel"
     lambda_sft: float = 0.0
     # the preference form (config/choices.LOSS_TYPES; the functional API's loss_type): sigmoid (APO),
