@@ -32,7 +32,7 @@ def test_pretrain_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, monke
     assert not (straight / pretrain.STATE_FILE).exists(), "a finished base leaves no resumable state behind"
 
     killed = tmp_path / "killed"
-    original, calls = pretrain._ema_update, {"n": 0}
+    original, calls = pretrain.ema_update, {"n": 0}
 
     def dies_at_step_6(*args):
         calls["n"] += 1
@@ -40,11 +40,11 @@ def test_pretrain_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, monke
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(pretrain, "_ema_update", dies_at_step_6)
+    monkeypatch.setattr(pretrain, "ema_update", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         pretrain.pretrain_base(_cfg(killed), killed, progress=False)
     assert (killed / pretrain.STATE_FILE).is_file() and not (killed / "base_unet").exists()
-    monkeypatch.setattr(pretrain, "_ema_update", original)
+    monkeypatch.setattr(pretrain, "ema_update", original)
     pretrain.pretrain_base(_cfg(killed), killed, progress=False)
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
