@@ -212,7 +212,7 @@ def _check_train(t) -> None:
     _positive("train.checkpoint_every", t.checkpoint_every)
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     _check_device("train.device", t.device)
-    if not (isinstance(t.ema_decay, (int, float)) and not isinstance(t.ema_decay, bool) and 0.0 <= t.ema_decay < 1.0):
+    if not 0.0 <= t.ema_decay < 1.0:  # the loader has already refused what is not a number
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA); got {t.ema_decay!r}")
     if not (t.threads == "auto" or (isinstance(t.threads, int) and t.threads >= 1)):
         raise ConfigError(f"train.threads must be auto or an integer >= 1; got {t.threads!r}")

@@ -52,8 +52,8 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, extra: dict,
     after a barrier rank 0 adds ``client_state.json``, flushes the files and renames
     the folder to ``checkpoints/step-N``, then updates ``latest`` and keeps the last
     ``keep`` checkpoints. ``write_rank_files(folder)``, where given, runs on every rank
-    beside DeepSpeed's own writes (the adapters' EMA). A kill at any moment leaves either no ``step-N`` or a
-    complete one; :func:`list_checkpoints` only lists folders with ``client_state.json``.
+    beside DeepSpeed's own writes (the adapters' EMA). A kill at any moment leaves
+    either no ``step-N`` or a complete one; :func:`list_checkpoints` only lists folders with ``client_state.json``.
     With several nodes ``output_dir`` must be on a filesystem every node sees.
     """
     root = Path(out_dir) / CHECKPOINT_DIR

@@ -445,10 +445,7 @@ class APOTrainer:
                 save_adapters(model.unet, path, metadata=meta)
                 save_conditions(model.conditions, self.data.condition_names, Path(path) / "conditions.safetensors")
                 if self.cfg.adapter.mask_input:  # where free samples draw their defects (sampling.mask_bank)
-                    from apo_fast.sampling.mask_bank import (
-                        MASK_BANK_NAME,
-                        save_mask_bank,
-                    )
+                    from apo_fast.sampling.mask_bank import MASK_BANK_NAME, save_mask_bank
 
                     save_mask_bank(Path(path) / MASK_BANK_NAME, self.data.anomaly_masks, self.data.anomaly_conds,
                                    self.data.condition_names, self.augment_mode)
